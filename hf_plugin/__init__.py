@@ -1,0 +1,28 @@
+"""hf-plugin: adapt language models you cannot fine-tune by reweighting their next-token logits."""
+
+from transformers import AutoConfig, AutoModel
+
+from ._version import __version__
+from .combine import align_vocab, combine_logits
+from .compatibility import binding_kwargs, check_tokenizer, check_vocab_width, tokenizer_fingerprint
+from .configuration_plugin import PluginConfig
+from .logits_process import PluginLogitsProcessor
+from .modeling_plugin import PluginModel, PluginPreTrainedModel
+
+
+AutoConfig.register(PluginConfig.model_type, PluginConfig, exist_ok=True)
+AutoModel.register(PluginConfig, PluginModel, exist_ok=True)
+
+__all__ = [
+    "PluginConfig",
+    "PluginLogitsProcessor",
+    "PluginModel",
+    "PluginPreTrainedModel",
+    "__version__",
+    "align_vocab",
+    "binding_kwargs",
+    "check_tokenizer",
+    "check_vocab_width",
+    "combine_logits",
+    "tokenizer_fingerprint",
+]

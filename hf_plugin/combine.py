@@ -1,0 +1,72 @@
+"""The one combination formula of hf-plugin.
+
+    p(y_t | context) ∝ p_base(y_t | context) · r(y_t | context)^α
+
+computed in log space as ``log_softmax(log_softmax(base) + α · log_softmax(reweighter))``. Training loss,
+evaluation and the logits processor all call :func:`combine_logits`; nothing else in the package
+re-implements it. This module depends on nothing else of ours.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def combine_logits(base_logits: torch.Tensor, reweighter_logits: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Combines base-model and reweighter next-token scores into normalised log-probabilities.
+
+    Args:
+        base_logits (`torch.Tensor` of shape `(..., vocab_size)`):
+            Raw logits or log-probabilities of the frozen base model. `-inf` entries (masked tokens) stay `-inf`.
+        reweighter_logits (`torch.Tensor` of shape `(..., vocab_size)`):
+            Raw logits or log-probabilities of the reweighter, on the same vocabulary.
+        alpha (`float`, *optional*, defaults to 1.0):
+            Strength of the reweighter: 0 gives the base alone, 1 the paper's product, larger values sharpen it.
+
+    Returns:
+        `torch.Tensor`: combined log-probabilities, in at least float32, of the broadcast shape of the inputs.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_plugin.combine import combine_logits
+    >>> base = torch.tensor([0.0, 0.0, float("-inf")])
+    >>> reweighter = torch.tensor([2.0, 0.0, 5.0])
+    >>> combine_logits(base, reweighter).exp().round(decimals=3)
+    tensor([0.8810, 0.1190, 0.0000])
+    ```
+    """
+    if base_logits.shape[-1] != reweighter_logits.shape[-1]:
+        raise ValueError(
+            f"base logits have {base_logits.shape[-1]} vocabulary entries but the reweighter's have "
+            f"{reweighter_logits.shape[-1]}; align them first (see `align_vocab`)."
+        )
+    dtype = torch.promote_types(torch.promote_types(base_logits.dtype, reweighter_logits.dtype), torch.float32)
+    base = torch.log_softmax(base_logits.to(dtype), dim=-1)
+    reweighter = torch.log_softmax(reweighter_logits.to(dtype), dim=-1)
+    return torch.log_softmax(base + alpha * reweighter, dim=-1)
+
+
+def align_vocab(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """Returns `logits` with its last dimension cut or padded with `-inf` to `width` entries.
+
+    A token that one model has no row for has probability zero under it, so its product with the other
+    model is zero too: padding with `-inf` is the exact extension of the formula, not an approximation.
+    Whether a given width difference is legitimate (padded embedding rows only) is decided by the caller,
+    see `hf_plugin.compatibility.check_vocab_width`.
+
+    Args:
+        logits (`torch.Tensor` of shape `(..., vocab_size)`): scores to align.
+        width (`int`): the number of vocabulary entries wanted.
+
+    Returns:
+        `torch.Tensor`: `logits` itself when the widths already agree, otherwise a new tensor.
+    """
+    current = logits.shape[-1]
+    if current == width:
+        return logits
+    if current > width:
+        return logits[..., :width]
+    pad = logits.new_full((*logits.shape[:-1], width - current), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)

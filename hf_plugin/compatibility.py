@@ -1,0 +1,125 @@
+"""Binding a reweighter to the vocabulary it was trained on: tokenizer fingerprints and width checks.
+
+Works from a `PluginConfig` alone, so the model, the logits processor and (later) the Hub helpers can all
+call it without importing each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING
+
+from transformers.utils import logging
+
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .configuration_plugin import PluginConfig
+
+logger = logging.get_logger(__name__)
+
+_SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A stable hash of a tokenizer's vocabulary (every token and its id) and its special-token ids.
+
+    Two tokenizers with the same fingerprint map text to the same ids, so a reweighter trained with one
+    can score the other's ids. Stable across processes, machines and library versions.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): any transformers tokenizer.
+
+    Returns:
+        `str`: `"sha256:"` followed by 16 hexadecimal digits.
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    specials = {name: getattr(tokenizer, name, None) for name in _SPECIAL_TOKEN_IDS}
+    payload = json.dumps({"vocab": vocab, "special_token_ids": specials}, ensure_ascii=False, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def check_vocab_width(config: PluginConfig, width: int) -> None:
+    """Raises unless base scores of `width` entries can be combined with this reweighter.
+
+    Equal widths always pass. Different widths pass only when they differ by padded rows, i.e. when
+    `width` is the base width recorded at training time (`config.base_vocab_size`), or when both widths
+    cover every real token of the recorded tokenizer (`config.tokenizer_vocab_size`). The columns one side
+    lacks are then given probability zero (see `hf_plugin.combine.align_vocab`).
+
+    Args:
+        config (`PluginConfig`): the reweighter's configuration.
+        width (`int`): number of vocabulary entries in the base model's scores.
+    """
+    own = config.vocab_size
+    if width == own or width == config.base_vocab_size:
+        return
+    real = config.tokenizer_vocab_size
+    if real is not None and min(width, own) >= real:
+        return
+    known = f"; its tokenizer has {real} tokens" if real is not None else ""
+    raise ValueError(
+        f"Vocabulary mismatch: the base model's scores have {width} entries but the reweighter has {own} "
+        f"(trained against a base with {config.base_vocab_size}{known}). A reweighter only works with the "
+        "tokenizer it was trained on."
+    )
+
+
+def check_tokenizer(config: PluginConfig, tokenizer: PreTrainedTokenizerBase, strict: bool = True) -> None:
+    """Raises (or, with `strict=False`, logs a warning) when `tokenizer` is not the reweighter's tokenizer.
+
+    Args:
+        config (`PluginConfig`): the reweighter's configuration.
+        tokenizer (`PreTrainedTokenizerBase`): the tokenizer the user generates with.
+        strict (`bool`, *optional*, defaults to `True`): raise on a mismatch instead of warning.
+    """
+    if config.tokenizer_fingerprint is None:
+        logger.warning("This reweighter records no tokenizer fingerprint; its vocabulary cannot be verified.")
+        return
+    theirs = tokenizer_fingerprint(tokenizer)
+    if theirs == config.tokenizer_fingerprint:
+        return
+    message = (
+        f"Tokenizer mismatch: the reweighter was trained with tokenizer {config.tokenizer_fingerprint} "
+        f"({config.tokenizer_vocab_size} tokens) but the tokenizer given has fingerprint {theirs} "
+        f"({len(tokenizer)} tokens)."
+    )
+    if strict:
+        raise ValueError(message + " Pass strict=False to use it anyway.")
+    logger.warning(message + " Continuing because strict=False.")
+
+
+def binding_kwargs(base_model=None, tokenizer: PreTrainedTokenizerBase | None = None, revision: str | None = None) -> dict:
+    """The `PluginConfig` arguments that bind a new reweighter to a base model and its tokenizer.
+
+    Args:
+        base_model (`PreTrainedModel`, *optional*): the frozen base model the reweighter will be trained against.
+        tokenizer (`PreTrainedTokenizerBase`, *optional*): the tokenizer shared by both models.
+        revision (`str`, *optional*): the base model's revision, when it was loaded from the Hub.
+
+    Returns:
+        `dict`: keyword arguments for `PluginConfig`.
+
+    Examples:
+
+    ```python
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from hf_plugin import PluginConfig, binding_kwargs
+    >>> base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32,
+    ...                                     num_hidden_layers=1, num_attention_heads=2))
+    >>> config = PluginConfig(vocab_size=128, hidden_size=16, intermediate_size=32, **binding_kwargs(base))
+    >>> config.base_vocab_size
+    128
+    ```
+    """
+    kwargs: dict = {}
+    if base_model is not None:
+        kwargs["base_model_name_or_path"] = base_model.config.name_or_path or None
+        kwargs["base_model_revision"] = revision
+        kwargs["base_vocab_size"] = base_model.get_output_embeddings().weight.shape[0]
+    if tokenizer is not None:
+        kwargs["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
+        kwargs["tokenizer_vocab_size"] = len(tokenizer)
+    return kwargs

@@ -1,0 +1,160 @@
+"""`PluginConfig`: the reweighter's architecture, its strength α, and its binding to a base model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+
+from ._version import __version__
+
+
+class PluginConfig(PretrainedConfig):
+    r"""
+    Configuration of a reweighter: a small autoregressive model whose next-token distribution multiplies the
+    frozen base model's (Hiranandani et al., ICML 2025, "Logits are All We Need to Adapt Closed Models").
+
+    By default the reweighter is the paper's LLaMA-style decoder (1 layer, hidden size 256, 1 head, MLP 1024,
+    RoPE) built from the fields below. Any other causal-LM architecture (for example a pretrained GPT-2 that
+    shares the base tokenizer) is described by `backbone`, the full config dictionary of that architecture;
+    the architecture fields are then read from it. See `PluginModel.from_causal_lm`.
+
+    The config also records what the reweighter was trained against, so that it can refuse, loudly, to be
+    attached to a model or tokenizer with another vocabulary.
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 49152):
+            Rows of the reweighter's embedding and output layer (the base tokenizer's vocabulary).
+        hidden_size (`int`, *optional*, defaults to 256): width of the hidden states.
+        num_hidden_layers (`int`, *optional*, defaults to 1): number of decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to 1): attention heads per layer.
+        num_key_value_heads (`int`, *optional*): key/value heads (grouped-query attention); defaults to
+            `num_attention_heads`.
+        intermediate_size (`int`, *optional*, defaults to 1024): width of the MLP.
+        max_position_embeddings (`int`, *optional*, defaults to 2048):
+            Longest sequence (in real, non-padding tokens) the reweighter accepts; longer inputs raise a
+            `ValueError` rather than run on positions it never saw.
+        rope_theta (`float`, *optional*, defaults to 10000.0): RoPE base frequency.
+        rms_norm_eps (`float`, *optional*, defaults to 1e-5): epsilon of the RMS norms.
+        hidden_act (`str`, *optional*, defaults to `"silu"`): MLP activation.
+        initializer_range (`float`, *optional*, defaults to 0.02): standard deviation of the initial weights.
+        backbone (`dict`, *optional*):
+            Config dictionary (with its `model_type`) of another causal-LM architecture to use instead of the
+            default LLaMA-style decoder.
+        alpha (`float`, *optional*, defaults to 1.0):
+            Strength of the reweighter in `p ∝ p_base · r^alpha`; 0 is the base alone, 1 the paper's product.
+        base_model_name_or_path (`str`, *optional*): Hub id or path of the base model it was trained against.
+        base_model_revision (`str`, *optional*): revision (branch, tag or commit) of that base model.
+        base_vocab_size (`int`, *optional*): width of that base model's logits.
+        tokenizer_fingerprint (`str`, *optional*):
+            `hf_plugin.tokenizer_fingerprint` of the tokenizer it was trained with.
+        tokenizer_vocab_size (`int`, *optional*): number of real tokens of that tokenizer (`len(tokenizer)`).
+
+    Examples:
+
+    ```python
+    >>> from hf_plugin import PluginConfig
+    >>> config = PluginConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, alpha=0.5)
+    >>> config.model_type, config.num_hidden_layers, config.alpha
+    ('plugin', 1, 0.5)
+    ```
+    """
+
+    model_type = "plugin"
+
+    def __init__(
+        self,
+        vocab_size: int = 49152,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 1,
+        num_attention_heads: int = 1,
+        num_key_value_heads: int | None = None,
+        intermediate_size: int = 1024,
+        max_position_embeddings: int = 2048,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-5,
+        hidden_act: str = "silu",
+        initializer_range: float = 0.02,
+        backbone: dict[str, Any] | None = None,
+        alpha: float = 1.0,
+        base_model_name_or_path: str | None = None,
+        base_model_revision: str | None = None,
+        base_vocab_size: int | None = None,
+        tokenizer_fingerprint: str | None = None,
+        tokenizer_vocab_size: int | None = None,
+        hf_plugin_version: str = __version__,
+        **kwargs,
+    ):
+        if backbone is not None:
+            if "model_type" not in backbone:
+                raise ValueError("`backbone` must be a config dictionary with a `model_type` key.")
+            arch = AutoConfig.for_model(**backbone)
+            vocab_size = arch.vocab_size
+            hidden_size = arch.hidden_size
+            num_hidden_layers = arch.num_hidden_layers
+            num_attention_heads = arch.num_attention_heads
+            num_key_value_heads = getattr(arch, "num_key_value_heads", None)
+            intermediate_size = getattr(arch, "intermediate_size", None) or getattr(arch, "n_inner", None) or 4 * hidden_size
+            max_position_embeddings = arch.max_position_embeddings
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("hidden_size", hidden_size),
+            ("num_hidden_layers", num_hidden_layers),
+            ("num_attention_heads", num_attention_heads),
+            ("intermediate_size", intermediate_size),
+            ("max_position_embeddings", max_position_embeddings),
+        ):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if hidden_size % num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({hidden_size}) must be a multiple of `num_attention_heads` ({num_attention_heads})."
+            )
+        if not float(alpha) >= 0.0:
+            raise ValueError(f"`alpha` must be a non-negative number, got {alpha!r}.")
+        for name, value in (("base_vocab_size", base_vocab_size), ("tokenizer_vocab_size", tokenizer_vocab_size)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.hidden_act = hidden_act
+        self.initializer_range = initializer_range
+        self.backbone = backbone
+        self.alpha = float(alpha)
+        self.base_model_name_or_path = base_model_name_or_path
+        self.base_model_revision = base_model_revision
+        self.base_vocab_size = base_vocab_size
+        self.tokenizer_fingerprint = tokenizer_fingerprint
+        self.tokenizer_vocab_size = tokenizer_vocab_size
+        self.hf_plugin_version = hf_plugin_version
+        super().__init__(**kwargs)
+
+    def backbone_config(self) -> PretrainedConfig:
+        """The transformers config of the causal LM that computes the reweighter's logits."""
+        if self.backbone is not None:
+            return AutoConfig.for_model(**self.backbone)
+        return LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            intermediate_size=self.intermediate_size,
+            max_position_embeddings=self.max_position_embeddings,
+            rope_theta=self.rope_theta,
+            rms_norm_eps=self.rms_norm_eps,
+            hidden_act=self.hidden_act,
+            initializer_range=self.initializer_range,
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+        )

@@ -1,0 +1,230 @@
+"""`PluginLogitsProcessor`: applies a reweighter inside any `model.generate()` call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.utils import logging
+
+from .combine import align_vocab, combine_logits
+from .compatibility import check_tokenizer, check_vocab_width
+from .modeling_plugin import PluginModel
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class _ReweighterState:
+    """What the reweighter's KV cache currently holds: these ids, under this attention mask."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    cache: Cache
+
+
+class PluginLogitsProcessor(LogitsProcessor):
+    r"""
+    Multiplies a reweighter into the base model's next-token distribution at every decoding step:
+    the returned scores are `log_softmax(log_softmax(scores) + alpha * log_softmax(reweighter_logits))`.
+
+    The reweighter keeps its own KV cache and, after the first step of a generation, runs on one new token per
+    row. The processor works out from `input_ids` alone what happened since its last call, so it stays exact
+    without being told:
+
+    - one token appended to every row (greedy, sampling): the cache is extended;
+    - rows reordered or duplicated (beam search): the cache rows are gathered to match, then extended;
+    - a shorter, longer or different sequence (a new `generate()` call, assisted decoding rolling back or
+      accepting several candidate tokens): the cache is cropped to the longest prefix it still matches and the
+      rest is run; with nothing in common it is rebuilt.
+
+    Padding. Left-padded prompts need a mask. Pass `pad_token_id` (or a `tokenizer` that has one): leading pad
+    tokens of each row are then masked, which is exactly what tokenizers' left padding produces, for every
+    `generate()` call the processor is used in. Alternatively pass the prompts' `attention_mask`: it is bound to
+    the first prompt batch the processor sees, and for a later call with other prompts the processor falls back
+    to `pad_token_id`, or raises if there is none. Without either, no token is treated as padding.
+
+    Vocabulary widths. Base scores whose width differs from the reweighter's only by padded embedding rows are
+    accepted (see `hf_plugin.check_vocab_width`); the columns one side lacks get probability zero. Any other
+    mismatch raises, naming both sizes.
+
+    Limits. A sequence longer than the reweighter's `max_position_embeddings` (counting real tokens) raises a
+    `ValueError`; NaN or infinite reweighter logits raise a `FloatingPointError`. `-inf` base scores (tokens
+    masked by an earlier processor) stay `-inf`.
+
+    Args:
+        plugin (`PluginModel`): the reweighter. It may sit on another device or dtype than the scores.
+        attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*):
+            The mask of the prompts passed to `generate()`.
+        pad_token_id (`int`, *optional*): id of the padding token; defaults to the tokenizer's.
+        alpha (`float`, *optional*): strength of the reweighter; defaults to `plugin.config.alpha`.
+        tokenizer (`PreTrainedTokenizerBase`, *optional*):
+            The tokenizer used with the base model; checked against the reweighter's recorded fingerprint.
+        strict (`bool`, *optional*, defaults to `True`):
+            Raise on a tokenizer or vocabulary mismatch. With `False` a mismatch only logs a warning.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from hf_plugin import PluginConfig, PluginLogitsProcessor, PluginModel
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                                     num_hidden_layers=1, num_attention_heads=2, pad_token_id=0))
+    >>> plugin = PluginModel(PluginConfig(vocab_size=64, hidden_size=16, intermediate_size=32))
+    >>> processor = PluginLogitsProcessor(plugin, pad_token_id=0)
+    >>> prompt = torch.tensor([[3, 4, 5]])
+    >>> out = base.generate(prompt, logits_processor=[processor], max_new_tokens=5, do_sample=False)
+    >>> out.shape
+    torch.Size([1, 8])
+    ```
+    """
+
+    supports_continuous_batching = False
+
+    def __init__(
+        self,
+        plugin: PluginModel,
+        attention_mask: torch.Tensor | None = None,
+        pad_token_id: int | None = None,
+        alpha: float | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        strict: bool = True,
+    ):
+        if not isinstance(plugin, PluginModel):
+            raise TypeError(f"`plugin` must be a PluginModel, got {type(plugin).__name__}.")
+        if alpha is not None and not float(alpha) >= 0.0:
+            raise ValueError(f"`alpha` must be a non-negative number, got {alpha!r}.")
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] == 0):
+            raise ValueError(
+                f"`attention_mask` must have shape (batch_size, prompt_length), got {tuple(attention_mask.shape)}."
+            )
+        if tokenizer is not None:
+            check_tokenizer(plugin.config, tokenizer, strict=strict)
+            if pad_token_id is None:
+                pad_token_id = tokenizer.pad_token_id
+        self.plugin = plugin
+        self.alpha = plugin.config.alpha if alpha is None else float(alpha)
+        self.pad_token_id = pad_token_id
+        self.strict = strict
+        self._prompt_mask = None if attention_mask is None else attention_mask.to(plugin.device, torch.long)
+        self._bound_prompt: torch.Tensor | None = None
+        self._checked_width: int | None = None
+        self._state: _ReweighterState | None = None
+
+    def reset(self) -> None:
+        """Forgets the reweighter's cache; the next call starts afresh. Never needed for correctness."""
+        self._state = None
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        width = scores.shape[-1]
+        if width != self._checked_width:
+            self._check_width(width)
+        reweighter_logits = self._next_token_logits(input_ids.to(self.plugin.device))
+        if not torch.isfinite(reweighter_logits).all():
+            raise FloatingPointError("The reweighter produced NaN or infinite logits; its weights may be corrupt.")
+        reweighter_logits = align_vocab(reweighter_logits.to(scores.device), width)
+        return combine_logits(scores, reweighter_logits, self.alpha).to(scores.dtype)
+
+    def _check_width(self, width: int) -> None:
+        try:
+            check_vocab_width(self.plugin.config, width)
+        except ValueError:
+            if self.strict:
+                raise
+            logger.warning(
+                f"Vocabulary width {width} of the scores does not match the reweighter's "
+                f"{self.plugin.config.vocab_size}; continuing because strict=False."
+            )
+        self._checked_width = width
+
+    def _next_token_logits(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Runs the reweighter on what its cache does not hold yet; returns logits for the last position."""
+        start, row_order, attention_mask = self._plan(input_ids)
+        if start == 0:
+            cache = DynamicCache()
+        else:
+            cache = self._state.cache
+            if row_order is not None:
+                cache.reorder_cache(row_order)
+            _crop(cache, start)
+        outputs = self.plugin(
+            input_ids[:, start:], attention_mask=attention_mask, past_key_values=cache, use_cache=True
+        )
+        self._state = _ReweighterState(input_ids, attention_mask, outputs.past_key_values)
+        return outputs.logits[:, -1].float()
+
+    def _plan(self, input_ids: torch.LongTensor) -> tuple[int, torch.Tensor | None, torch.Tensor]:
+        """Decides how much of the cache to keep: (tokens kept, row order to gather first, full attention mask)."""
+        state = self._state
+        rows, length = input_ids.shape
+        if state is None or state.input_ids.shape[0] != rows:
+            return 0, None, self._attention_mask(input_ids)
+        cached = state.input_ids.shape[1]
+        if length == cached + 1:
+            matched, row_order = _match_rows(input_ids[:, :-1], state.input_ids)
+            if matched:
+                mask = state.attention_mask if row_order is None else state.attention_mask[row_order]
+                return cached, row_order, torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        # Anything else: keep the longest prefix whose ids and mask agree in every row, but always re-run the
+        # last token, since its logits are what the caller needs.
+        mask = self._attention_mask(input_ids)
+        shared = min(length - 1, cached)
+        same = (input_ids[:, :shared] == state.input_ids[:, :shared]) & (mask[:, :shared] == state.attention_mask[:, :shared])
+        start = int(same.long().cumprod(dim=1).sum(dim=1).min()) if shared > 0 else 0
+        return start, None, mask
+
+    def _attention_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        rows, length = input_ids.shape
+        if self._prompt_mask is not None:
+            batch, prompt_length = self._prompt_mask.shape
+            if self._bound_prompt is None:
+                if rows % batch or length < prompt_length:
+                    raise ValueError(
+                        f"The attention_mask given to PluginLogitsProcessor has shape {(batch, prompt_length)} but "
+                        f"generate() was called on {rows} rows of {length} tokens. Pass the mask of the prompts given "
+                        "to this generate() call."
+                    )
+                self._bound_prompt = input_ids[:, :prompt_length].clone()
+            bound = self._bound_prompt
+            if bound.shape[0] == rows and length >= prompt_length and torch.equal(input_ids[:, :prompt_length], bound):
+                mask = self._prompt_mask.repeat_interleave(rows // batch, dim=0)
+                return torch.cat([mask, mask.new_ones(rows, length - prompt_length)], dim=1)
+            if self.pad_token_id is None:
+                raise ValueError(
+                    "PluginLogitsProcessor was built with the attention_mask of other prompts than this generate() "
+                    "call's. Pass `pad_token_id` (then each call's left padding is found from the ids) or build a "
+                    "new processor for each batch of prompts."
+                )
+        if self.pad_token_id is not None:
+            return (input_ids != self.pad_token_id).long().cummax(dim=1).values
+        return torch.ones_like(input_ids)
+
+
+def _match_rows(prefixes: torch.Tensor, cached: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+    """Finds, for each row of `prefixes`, a cached row with the same ids (beam search reorders rows).
+
+    Returns `(True, None)` when the rows are unchanged, `(True, order)` when row `i` continues cached row
+    `order[i]`, and `(False, None)` when some row continues none of them.
+    """
+    if torch.equal(prefixes, cached):
+        return True, None
+    equal = (prefixes[:, None, :] == cached[None, :, :]).all(dim=-1)
+    if not bool(equal.any(dim=1).all()):
+        return False, None
+    return True, equal.long().argmax(dim=1)
+
+
+def _crop(cache: Cache, keep: int) -> None:
+    """Crops `cache` to its first `keep` tokens, checking the result rather than trusting `crop`'s semantics."""
+    length = cache.get_seq_length()
+    if keep < length:
+        cache.crop(length - keep)
+    if cache.get_seq_length() != keep:
+        raise RuntimeError(f"Could not crop the reweighter's cache from {length} to {keep} tokens.")

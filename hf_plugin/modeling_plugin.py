@@ -1,0 +1,181 @@
+"""`PluginModel`: the reweighter as a transformers `PreTrainedModel`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .combine import align_vocab, combine_logits
+from .compatibility import check_vocab_width
+from .configuration_plugin import PluginConfig
+
+
+def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so a left-padded row sees the positions an unpadded one would.
+
+    Padding positions get position 0; they are masked out of attention anyway.
+    """
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).clamp(min=0) * mask
+
+
+class PluginPreTrainedModel(PreTrainedModel):
+    """Base class wiring `PluginConfig` into transformers' loading, saving and initialisation machinery."""
+
+    config_class = PluginConfig
+    base_model_prefix = "backbone"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class PluginModel(PluginPreTrainedModel):
+    r"""
+    A reweighter: a small causal language model whose next-token distribution multiplies a frozen base model's,
+    `p ∝ p_base · r^alpha`.
+
+    The network itself is a transformers causal LM built from `config.backbone_config()` (the paper's 1-layer
+    LLaMA-style decoder by default), held as `self.backbone`. Called without `base_logits` it is a plain causal
+    LM; called with them it returns the combined log-probabilities and their loss.
+
+    Args:
+        config (`PluginConfig`): the reweighter's configuration.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_plugin import PluginConfig, PluginModel
+    >>> plugin = PluginModel(PluginConfig(vocab_size=100, hidden_size=32, intermediate_size=64))
+    >>> input_ids = torch.tensor([[5, 6, 7, 8]])
+    >>> base_logits = torch.randn(1, 4, 100)
+    >>> out = plugin(input_ids, base_logits=base_logits, labels=input_ids)
+    >>> out.logits.shape, bool(torch.allclose(out.logits.exp().sum(-1), torch.ones(1, 4)))
+    (torch.Size([1, 4, 100]), True)
+    >>> out.loss.ndim
+    0
+    ```
+    """
+
+    def __init__(self, config: PluginConfig):
+        super().__init__(config)
+        self.backbone = AutoModelForCausalLM.from_config(config.backbone_config())
+        self.post_init()
+
+    @classmethod
+    def from_causal_lm(cls, model: PreTrainedModel, **config_kwargs) -> PluginModel:
+        """Builds a reweighter initialised from an existing (e.g. pretrained) causal LM.
+
+        The paper's best reweighter was a pretrained GPT-2 small sharing the base model's tokenizer. The
+        weights are copied; `model` itself is left untouched.
+
+        Args:
+            model (`PreTrainedModel`): a causal LM (any architecture `AutoModelForCausalLM` knows).
+            config_kwargs: further `PluginConfig` arguments, e.g. `alpha` or the base-model binding
+                (see `hf_plugin.binding_kwargs`).
+
+        Returns:
+            `PluginModel`: a new reweighter in float32 with `model`'s architecture and weights.
+        """
+        config = PluginConfig(backbone=model.config.to_dict(), **config_kwargs)
+        plugin = cls(config)
+        plugin.backbone.load_state_dict(model.state_dict())
+        return plugin
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.backbone.get_output_embeddings()
+
+    def set_output_embeddings(self, value: torch.nn.Module) -> None:
+        self.backbone.set_output_embeddings(value)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        base_logits: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        alpha: float | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids.
+            attention_mask (`torch.Tensor` of shape `(batch_size, past_length + sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding. Left-padded rows give the same results as unpadded ones.
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Defaults to counting the real tokens of `attention_mask` when it is given.
+            past_key_values (`Cache`, *optional*): the reweighter's own KV cache.
+            use_cache (`bool`, *optional*): whether to return the updated cache.
+            base_logits (`torch.Tensor` of shape `(batch_size, sequence_length, base_vocab_size)`, *optional*):
+                The frozen base model's raw logits or log-probabilities at the same positions. When given,
+                `.logits` are the combined log-probabilities and `.loss` their NLL.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Targets aligned with `input_ids` (shifted inside, as in transformers); -100 is ignored.
+            alpha (`float`, *optional*): strength for this call; defaults to `config.alpha`.
+
+        Returns:
+            `CausalLMOutputWithPast`: `.logits` are the reweighter's own logits without `base_logits`, or the
+            combined log-probabilities (width of `base_logits`) with them; `.loss` is set when `labels` are.
+        """
+        self._check_positions(input_ids, attention_mask, position_ids, past_key_values)
+        if position_ids is None and attention_mask is not None:
+            position_ids = position_ids_from_attention_mask(attention_mask)[:, -input_ids.shape[1] :]
+        outputs = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = outputs.logits
+        if base_logits is not None:
+            if base_logits.shape[:2] != input_ids.shape:
+                raise ValueError(
+                    f"`base_logits` must have shape (batch, sequence, vocab) matching input_ids {tuple(input_ids.shape)}, "
+                    f"got {tuple(base_logits.shape)}."
+                )
+            check_vocab_width(self.config, base_logits.shape[-1])
+            base_logits = base_logits.to(logits.device)
+            logits = align_vocab(logits, base_logits.shape[-1])
+            logits = combine_logits(base_logits, logits, self.config.alpha if alpha is None else alpha)
+
+        loss = None
+        if labels is not None:
+            targets = labels[:, 1:].to(logits.device).reshape(-1)
+            predictions = logits[:, :-1].reshape(-1, logits.shape[-1])
+            if base_logits is None:
+                loss = F.cross_entropy(predictions.float(), targets, ignore_index=-100)
+            else:
+                loss = F.nll_loss(predictions, targets, ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def _check_positions(self, input_ids, attention_mask, position_ids, past_key_values) -> None:
+        """Raises when a sequence is longer than the reweighter's `max_position_embeddings`."""
+        limit = self.config.max_position_embeddings
+        if position_ids is not None:
+            longest = int(position_ids.max()) + 1
+        elif attention_mask is not None:
+            longest = int(attention_mask.sum(-1).max())
+        else:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            longest = past + input_ids.shape[1]
+        if longest > limit:
+            raise ValueError(
+                f"The sequence has {longest} tokens but the reweighter accepts at most "
+                f"max_position_embeddings={limit}. Shorten the prompt or `max_new_tokens`."
+            )
