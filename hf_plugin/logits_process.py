@@ -222,9 +222,10 @@ def _match_rows(prefixes: torch.Tensor, cached: torch.Tensor) -> tuple[bool, tor
 
 
 def _crop(cache: Cache, keep: int) -> None:
-    """Crops `cache` to its first `keep` tokens, checking the result rather than trusting `crop`'s semantics."""
+    """Crops `cache` to its first `keep` tokens, checking the result: `crop`'s argument changed meaning across
+    transformers releases (a length to keep, now a negative count to remove)."""
     length = cache.get_seq_length()
     if keep < length:
-        cache.crop(length - keep)
+        cache.crop(keep - length)
     if cache.get_seq_length() != keep:
         raise RuntimeError(f"Could not crop the reweighter's cache from {length} to {keep} tokens.")

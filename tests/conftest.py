@@ -1,0 +1,71 @@
+"""Tiny offline models and tokenizers shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hf_plugin import PluginConfig, PluginModel
+
+
+VOCAB = 96
+PAD, BOS, EOS = 0, 1, 2
+WORDS = [f"w{i}" for i in range(VOCAB - 4)]
+
+
+def make_tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built in-process: `[PAD]`, `[BOS]`, `[EOS]`, `[UNK]` and then `words`."""
+    vocab = {"[PAD]": PAD, "[BOS]": BOS, "[EOS]": EOS, "[UNK]": 3}
+    vocab.update({word: i + 4 for i, word in enumerate(words)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]",
+        padding_side="left",
+    )
+
+
+def make_base(arch: str, vocab_size: int = VOCAB, seed: int = 0, pad_token_id: int = PAD) -> torch.nn.Module:
+    """A tiny random base model, LLaMA-style or GPT-2-style."""
+    torch.manual_seed(seed)
+    special = dict(pad_token_id=pad_token_id, bos_token_id=BOS, eos_token_id=EOS)
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **special,
+        )
+        model = LlamaForCausalLM(config)
+    elif arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256, **special)
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(arch)
+    model.generation_config.pad_token_id = pad_token_id
+    return model.eval()
+
+
+def make_plugin(arch: str, vocab_size: int = VOCAB, seed: int = 1, **config_kwargs) -> PluginModel:
+    """A tiny random reweighter: the default LLaMA-style one, or one with a GPT-2 backbone."""
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = PluginConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                              max_position_embeddings=128, **config_kwargs)
+        plugin = PluginModel(config)
+    elif arch == "gpt2":
+        backbone = GPT2LMHeadModel(
+            GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=128, bos_token_id=BOS, eos_token_id=EOS)
+        )
+        plugin = PluginModel.from_causal_lm(backbone, **config_kwargs)
+    else:
+        raise ValueError(arch)
+    # Random tiny models are nearly uniform; sharpen the output so that the reweighter visibly changes decoding.
+    with torch.no_grad():
+        plugin.get_output_embeddings().weight.mul_(20.0)
+    return plugin.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()

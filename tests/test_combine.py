@@ -1,0 +1,50 @@
+import math
+
+import pytest
+import torch
+
+from hf_plugin import align_vocab, combine_logits
+
+
+def test_product_of_distributions_renormalised():
+    base = torch.tensor([1.0, 2.0, 3.0])
+    reweighter = torch.tensor([0.5, -1.0, 2.0])
+    p, r = base.softmax(-1), reweighter.softmax(-1)
+    expected = (p * r) / (p * r).sum()
+    torch.testing.assert_close(combine_logits(base, reweighter).exp(), expected)
+
+
+def test_alpha_powers_the_reweighter():
+    base, reweighter = torch.randn(4, 10), torch.randn(4, 10)
+    torch.testing.assert_close(combine_logits(base, reweighter, alpha=0.0), base.log_softmax(-1))
+    p, r = base.softmax(-1), reweighter.softmax(-1)
+    expected = p * r**2.5
+    torch.testing.assert_close(combine_logits(base, reweighter, alpha=2.5).exp(), expected / expected.sum(-1, keepdim=True))
+
+
+def test_log_space_is_stable_and_keeps_masked_tokens_masked():
+    base = torch.tensor([[-1e4, 0.0, float("-inf")]])
+    reweighter = torch.tensor([[1e4, -1e4, 3.0]])
+    out = combine_logits(base, reweighter)
+    assert torch.isfinite(out[0, :2]).all() and math.isinf(out[0, 2].item())
+    torch.testing.assert_close(out.exp().sum(-1), torch.ones(1))
+
+
+def test_raw_logits_and_log_probs_give_the_same_result():
+    base, reweighter = torch.randn(3, 7), torch.randn(3, 7)
+    torch.testing.assert_close(combine_logits(base, reweighter), combine_logits(base.log_softmax(-1) - 5.0, reweighter + 3.0))
+
+
+def test_half_precision_is_computed_in_float32():
+    out = combine_logits(torch.randn(2, 5).half(), torch.randn(2, 5).bfloat16())
+    assert out.dtype == torch.float32
+
+
+def test_width_mismatch_raises_and_align_pads_with_minus_inf():
+    with pytest.raises(ValueError, match="5 vocabulary entries but the reweighter's have 4"):
+        combine_logits(torch.randn(5), torch.randn(4))
+    logits = torch.randn(2, 4)
+    padded = align_vocab(logits, 6)
+    assert torch.equal(padded[:, :4], logits) and torch.isneginf(padded[:, 4:]).all()
+    assert torch.equal(align_vocab(logits, 3), logits[:, :3])
+    assert align_vocab(logits, 4) is logits
