@@ -35,6 +35,7 @@ def combine_logits(base_logits: torch.Tensor, reweighter_logits: torch.Tensor, a
     >>> reweighter = torch.tensor([2.0, 0.0, 5.0])
     >>> combine_logits(base, reweighter).exp().round(decimals=3)
     tensor([0.8810, 0.1190, 0.0000])
+
     ```
     """
     if base_logits.shape[-1] != reweighter_logits.shape[-1]:

@@ -112,6 +112,7 @@ def binding_kwargs(base_model=None, tokenizer: PreTrainedTokenizerBase | None = 
     >>> config = PluginConfig(vocab_size=128, hidden_size=16, intermediate_size=32, **binding_kwargs(base))
     >>> config.base_vocab_size
     128
+
     ```
     """
     kwargs: dict = {}

@@ -57,6 +57,7 @@ class PluginConfig(PretrainedConfig):
     >>> config = PluginConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, alpha=0.5)
     >>> config.model_type, config.num_hidden_layers, config.alpha
     ('plugin', 1, 0.5)
+
     ```
     """
 

@@ -82,6 +82,7 @@ class PluginLogitsProcessor(LogitsProcessor):
     >>> out = base.generate(prompt, logits_processor=[processor], max_new_tokens=5, do_sample=False)
     >>> out.shape
     torch.Size([1, 8])
+
     ```
     """
 

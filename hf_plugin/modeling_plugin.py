@@ -59,6 +59,7 @@ class PluginModel(PluginPreTrainedModel):
     (torch.Size([1, 4, 100]), True)
     >>> out.loss.ndim
     0
+
     ```
     """
 

