@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,9 @@ class PluginLogitsProcessor(LogitsProcessor):
         self._bound_prompt: torch.Tensor | None = None
         self._checked_width: int | None = None
         self._state: _ReweighterState | None = None
+        # Only the last position's logits are needed; skip the output layer elsewhere when the backbone can.
+        takes_keep = "logits_to_keep" in inspect.signature(plugin.backbone.forward).parameters
+        self._last_logits_only = {"logits_to_keep": 1} if takes_keep else {}
 
     def reset(self) -> None:
         """Forgets the reweighter's cache; the next call starts afresh. Never needed for correctness."""
@@ -155,10 +159,14 @@ class PluginLogitsProcessor(LogitsProcessor):
             if row_order is not None:
                 cache.reorder_cache(row_order)
             _crop(cache, start)
+        # An all-ones mask is passed as None: the backbone then need not build a padding mask at every step.
+        padded = not bool(attention_mask.all())
         outputs = self.plugin(
-            input_ids[:, start:], attention_mask=attention_mask, past_key_values=cache, use_cache=True
+            input_ids[:, start:], attention_mask=attention_mask if padded else None, past_key_values=cache,
+            use_cache=True, **self._last_logits_only,
         )
-        self._state = _ReweighterState(input_ids, attention_mask, outputs.past_key_values)
+        # generate() may hand us views of buffers it later edits in place (beam search), so keep a copy.
+        self._state = _ReweighterState(input_ids.clone(), attention_mask, outputs.past_key_values)
         return outputs.logits[:, -1].float()
 
     def _plan(self, input_ids: torch.LongTensor) -> tuple[int, torch.Tensor | None, torch.Tensor]:

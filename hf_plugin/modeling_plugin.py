@@ -110,6 +110,7 @@ class PluginModel(PluginPreTrainedModel):
         base_logits: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         alpha: float | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -127,12 +128,20 @@ class PluginModel(PluginPreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Targets aligned with `input_ids` (shifted inside, as in transformers); -100 is ignored.
             alpha (`float`, *optional*): strength for this call; defaults to `config.alpha`.
+            logits_to_keep (`int`, *optional*, defaults to 0):
+                Compute the reweighter's own logits for the last `logits_to_keep` positions only (0: all). Saves
+                the output layer's work when only the next token matters; not combinable with `base_logits`
+                or `labels`.
 
         Returns:
             `CausalLMOutputWithPast`: `.logits` are the reweighter's own logits without `base_logits`, or the
             combined log-probabilities (width of `base_logits`) with them; `.loss` is set when `labels` are.
         """
+        if logits_to_keep and (base_logits is not None or labels is not None):
+            raise ValueError("`logits_to_keep` cannot be combined with `base_logits` or `labels`.")
         self._check_positions(input_ids, attention_mask, position_ids, past_key_values)
+        if logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
         if position_ids is None and attention_mask is not None:
             position_ids = position_ids_from_attention_mask(attention_mask)[:, -input_ids.shape[1] :]
         outputs = self.backbone(

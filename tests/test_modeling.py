@@ -168,3 +168,13 @@ def test_binding_records_padded_base_width(tokenizer):
     kwargs = binding_kwargs(make_base("llama", vocab_size=128), tokenizer)
     assert kwargs["base_vocab_size"] == 128 and kwargs["tokenizer_vocab_size"] == VOCAB
     assert PAD == tokenizer.pad_token_id
+
+
+def test_logits_to_keep_returns_last_positions_only():
+    plugin = make_plugin("llama")
+    ids = torch.randint(3, VOCAB, (2, 6))
+    last = plugin(ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, VOCAB)
+    torch.testing.assert_close(last[:, 0], plugin(ids).logits[:, -1])
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        plugin(ids, logits_to_keep=1, base_logits=torch.randn(2, 6, VOCAB))
