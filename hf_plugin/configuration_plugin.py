@@ -9,6 +9,13 @@ from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 from ._version import __version__
 
 
+# The fields of the default LLaMA-style reweighter, named as in `LlamaConfig`.
+_LLAMA_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "max_position_embeddings", "rope_theta", "rms_norm_eps", "hidden_act", "initializer_range",
+)
+
+
 class PluginConfig(PretrainedConfig):
     r"""
     Configuration of a reweighter: a small autoregressive model whose next-token distribution multiplies the
@@ -142,20 +149,5 @@ class PluginConfig(PretrainedConfig):
         """The transformers config of the causal LM that computes the reweighter's logits."""
         if self.backbone is not None:
             return AutoConfig.for_model(**self.backbone)
-        return LlamaConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            intermediate_size=self.intermediate_size,
-            max_position_embeddings=self.max_position_embeddings,
-            rope_theta=self.rope_theta,
-            rms_norm_eps=self.rms_norm_eps,
-            hidden_act=self.hidden_act,
-            initializer_range=self.initializer_range,
-            tie_word_embeddings=False,
-            bos_token_id=None,
-            eos_token_id=None,
-            pad_token_id=None,
-        )
+        fields = {name: getattr(self, name) for name in _LLAMA_FIELDS}
+        return LlamaConfig(**fields, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
