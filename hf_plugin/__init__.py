@@ -4,7 +4,7 @@ from transformers import AutoConfig, AutoModel
 
 from ._version import __version__
 from .combine import align_vocab, combine_logits
-from .compatibility import binding_kwargs, check_tokenizer, check_vocab_width, tokenizer_fingerprint
+from .compatibility import binding_kwargs, check_base_model, check_tokenizer, check_vocab_width, tokenizer_fingerprint
 from .configuration_plugin import PluginConfig
 from .logits_process import PluginLogitsProcessor
 from .modeling_plugin import PluginModel, PluginPreTrainedModel
@@ -21,6 +21,7 @@ __all__ = [
     "__version__",
     "align_vocab",
     "binding_kwargs",
+    "check_base_model",
     "check_tokenizer",
     "check_vocab_width",
     "combine_logits",

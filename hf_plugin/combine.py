@@ -9,19 +9,29 @@ re-implements it. This module depends on nothing else of ours.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
-def combine_logits(base_logits: torch.Tensor, reweighter_logits: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def combine_logits(
+    base_logits: torch.Tensor,
+    reweighter_logits: torch.Tensor | Sequence[torch.Tensor],
+    alpha: float | Sequence[float] = 1.0,
+) -> torch.Tensor:
     """Combines base-model and reweighter next-token scores into normalised log-probabilities.
+
+    With several reweighters (stacking), each one's distribution is raised to its own strength and all of them
+    multiply the base: `p ∝ p_base · r_1^alpha_1 · r_2^alpha_2 · ...`.
 
     Args:
         base_logits (`torch.Tensor` of shape `(..., vocab_size)`):
             Raw logits or log-probabilities of the frozen base model. `-inf` entries (masked tokens) stay `-inf`.
-        reweighter_logits (`torch.Tensor` of shape `(..., vocab_size)`):
-            Raw logits or log-probabilities of the reweighter, on the same vocabulary.
-        alpha (`float`, *optional*, defaults to 1.0):
-            Strength of the reweighter: 0 gives the base alone, 1 the paper's product, larger values sharpen it.
+        reweighter_logits (`torch.Tensor` or a sequence of them, each of shape `(..., vocab_size)`):
+            Raw logits or log-probabilities of the reweighter(s), on the same vocabulary.
+        alpha (`float` or a sequence of floats, *optional*, defaults to 1.0):
+            Strength of each reweighter: 0 leaves the base alone, 1 is the paper's product, larger values sharpen
+            it. A single number applies to every reweighter.
 
     Returns:
         `torch.Tensor`: combined log-probabilities, in at least float32, of the broadcast shape of the inputs.
@@ -38,15 +48,20 @@ def combine_logits(base_logits: torch.Tensor, reweighter_logits: torch.Tensor, a
 
     ```
     """
-    if base_logits.shape[-1] != reweighter_logits.shape[-1]:
-        raise ValueError(
-            f"base logits have {base_logits.shape[-1]} vocabulary entries but the reweighter's have "
-            f"{reweighter_logits.shape[-1]}; align them first (see `align_vocab`)."
-        )
-    dtype = torch.promote_types(torch.promote_types(base_logits.dtype, reweighter_logits.dtype), torch.float32)
-    base = torch.log_softmax(base_logits.to(dtype), dim=-1)
-    reweighter = torch.log_softmax(reweighter_logits.to(dtype), dim=-1)
-    return torch.log_softmax(base + alpha * reweighter, dim=-1)
+    reweighters = [reweighter_logits] if isinstance(reweighter_logits, torch.Tensor) else list(reweighter_logits)
+    alphas = [alpha] * len(reweighters) if isinstance(alpha, (int, float)) else list(alpha)
+    if len(alphas) != len(reweighters):
+        raise ValueError(f"Got {len(alphas)} alphas for {len(reweighters)} reweighters.")
+    dtype = torch.promote_types(base_logits.dtype, torch.float32)
+    combined = torch.log_softmax(base_logits.to(dtype), dim=-1)
+    for logits, strength in zip(reweighters, alphas):
+        if logits.shape[-1] != base_logits.shape[-1]:
+            raise ValueError(
+                f"base logits have {base_logits.shape[-1]} vocabulary entries but the reweighter's have "
+                f"{logits.shape[-1]}; align them first (see `align_vocab`)."
+            )
+        combined = combined + strength * torch.log_softmax(logits.to(dtype), dim=-1)
+    return torch.log_softmax(combined, dim=-1)
 
 
 def align_vocab(logits: torch.Tensor, width: int) -> torch.Tensor:

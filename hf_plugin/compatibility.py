@@ -91,6 +91,39 @@ def check_tokenizer(config: PluginConfig, tokenizer: PreTrainedTokenizerBase, st
     logger.warning(message + " Continuing because strict=False.")
 
 
+
+def check_base_model(
+    config: PluginConfig, base_model, tokenizer: PreTrainedTokenizerBase | None = None, strict: bool = True
+) -> None:
+    """Checks a reweighter's recorded binding against the base model (and tokenizer) it is attached to.
+
+    A vocabulary or tokenizer mismatch raises (or, with `strict=False`, warns). Another base model name with a
+    compatible vocabulary only warns, once: a reweighter may well transfer to a sibling model that shares the
+    tokenizer (e.g. from SmolLM2-135M to a larger SmolLM2), but the user should know.
+
+    Args:
+        config (`PluginConfig`): the reweighter's configuration.
+        base_model (`PreTrainedModel`): the base model.
+        tokenizer (`PreTrainedTokenizerBase`, *optional*): the tokenizer used with it.
+        strict (`bool`, *optional*, defaults to `True`): raise on a vocabulary or tokenizer mismatch.
+    """
+    try:
+        check_vocab_width(config, base_model.get_output_embeddings().weight.shape[0])
+    except ValueError as error:
+        if strict:
+            raise
+        logger.warning(f"{error} Continuing because strict=False.")
+    if tokenizer is not None:
+        check_tokenizer(config, tokenizer, strict=strict)
+    recorded = config.base_model_name_or_path
+    attached = base_model.config.name_or_path or None
+    if recorded is not None and attached is not None and recorded != attached:
+        revision = f" (revision {config.base_model_revision})" if config.base_model_revision else ""
+        logger.warning_once(
+            f"This reweighter was trained against {recorded}{revision} and is attached to {attached}. The vocabulary "
+            "is compatible, but its effect on another base model has not been measured."
+        )
+
 def binding_kwargs(base_model=None, tokenizer: PreTrainedTokenizerBase | None = None, revision: str | None = None) -> dict:
     """The `PluginConfig` arguments that bind a new reweighter to a base model and its tokenizer.
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils import logging
 
@@ -27,12 +28,74 @@ class _ReweighterState:
     cache: Cache
 
 
+class _CachedReweighter:
+    """One reweighter and its KV cache, brought up to date with whatever ids it is shown."""
+
+    def __init__(self, plugin: PluginModel):
+        self.plugin = plugin
+        self.state: _ReweighterState | None = None
+        # Only the last position's logits are needed; skip the output layer elsewhere when the backbone can.
+        takes_keep = "logits_to_keep" in inspect.signature(plugin.backbone.forward).parameters
+        self.last_logits_only = {"logits_to_keep": 1} if takes_keep else {}
+
+    def next_token_logits(
+        self, input_ids: torch.LongTensor, attention_mask_of: Callable[[torch.LongTensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Runs the reweighter on what its cache does not hold yet; returns float32 logits for the last position.
+
+        `attention_mask_of(input_ids)` gives the full mask of a sequence; it is only called when the cache cannot
+        simply be extended by one token.
+        """
+        device = self.plugin.device
+        input_ids = input_ids.to(device)
+        start, row_order, attention_mask = self._plan(input_ids, lambda ids: attention_mask_of(ids).to(device))
+        if start == 0:
+            cache = DynamicCache()
+        else:
+            cache = self.state.cache
+            if row_order is not None:
+                cache.reorder_cache(row_order)
+            _crop(cache, start)
+        # An all-ones mask is passed as None: the backbone then need not build a padding mask at every step.
+        padded = not bool(attention_mask.all())
+        outputs = self.plugin(
+            input_ids[:, start:], attention_mask=attention_mask if padded else None, past_key_values=cache,
+            use_cache=True, **self.last_logits_only,
+        )
+        # generate() may hand us views of buffers it later edits in place (beam search), so keep a copy.
+        self.state = _ReweighterState(input_ids.clone(), attention_mask, outputs.past_key_values)
+        logits = outputs.logits[:, -1].float()
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError("The reweighter produced NaN or infinite logits; its weights may be corrupt.")
+        return logits
+
+    def _plan(self, input_ids, attention_mask_of) -> tuple[int, torch.Tensor | None, torch.Tensor]:
+        """Decides how much of the cache to keep: (tokens kept, row order to gather first, full attention mask)."""
+        state = self.state
+        rows, length = input_ids.shape
+        if state is None or state.input_ids.shape[0] != rows:
+            return 0, None, attention_mask_of(input_ids)
+        cached = state.input_ids.shape[1]
+        if length == cached + 1:
+            matched, row_order = _match_rows(input_ids[:, :-1], state.input_ids)
+            if matched:
+                mask = state.attention_mask if row_order is None else state.attention_mask[row_order]
+                return cached, row_order, torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        # Anything else: keep the longest prefix whose ids and mask agree in every row, but always re-run the
+        # last token, since its logits are what the caller needs.
+        mask = attention_mask_of(input_ids)
+        shared = min(length - 1, cached)
+        same = (input_ids[:, :shared] == state.input_ids[:, :shared]) & (mask[:, :shared] == state.attention_mask[:, :shared])
+        start = int(same.long().cumprod(dim=1).sum(dim=1).min()) if shared > 0 else 0
+        return start, None, mask
+
+
 class PluginLogitsProcessor(LogitsProcessor):
     r"""
-    Multiplies a reweighter into the base model's next-token distribution at every decoding step:
-    the returned scores are `log_softmax(log_softmax(scores) + alpha * log_softmax(reweighter_logits))`.
+    Multiplies one or more reweighters into the base model's next-token distribution at every decoding step:
+    the returned scores are `log_softmax(log_softmax(scores) + Σ_i alpha_i * log_softmax(reweighter_i_logits))`.
 
-    The reweighter keeps its own KV cache and, after the first step of a generation, runs on one new token per
+    Each reweighter keeps its own KV cache and, after the first step of a generation, runs on one new token per
     row. The processor works out from `input_ids` alone what happened since its last call, so it stays exact
     without being told:
 
@@ -48,22 +111,28 @@ class PluginLogitsProcessor(LogitsProcessor):
     the first prompt batch the processor sees, and for a later call with other prompts the processor falls back
     to `pad_token_id`, or raises if there is none. Without either, no token is treated as padding.
 
-    Vocabulary widths. Base scores whose width differs from the reweighter's only by padded embedding rows are
+    Vocabulary widths. Base scores whose width differs from a reweighter's only by padded embedding rows are
     accepted (see `hf_plugin.check_vocab_width`); the columns one side lacks get probability zero. Any other
     mismatch raises, naming both sizes.
 
-    Limits. A sequence longer than the reweighter's `max_position_embeddings` (counting real tokens) raises a
+    Limits. A sequence longer than a reweighter's `max_position_embeddings` (counting real tokens) raises a
     `ValueError`; NaN or infinite reweighter logits raise a `FloatingPointError`. `-inf` base scores (tokens
     masked by an earlier processor) stay `-inf`.
 
     Args:
-        plugin (`PluginModel`): the reweighter. It may sit on another device or dtype than the scores.
+        plugin (`PluginModel` or a sequence of them):
+            The reweighter(s). Each may sit on another device or dtype than the scores.
         attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*):
             The mask of the prompts passed to `generate()`.
         pad_token_id (`int`, *optional*): id of the padding token; defaults to the tokenizer's.
-        alpha (`float`, *optional*): strength of the reweighter; defaults to `plugin.config.alpha`.
+        alpha (`float`, *optional*):
+            One strength for every reweighter, overriding their configs' `alpha`: 0 gives the base model alone,
+            1 the paper's product, larger values sharpen the reweighting.
+        alphas (`list[float]`, *optional*): one strength per reweighter; not together with `alpha`.
         tokenizer (`PreTrainedTokenizerBase`, *optional*):
-            The tokenizer used with the base model; checked against the reweighter's recorded fingerprint.
+            The tokenizer used with the base model; checked against each reweighter's recorded fingerprint.
+        base_model (`PreTrainedModel`, *optional*):
+            The base model; checked against each reweighter's recorded binding (see `PluginModel.check_compatible`).
         strict (`bool`, *optional*, defaults to `True`):
             Raise on a tokenizer or vocabulary mismatch. With `False` a mismatch only logs a warning.
 
@@ -91,103 +160,71 @@ class PluginLogitsProcessor(LogitsProcessor):
 
     def __init__(
         self,
-        plugin: PluginModel,
+        plugin: PluginModel | Sequence[PluginModel],
         attention_mask: torch.Tensor | None = None,
         pad_token_id: int | None = None,
         alpha: float | None = None,
+        alphas: Sequence[float] | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        base_model: PreTrainedModel | None = None,
         strict: bool = True,
     ):
-        if not isinstance(plugin, PluginModel):
-            raise TypeError(f"`plugin` must be a PluginModel, got {type(plugin).__name__}.")
-        if alpha is not None and not float(alpha) >= 0.0:
-            raise ValueError(f"`alpha` must be a non-negative number, got {alpha!r}.")
+        plugins = list(plugin) if isinstance(plugin, (list, tuple)) else [plugin]
+        if not plugins or not all(isinstance(p, PluginModel) for p in plugins):
+            raise TypeError(f"`plugin` must be a PluginModel or a non-empty sequence of them, got {plugin!r:.80}.")
+        if alpha is not None and alphas is not None:
+            raise ValueError("Pass either `alpha` (one strength for all) or `alphas` (one per reweighter), not both.")
+        if alphas is None:
+            alphas = [p.config.alpha if alpha is None else alpha for p in plugins]
+        alphas = [float(a) for a in alphas]
+        if len(alphas) != len(plugins):
+            raise ValueError(f"Got {len(alphas)} alphas for {len(plugins)} reweighters.")
+        if not all(a >= 0.0 for a in alphas):
+            raise ValueError(f"`alpha`/`alphas` must be non-negative numbers, got {alphas}.")
         if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] == 0):
             raise ValueError(
                 f"`attention_mask` must have shape (batch_size, prompt_length), got {tuple(attention_mask.shape)}."
             )
-        if tokenizer is not None:
-            check_tokenizer(plugin.config, tokenizer, strict=strict)
-            if pad_token_id is None:
-                pad_token_id = tokenizer.pad_token_id
-        self.plugin = plugin
-        self.alpha = plugin.config.alpha if alpha is None else float(alpha)
+        for p in plugins:
+            if base_model is not None:
+                p.check_compatible(base_model, tokenizer=tokenizer, strict=strict)
+            elif tokenizer is not None:
+                check_tokenizer(p.config, tokenizer, strict=strict)
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = tokenizer.pad_token_id
+        self.reweighters = [_CachedReweighter(p) for p in plugins]
+        self.alphas = alphas
         self.pad_token_id = pad_token_id
         self.strict = strict
-        self._prompt_mask = None if attention_mask is None else attention_mask.to(plugin.device, torch.long)
+        self._prompt_mask = None if attention_mask is None else attention_mask.long()
         self._bound_prompt: torch.Tensor | None = None
         self._checked_width: int | None = None
-        self._state: _ReweighterState | None = None
-        # Only the last position's logits are needed; skip the output layer elsewhere when the backbone can.
-        takes_keep = "logits_to_keep" in inspect.signature(plugin.backbone.forward).parameters
-        self._last_logits_only = {"logits_to_keep": 1} if takes_keep else {}
 
     def reset(self) -> None:
-        """Forgets the reweighter's cache; the next call starts afresh. Never needed for correctness."""
-        self._state = None
+        """Forgets the reweighters' caches; the next call starts afresh. Never needed for correctness."""
+        for reweighter in self.reweighters:
+            reweighter.state = None
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         width = scores.shape[-1]
         if width != self._checked_width:
             self._check_width(width)
-        reweighter_logits = self._next_token_logits(input_ids.to(self.plugin.device))
-        if not torch.isfinite(reweighter_logits).all():
-            raise FloatingPointError("The reweighter produced NaN or infinite logits; its weights may be corrupt.")
-        reweighter_logits = align_vocab(reweighter_logits.to(scores.device), width)
-        return combine_logits(scores, reweighter_logits, self.alpha).to(scores.dtype)
+        reweighter_logits = [
+            align_vocab(r.next_token_logits(input_ids, self._attention_mask).to(scores.device), width)
+            for r in self.reweighters
+        ]
+        return combine_logits(scores, reweighter_logits, self.alphas).to(scores.dtype)
 
     def _check_width(self, width: int) -> None:
-        try:
-            check_vocab_width(self.plugin.config, width)
-        except ValueError:
-            if self.strict:
-                raise
-            logger.warning(
-                f"Vocabulary width {width} of the scores does not match the reweighter's "
-                f"{self.plugin.config.vocab_size}; continuing because strict=False."
-            )
+        for reweighter in self.reweighters:
+            try:
+                check_vocab_width(reweighter.plugin.config, width)
+            except ValueError as error:
+                if self.strict:
+                    raise
+                logger.warning(f"{error} Continuing because strict=False.")
         self._checked_width = width
-
-    def _next_token_logits(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Runs the reweighter on what its cache does not hold yet; returns logits for the last position."""
-        start, row_order, attention_mask = self._plan(input_ids)
-        if start == 0:
-            cache = DynamicCache()
-        else:
-            cache = self._state.cache
-            if row_order is not None:
-                cache.reorder_cache(row_order)
-            _crop(cache, start)
-        # An all-ones mask is passed as None: the backbone then need not build a padding mask at every step.
-        padded = not bool(attention_mask.all())
-        outputs = self.plugin(
-            input_ids[:, start:], attention_mask=attention_mask if padded else None, past_key_values=cache,
-            use_cache=True, **self._last_logits_only,
-        )
-        # generate() may hand us views of buffers it later edits in place (beam search), so keep a copy.
-        self._state = _ReweighterState(input_ids.clone(), attention_mask, outputs.past_key_values)
-        return outputs.logits[:, -1].float()
-
-    def _plan(self, input_ids: torch.LongTensor) -> tuple[int, torch.Tensor | None, torch.Tensor]:
-        """Decides how much of the cache to keep: (tokens kept, row order to gather first, full attention mask)."""
-        state = self._state
-        rows, length = input_ids.shape
-        if state is None or state.input_ids.shape[0] != rows:
-            return 0, None, self._attention_mask(input_ids)
-        cached = state.input_ids.shape[1]
-        if length == cached + 1:
-            matched, row_order = _match_rows(input_ids[:, :-1], state.input_ids)
-            if matched:
-                mask = state.attention_mask if row_order is None else state.attention_mask[row_order]
-                return cached, row_order, torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        # Anything else: keep the longest prefix whose ids and mask agree in every row, but always re-run the
-        # last token, since its logits are what the caller needs.
-        mask = self._attention_mask(input_ids)
-        shared = min(length - 1, cached)
-        same = (input_ids[:, :shared] == state.input_ids[:, :shared]) & (mask[:, :shared] == state.attention_mask[:, :shared])
-        start = int(same.long().cumprod(dim=1).sum(dim=1).min()) if shared > 0 else 0
-        return start, None, mask
 
     def _attention_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
         rows, length = input_ids.shape
@@ -201,9 +238,9 @@ class PluginLogitsProcessor(LogitsProcessor):
                         "to this generate() call."
                     )
                 self._bound_prompt = input_ids[:, :prompt_length].clone()
-            bound = self._bound_prompt
+            bound = self._bound_prompt.to(input_ids.device)
             if bound.shape[0] == rows and length >= prompt_length and torch.equal(input_ids[:, :prompt_length], bound):
-                mask = self._prompt_mask.repeat_interleave(rows // batch, dim=0)
+                mask = self._prompt_mask.to(input_ids.device).repeat_interleave(rows // batch, dim=0)
                 return torch.cat([mask, mask.new_ones(rows, length - prompt_length)], dim=1)
             if self.pad_token_id is None:
                 raise ValueError(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .combine import align_vocab, combine_logits
-from .compatibility import check_vocab_width
+from .compatibility import check_base_model, check_vocab_width
 from .configuration_plugin import PluginConfig
 
 
@@ -87,6 +87,22 @@ class PluginModel(PluginPreTrainedModel):
         plugin = cls(config)
         plugin.backbone.load_state_dict(model.state_dict())
         return plugin
+
+    def check_compatible(
+        self, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, strict: bool = True
+    ) -> None:
+        """Checks that this reweighter can be used with `base_model` (and `tokenizer`).
+
+        Compares the recorded binding with what it is attached to: vocabulary width and tokenizer fingerprint
+        (a mismatch raises, naming both sides, unless `strict=False`), and the base model's name (another name
+        logs one warning: a reweighter may transfer to a sibling model sharing the tokenizer).
+
+        Args:
+            base_model (`PreTrainedModel`): the base model.
+            tokenizer (`PreTrainedTokenizerBase`, *optional*): the tokenizer used with it.
+            strict (`bool`, *optional*, defaults to `True`): raise on a vocabulary or tokenizer mismatch.
+        """
+        check_base_model(self.config, base_model, tokenizer=tokenizer, strict=strict)
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.backbone.get_input_embeddings()

@@ -48,3 +48,14 @@ def test_width_mismatch_raises_and_align_pads_with_minus_inf():
     assert torch.equal(padded[:, :4], logits) and torch.isneginf(padded[:, 4:]).all()
     assert torch.equal(align_vocab(logits, 3), logits[:, :3])
     assert align_vocab(logits, 4) is logits
+
+
+def test_stacked_reweighters_multiply_with_their_own_alphas():
+    base, r1, r2 = torch.randn(3, 9), torch.randn(3, 9), torch.randn(3, 9)
+    p, q1, q2 = base.softmax(-1), r1.softmax(-1), r2.softmax(-1)
+    expected = p * q1**0.5 * q2**2.0
+    out = combine_logits(base, [r1, r2], alpha=[0.5, 2.0])
+    torch.testing.assert_close(out.exp(), expected / expected.sum(-1, keepdim=True))
+    torch.testing.assert_close(combine_logits(base, [r1, r2], alpha=1.0), combine_logits(combine_logits(base, r1), r2))
+    with pytest.raises(ValueError, match="2 alphas for 3 reweighters"):
+        combine_logits(base, [r1, r2, r1], alpha=[1.0, 1.0])
