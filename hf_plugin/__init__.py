@@ -7,7 +7,7 @@ from .combine import align_vocab, combine_logits
 from .compatibility import binding_kwargs, check_base_model, check_tokenizer, check_vocab_width, tokenizer_fingerprint
 from .configuration_plugin import PluginConfig
 from .logits_process import PluginLogitsProcessor
-from .modeling_plugin import PluginModel, PluginPreTrainedModel
+from .modeling_plugin import PluginModel, PluginPreTrainedModel, score_with_reweighters
 
 
 AutoConfig.register(PluginConfig.model_type, PluginConfig, exist_ok=True)
@@ -25,5 +25,6 @@ __all__ = [
     "check_tokenizer",
     "check_vocab_width",
     "combine_logits",
+    "score_with_reweighters",
     "tokenizer_fingerprint",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -20,6 +22,12 @@ def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tens
     """
     mask = attention_mask.long()
     return (mask.cumsum(-1) - 1).clamp(min=0) * mask
+
+
+def next_token_nll(log_probs: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+    """Mean NLL of `labels` (aligned with the inputs, shifted here as in transformers; -100 ignored)."""
+    targets = labels[:, 1:].to(log_probs.device).reshape(-1)
+    return F.nll_loss(log_probs[:, :-1].reshape(-1, log_probs.shape[-1]), targets, ignore_index=-100)
 
 
 class PluginPreTrainedModel(PreTrainedModel):
@@ -182,12 +190,7 @@ class PluginModel(PluginPreTrainedModel):
 
         loss = None
         if labels is not None:
-            targets = labels[:, 1:].to(logits.device).reshape(-1)
-            predictions = logits[:, :-1].reshape(-1, logits.shape[-1])
-            if base_logits is None:
-                loss = F.cross_entropy(predictions.float(), targets, ignore_index=-100)
-            else:
-                loss = F.nll_loss(predictions, targets, ignore_index=-100)
+            loss = next_token_nll(logits if base_logits is not None else logits.float().log_softmax(-1), labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
     def _check_positions(self, input_ids, attention_mask, position_ids, past_key_values) -> None:
@@ -205,3 +208,45 @@ class PluginModel(PluginPreTrainedModel):
                 f"The sequence has {longest} tokens but the reweighter accepts at most "
                 f"max_position_embeddings={limit}. Shorten the prompt or `max_new_tokens`."
             )
+
+
+def score_with_reweighters(
+    plugins: Sequence[PluginModel],
+    input_ids: torch.LongTensor,
+    base_logits: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    alphas: Sequence[float] | None = None,
+    labels: torch.LongTensor | None = None,
+) -> CausalLMOutputWithPast:
+    """Scores whole sequences under a base model and several stacked reweighters, `p ∝ p_base · Π_i r_i^alpha_i`.
+
+    The offline counterpart of `PluginLogitsProcessor([r1, r2, ...], alphas=[...])`.
+
+    Args:
+        plugins (`Sequence[PluginModel]`): the reweighters.
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids.
+        base_logits (`torch.Tensor` of shape `(batch_size, sequence_length, base_vocab_size)`):
+            the base model's raw logits or log-probabilities at the same positions.
+        attention_mask (`torch.Tensor`, *optional*): 1 for real tokens, 0 for padding.
+        alphas (`Sequence[float]`, *optional*): one strength per reweighter; defaults to each config's `alpha`.
+        labels (`torch.LongTensor`, *optional*): targets aligned with `input_ids`; -100 is ignored.
+
+    Returns:
+        `CausalLMOutputWithPast`: `.logits` are the combined log-probabilities, `.loss` the NLL of `labels`.
+    """
+    if base_logits.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"`base_logits` must have shape (batch, sequence, vocab) matching input_ids {tuple(input_ids.shape)}, "
+            f"got {tuple(base_logits.shape)}."
+        )
+    alphas = [p.config.alpha for p in plugins] if alphas is None else list(alphas)
+    width = base_logits.shape[-1]
+    reweighter_logits = []
+    for plugin in plugins:
+        check_vocab_width(plugin.config, width)
+        mask = attention_mask.to(plugin.device) if attention_mask is not None else None
+        logits = plugin(input_ids.to(plugin.device), attention_mask=mask).logits
+        reweighter_logits.append(align_vocab(logits.to(base_logits.device), width))
+    combined = combine_logits(base_logits, reweighter_logits, alphas)
+    loss = next_token_nll(combined, labels) if labels is not None else None
+    return CausalLMOutputWithPast(loss=loss, logits=combined)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
-from hf_plugin import PluginConfig, PluginLogitsProcessor, PluginModel, binding_kwargs
+from hf_plugin import PluginLogitsProcessor, PluginModel, binding_kwargs, score_with_reweighters
 
 from conftest import EOS, PAD, VOCAB, make_base, make_plugin, make_tokenizer
 
@@ -308,3 +308,39 @@ def test_constructor_validates_arguments():
         PluginLogitsProcessor(plugin, alpha=-1.0)
     with pytest.raises(ValueError, match="attention_mask"):
         PluginLogitsProcessor(plugin, attention_mask=torch.ones(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampling", "beam"])
+def test_stacked_reweighters_are_exact_and_each_incremental(mode, tokenizer):
+    base, first, second = make_base("llama"), make_plugin("llama"), make_plugin("gpt2", seed=7)
+    input_ids, mask = prompts(tokenizer, ["w1 w2 w3 w4", "w5 w6"])
+    recorder = Recorder(PluginLogitsProcessor([first, second], alphas=[0.7, 1.5], pad_token_id=PAD))
+    counts = count_reweighter_tokens(first), count_reweighter_tokens(second)
+    torch.manual_seed(0)
+    base.generate(input_ids, attention_mask=mask, logits_processor=[recorder], max_new_tokens=6, min_new_tokens=6,
+                  **MODES[mode])
+    for count in counts:
+        assert count == [input_ids.shape[1]] + [1] * (len(recorder.calls) - 1)
+    for ids, scores, out in recorder.calls:
+        base_logits = torch.zeros(*ids.shape, VOCAB)
+        base_logits[:, -1] = scores
+        with torch.no_grad():
+            expected = score_with_reweighters([first, second], ids, base_logits, full_mask(ids, mask), alphas=[0.7, 1.5])
+        torch.testing.assert_close(out, expected.logits[:, -1], atol=1e-4, rtol=0)
+    # the stack is not the first reweighter alone
+    alone = PluginLogitsProcessor(first, alpha=0.7)(recorder.calls[-1][0], recorder.calls[-1][1])
+    assert not torch.allclose(alone, recorder.calls[-1][2], atol=1e-3)
+
+
+def test_stacking_arguments_are_validated():
+    first, second = make_plugin("llama"), make_plugin("llama", seed=2)
+    with pytest.raises(ValueError, match="not both"):
+        PluginLogitsProcessor([first, second], alpha=1.0, alphas=[1.0, 1.0])
+    with pytest.raises(ValueError, match="1 alphas for 2 reweighters"):
+        PluginLogitsProcessor([first, second], alphas=[1.0])
+    with pytest.raises(TypeError, match="non-empty sequence"):
+        PluginLogitsProcessor([])
+    # one `alpha` overrides every reweighter's own; 0 gives the base distribution back
+    scores = torch.randn(1, VOCAB)
+    out = PluginLogitsProcessor([first, second], alpha=0.0)(torch.tensor([[4, 5]]), scores)
+    torch.testing.assert_close(out, scores.log_softmax(-1))
