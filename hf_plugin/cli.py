@@ -10,6 +10,7 @@ import torch
 
 from .compatibility import binding_kwargs
 from .configuration_plugin import PluginConfig
+from .hub import push_folder
 from .loading import load_base_model, offline_smollm2
 from .logits_process import PluginLogitsProcessor
 from .modeling_plugin import PluginModel
@@ -80,6 +81,13 @@ def generate(args: argparse.Namespace) -> None:
         print(completion.strip())
 
 
+def push(args: argparse.Namespace) -> None:
+    """Uploads a saved reweighter folder, exactly as save_pretrained wrote it, with its model card."""
+    commit = push_folder(args.directory, args.repo_id, revision=args.revision, private=args.private or None,
+                         create_pr=args.create_pr)
+    print(f"Pushed {args.directory} to {args.repo_id}: {commit}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-plugin", description="Adapt a frozen language model with a reweighter.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="use the reweighter even if its tokenizer differs")
     p.set_defaults(run=generate)
+
+    p = commands.add_parser("push", help="upload a saved reweighter to the Hub, with its model card")
+    p.add_argument("directory")
+    p.add_argument("repo_id")
+    p.add_argument("--revision", help="branch to push to (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.set_defaults(run=push)
     return parser
 
 

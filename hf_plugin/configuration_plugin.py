@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Any
 
 from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+from transformers.utils import logging
 
 from ._version import __version__
+
+
+logger = logging.get_logger(__name__)
+
+
+# Architecture fields a saved config must carry when it has no `backbone` (defaults would silently differ).
+_REQUIRED_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "max_position_embeddings",
+)
+# Keys transformers itself may write into any config.json, besides the `PretrainedConfig` dataclass fields.
+_TRANSFORMERS_KEYS = {
+    "model_type", "auto_map", "_name_or_path", "name_or_path", "torch_dtype", "attn_implementation",
+    "output_attentions", "experts_implementation", "use_cache", "tie_word_embeddings", "pad_token_id",
+    "bos_token_id", "eos_token_id", "quantization_config",
+}
+
+
+def _known_config_keys() -> set[str]:
+    own = set(inspect.signature(PluginConfig.__init__).parameters) - {"self", "kwargs"}
+    return own | {field.name for field in dataclasses.fields(PretrainedConfig)} | _TRANSFORMERS_KEYS
 
 
 # The fields of the default LLaMA-style reweighter, named as in `LlamaConfig`.
@@ -144,6 +168,31 @@ class PluginConfig(PretrainedConfig):
         self.tokenizer_vocab_size = tokenizer_vocab_size
         self.hf_plugin_version = hf_plugin_version
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> PluginConfig:
+        """Builds a config from a saved dictionary, refusing what is not a complete reweighter config.
+
+        Keys this version of hf-plugin does not know (written by a newer one) are dropped with one warning.
+        """
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            raise ValueError(
+                f"This is not an hf-plugin reweighter: its config has model_type={model_type!r}, not "
+                f"{cls.model_type!r}."
+            )
+        if not config_dict.get("backbone"):
+            missing = [name for name in _REQUIRED_FIELDS if name not in config_dict]
+            if missing:
+                raise ValueError(f"The reweighter's config lacks required fields: {', '.join(missing)}.")
+        unknown = sorted(set(config_dict) - _known_config_keys())
+        if unknown:
+            logger.warning(
+                f"Ignoring config keys unknown to hf-plugin {__version__} (the config was written by hf-plugin "
+                f"{config_dict.get('hf_plugin_version', 'of an unknown version')}): {', '.join(unknown)}."
+            )
+            config_dict = {key: value for key, value in config_dict.items() if key not in unknown}
+        return super().from_dict(config_dict, **kwargs)
 
     def backbone_config(self) -> PretrainedConfig:
         """The transformers config of the causal LM that computes the reweighter's logits."""

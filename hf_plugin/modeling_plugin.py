@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from huggingface_hub import CommitInfo, ModelCard
+from safetensors import SafetensorError
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import cached_file
 
 from .combine import align_vocab, combine_logits
 from .compatibility import check_base_model, check_vocab_width
 from .configuration_plugin import PluginConfig
+from .hub import CARD_FILE, card_sections, push_folder, render_model_card, write_remote_code
 
 
 def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -74,7 +81,102 @@ class PluginModel(PluginPreTrainedModel):
     def __init__(self, config: PluginConfig):
         super().__init__(config)
         self.backbone = AutoModelForCausalLM.from_config(config.backbone_config())
+        # What the model card was rendered from (training, metrics, evaluation, ...); kept across save and load.
+        self.card_sections: dict = {}
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs) -> PluginModel:
+        """Loads a reweighter from a folder or a Hub repository (`revision=` honoured), safetensors only.
+
+        Raises rather than return a half-loaded model: a config that is not a reweighter's, a weights file that
+        cannot be read, or weights that do not match the config (missing, unexpected or mis-shaped tensors).
+        Never reads a pickle (`.bin`) file and never runs code from the repository.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a folder or a Hub repository id.
+            model_args, kwargs: as for `transformers.PreTrainedModel.from_pretrained` (`revision`, `cache_dir`,
+                `local_files_only`, `token`, `dtype`, `device_map`, ...).
+        """
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("hf-plugin loads reweighters from safetensors only; pickle files are never read.")
+        kwargs["use_safetensors"] = True
+        kwargs.pop("trust_remote_code", None)  # this class is the code; nothing from the repository is run
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise OSError(f"Cannot read the reweighter's weights in {pretrained_model_name_or_path}: {error}") from error
+        problems = {key: info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
+        if problems:
+            raise ValueError(f"{pretrained_model_name_or_path} does not hold weights matching its config: {problems}")
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token", "subfolder") if k in kwargs}
+        card_path = cached_file(
+            pretrained_model_name_or_path, CARD_FILE, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False, **hub_kwargs,
+        )
+        model.card_sections = card_sections(ModelCard.load(card_path)) if card_path else {}
+        return (model, info) if want_info else model
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        model_card: dict | None = None,
+        with_code: bool = False,
+        **kwargs,
+    ) -> None:
+        """Writes `config.json`, `model.safetensors`, the model card `README.md` and, if given, the tokenizer.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the folder to write.
+            tokenizer (`PreTrainedTokenizerBase`, *optional*): the tokenizer the reweighter was trained with.
+            model_card (`dict`, *optional*): card sections to add or replace (see `hf_plugin.hub.render_model_card`);
+                they are kept with the model (`self.card_sections`).
+            with_code (`bool`, *optional*, defaults to `False`): also write the modeling code and an `auto_map`, so
+                users without hf-plugin can load it with `trust_remote_code=True` (see `hf_plugin.hub.write_remote_code`).
+            kwargs: as for `transformers.PreTrainedModel.save_pretrained`, except `push_to_hub` (use `push_to_hub`).
+        """
+        if kwargs.pop("push_to_hub", False):
+            raise ValueError("Use `PluginModel.push_to_hub(repo_id)`: it uploads what save_pretrained writes, card included.")
+        super().save_pretrained(save_directory, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_directory)
+        self.card_sections = {**self.card_sections, **(model_card or {})}
+        sections = {**self.card_sections, "num_parameters": self.num_parameters()}
+        render_model_card(self.config, sections).save(Path(save_directory) / CARD_FILE)
+        if with_code:
+            write_remote_code(save_directory)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        model_card: dict | None = None,
+        with_code: bool = False,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+    ) -> CommitInfo:
+        """Uploads exactly what `save_pretrained` writes — weights, config, tokenizer and this library's model card.
+
+        Unlike the inherited transformers method, the card is ours, never replaced by a generic one.
+
+        Args:
+            repo_id (`str`): the Hub repository, created if missing.
+            tokenizer, model_card, with_code: as for `save_pretrained`.
+            revision, commit_message, private, token, create_pr: as for `hf_plugin.hub.push_folder`.
+        """
+        with tempfile.TemporaryDirectory() as directory:
+            self.save_pretrained(directory, tokenizer=tokenizer, model_card=model_card, with_code=with_code)
+            return push_folder(
+                directory, repo_id, revision=revision, commit_message=commit_message, private=private, token=token,
+                create_pr=create_pr,
+            )
 
     @classmethod
     def from_causal_lm(cls, model: PreTrainedModel, **config_kwargs) -> PluginModel:

@@ -1,0 +1,227 @@
+"""Sharing reweighters: the model card, uploads to the Hub, and the optional remote-code copy.
+
+Works from a `PluginConfig` and a saved folder, so `PluginModel` can call it on save and push without a circle.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import math
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData
+
+from .configuration_plugin import PluginConfig
+
+
+CARD_FILE = "README.md"
+# Front-matter key holding the card's structured sections, so that a card can be re-rendered, not appended to.
+CARD_KEY = "hf_plugin"
+STORED_SECTIONS = ("training", "metrics", "evaluation", "repo_id", "num_parameters")
+FRONT_MATTER_SECTIONS = ("datasets", "license")
+TAGS = ["hf-plugin", "logits-reweighting", "reweighter", "text-generation"]
+REMOTE_CODE_ENTRY_POINTS = {"AutoConfig": "configuration_plugin.PluginConfig", "AutoModel": "modeling_plugin.PluginModel"}
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def _key_value_table(rows: dict[str, Any]) -> str:
+    return "\n".join(["| | |", "| --- | --- |"] + [f"| {key} | {_format(value)} |" for key, value in rows.items()])
+
+
+def _evaluation_table(evaluation: dict[str, dict[str, Any]]) -> str:
+    """`{row name: {metric: value}}` as one markdown table with the metrics as columns."""
+    metrics = list(dict.fromkeys(metric for row in evaluation.values() for metric in row))
+    lines = ["| | " + " | ".join(metrics) + " |", "| --- |" + " --- |" * len(metrics)]
+    lines += [f"| {name} | " + " | ".join(_format(row.get(m, "")) for m in metrics) + " |" for name, row in evaluation.items()]
+    return "\n".join(lines)
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and _HUB_ID.match(name) is not None and not Path(name).exists()
+
+
+def card_sections(card: ModelCard | None) -> dict[str, Any]:
+    """The sections an hf-plugin card was rendered from (see `render_model_card`); empty for any other card."""
+    if card is None:
+        return {}
+    data = card.data.to_dict()
+    sections = dict(data.get(CARD_KEY) or {})
+    sections.update({key: data[key] for key in FRONT_MATTER_SECTIONS if data.get(key)})
+    return sections
+
+
+def render_model_card(config: PluginConfig, sections: dict[str, Any] | None = None) -> ModelCard:
+    """Renders the model card of a reweighter from its config and the card's sections.
+
+    The sections are kept in the card's front matter, so rendering again with a new section (say a new
+    evaluation) replaces that section instead of appending to the card.
+
+    Args:
+        config (`PluginConfig`): the reweighter's configuration (architecture, alpha, base binding).
+        sections (`dict`, *optional*): any of `training` (hyper-parameters and data, `{name: value}`), `metrics`
+            (validation metrics, e.g. `{"validation NLL/token": 1.2}`), `evaluation` (`{method: {metric: value}}`),
+            `repo_id` (for the usage snippet), `num_parameters`, `datasets` (Hub dataset ids) and `license`.
+
+    Returns:
+        `huggingface_hub.ModelCard`: the card; `.save(path)` writes it.
+    """
+    sections = {key: value for key, value in (sections or {}).items() if value is not None}
+    unknown = set(sections) - {*STORED_SECTIONS, *FRONT_MATTER_SECTIONS}
+    if unknown:
+        raise ValueError(
+            f"Unknown model-card sections {sorted(unknown)}; known: {[*STORED_SECTIONS, *FRONT_MATTER_SECTIONS]}."
+        )
+    base, revision = config.base_model_name_or_path, config.base_model_revision
+    on_hub = _is_hub_id(base)
+    card_data = ModelCardData(
+        library_name="hf-plugin",
+        base_model=base if on_hub else None,
+        base_model_relation="adapter" if on_hub else None,
+        tags=TAGS,
+        pipeline_tag="text-generation",
+        license=sections.get("license"),
+        datasets=sections.get("datasets"),
+        **{CARD_KEY: {key: sections[key] for key in STORED_SECTIONS if key in sections}},
+    )
+    training, metrics, evaluation = (sections.get(key) for key in ("training", "metrics", "evaluation"))
+    num_parameters = sections.get("num_parameters")
+    template = importlib.resources.files("hf_plugin.model_cards").joinpath("reweighter.md").read_text(encoding="utf-8")
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        model_name=f"Reweighter {sections['repo_id']}" if "repo_id" in sections else "Reweighter",
+        base_model=base or "unknown base model",
+        base_model_link=f"[{base}](https://huggingface.co/{base})" if on_hub else f"`{base}`",
+        base_model_revision=f"`{revision}`" if revision else "not recorded",
+        revision_argument=f', revision="{revision}"' if revision else "",
+        base_vocab_size=config.base_vocab_size or "not recorded",
+        tokenizer_fingerprint=config.tokenizer_fingerprint or "not recorded",
+        tokenizer_vocab_size=config.tokenizer_vocab_size or "not recorded",
+        alpha=config.alpha,
+        architecture=config.backbone["model_type"] if config.backbone else "LLaMA-style decoder (the paper's reweighter)",
+        num_hidden_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=config.max_position_embeddings,
+        num_parameters=f"{num_parameters:,}" if num_parameters else "an unrecorded number of",
+        training_section=_key_value_table(training) if training else "No training information was recorded.",
+        validation_section=_key_value_table(metrics) if metrics else "No validation metrics were recorded.",
+        evaluation_section=_evaluation_table(evaluation) if evaluation else "No evaluation has been recorded yet.",
+        repo_id=sections.get("repo_id", "path/to/this/reweighter"),
+    )
+
+
+def read_model_card(directory: str | Path) -> ModelCard | None:
+    path = Path(directory) / CARD_FILE
+    return ModelCard.load(path) if path.exists() else None
+
+
+def update_model_card(directory: str | Path, **sections: Any) -> ModelCard:
+    """Re-renders the card of a saved reweighter in place, adding or replacing the sections given.
+
+    Args:
+        directory (`str` or `Path`): a folder written by `PluginModel.save_pretrained`.
+        sections: sections to add or replace (see `render_model_card`).
+
+    Returns:
+        `huggingface_hub.ModelCard`: the card now in `directory/README.md`.
+    """
+    directory = Path(directory)
+    merged = {**card_sections(read_model_card(directory)), **sections}
+    merged.setdefault("num_parameters", _count_parameters(directory / "model.safetensors"))
+    card = render_model_card(PluginConfig.from_pretrained(directory), merged)
+    card.save(directory / CARD_FILE)
+    return card
+
+
+def _count_parameters(weights: Path) -> int | None:
+    from safetensors import safe_open
+
+    if not weights.exists():
+        return None
+    with safe_open(str(weights), framework="pt") as handle:
+        return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+
+
+def write_remote_code(directory: str | Path) -> list[str]:
+    """Copies the modeling code into a saved reweighter and points `config.json`'s `auto_map` at it.
+
+    Users without hf-plugin can then load it with `AutoModel.from_pretrained(..., trust_remote_code=True)`. The
+    trade-off: they run the code in the repository, pinned to this version of hf-plugin, instead of an
+    installed, reviewed package.
+
+    Returns:
+        `list[str]`: the file names written.
+    """
+    directory = Path(directory)
+    package = Path(__file__).parent
+    needed, queue = set(), ["configuration_plugin", "modeling_plugin"]
+    while queue:
+        module = queue.pop()
+        if module not in needed:
+            needed.add(module)
+            queue += _RELATIVE_IMPORT.findall((package / f"{module}.py").read_text(encoding="utf-8"))
+    for module in needed:
+        shutil.copyfile(package / f"{module}.py", directory / f"{module}.py")
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["auto_map"] = REMOTE_CODE_ENTRY_POINTS
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return sorted(f"{module}.py" for module in needed)
+
+
+def push_folder(
+    directory: str | Path,
+    repo_id: str,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    create_pr: bool = False,
+) -> CommitInfo:
+    """Uploads a folder written by `PluginModel.save_pretrained`, with its card's usage snippet naming `repo_id`.
+
+    The folder itself is left unchanged: the card is re-rendered in a temporary copy that is then uploaded.
+
+    Args:
+        directory (`str` or `Path`): the saved reweighter.
+        repo_id (`str`): the Hub repository, created if missing.
+        revision (`str`, *optional*): the branch to push to, created if missing.
+        commit_message (`str`, *optional*): defaults to "Upload reweighter with hf-plugin".
+        private (`bool`, *optional*): visibility of a newly created repository.
+        token (`str`, *optional*): Hub token; defaults to the logged-in user's.
+        create_pr (`bool`, *optional*, defaults to `False`): open a pull request instead of committing.
+    """
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} holds no config.json; is it a folder written by save_pretrained?")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with tempfile.TemporaryDirectory() as staging:
+        shutil.copytree(directory, staging, dirs_exist_ok=True)
+        update_model_card(staging, repo_id=repo_id)
+        operations = [
+            CommitOperationAdd(path_in_repo=path.relative_to(staging).as_posix(), path_or_fileobj=str(path))
+            for path in sorted(Path(staging).rglob("*")) if path.is_file()
+        ]
+        return api.create_commit(
+            repo_id=repo_id, operations=operations, revision=revision, create_pr=create_pr,
+            commit_message=commit_message or "Upload reweighter with hf-plugin",
+        )
