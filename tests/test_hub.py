@@ -17,7 +17,7 @@ import yaml
 from huggingface_hub import HfApi
 from transformers import AutoModel
 
-from hf_plugin import PluginConfig, PluginLogitsProcessor, PluginModel, binding_kwargs
+from hf_plugin import PluginLogitsProcessor, PluginModel, binding_kwargs
 from hf_plugin.hub import update_model_card
 
 from conftest import VOCAB, make_base, make_plugin, make_tokenizer
@@ -243,7 +243,7 @@ def test_check_compatible(tokenizer, caplog):
 
     with pytest.raises(ValueError, match=rf"scores have 80 entries but the reweighter has {VOCAB}"):
         plugin.check_compatible(make_base("llama", vocab_size=80))
-    with pytest.raises(ValueError, match=rf"scores have 80 entries"):
+    with pytest.raises(ValueError, match=r"scores have 80 entries"):
         PluginLogitsProcessor(plugin, base_model=make_base("llama", vocab_size=80))
     other = make_tokenizer([f"x{i}" for i in range(VOCAB - 4)])
     with pytest.raises(ValueError, match="Tokenizer mismatch"):
