@@ -84,7 +84,7 @@ def generate(args: argparse.Namespace) -> None:
 def push(args: argparse.Namespace) -> None:
     """Uploads a saved reweighter folder, exactly as save_pretrained wrote it, with its model card."""
     commit = push_folder(args.directory, args.repo_id, revision=args.revision, private=args.private or None,
-                         create_pr=args.create_pr)
+                         create_pr=args.create_pr, with_code=args.with_code)
     print(f"Pushed {args.directory} to {args.repo_id}: {commit}")
 
 
@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="branch to push to (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--with-code", action="store_true",
+                   help="also upload the modeling code, for loading with trust_remote_code=True without hf-plugin")
     p.set_defaults(run=push)
     return parser
 

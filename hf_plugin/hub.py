@@ -193,6 +193,7 @@ def push_folder(
     private: bool | None = None,
     token: str | None = None,
     create_pr: bool = False,
+    with_code: bool = False,
 ) -> CommitInfo:
     """Uploads a folder written by `PluginModel.save_pretrained`, with its card's usage snippet naming `repo_id`.
 
@@ -206,6 +207,7 @@ def push_folder(
         private (`bool`, *optional*): visibility of a newly created repository.
         token (`str`, *optional*): Hub token; defaults to the logged-in user's.
         create_pr (`bool`, *optional*, defaults to `False`): open a pull request instead of committing.
+        with_code (`bool`, *optional*, defaults to `False`): also upload the modeling code (see `write_remote_code`).
     """
     directory = Path(directory)
     if not (directory / "config.json").is_file():
@@ -217,6 +219,8 @@ def push_folder(
     with tempfile.TemporaryDirectory() as staging:
         shutil.copytree(directory, staging, dirs_exist_ok=True)
         update_model_card(staging, repo_id=repo_id)
+        if with_code:
+            write_remote_code(staging)
         operations = [
             CommitOperationAdd(path_in_repo=path.relative_to(staging).as_posix(), path_or_fileobj=str(path))
             for path in sorted(Path(staging).rglob("*")) if path.is_file()

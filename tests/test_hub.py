@@ -134,10 +134,13 @@ def test_push_folder_via_cli_leaves_the_folder_unchanged(tokenizer, tmp_path, in
     plugin.save_pretrained(tmp_path, model_card={"metrics": METRICS})
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     main(["push", str(tmp_path), "someone/other"])
+    main(["push", str(tmp_path), "someone/other", "--with-code"])
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
-    (commit,) = intercepted_hub
-    assert set(commit["files"]) == set(before)
-    assert "| validation NLL/token | 1.45 |" in commit["files"]["README.md"].decode()
+    plain, with_code = intercepted_hub
+    assert set(plain["files"]) == set(before)
+    assert "| validation NLL/token | 1.45 |" in plain["files"]["README.md"].decode()
+    assert {"modeling_plugin.py", "configuration_plugin.py"} <= set(with_code["files"]) - set(before)
+    assert "auto_map" in json.loads(with_code["files"]["config.json"]) and "auto_map" not in json.loads(before["config.json"])
 
 
 def test_revision_is_honoured(tokenizer, tmp_path):
