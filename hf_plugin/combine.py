@@ -86,3 +86,54 @@ def align_vocab(logits: torch.Tensor, width: int) -> torch.Tensor:
         return logits[..., :width]
     pad = logits.new_full((*logits.shape[:-1], width - current), float("-inf"))
     return torch.cat([logits, pad], dim=-1)
+
+
+def combine_topk_nll(
+    reweighter_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    labels: torch.Tensor,
+    label_logprobs: torch.Tensor,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """NLL of `labels` under the combination when the base model is known only through its top-k log-probs.
+
+    The top-k form of `combine_logits` for training from a cache (or an API that returns top-k log-probs).
+    Known exactly: the base log-probs of the top-k tokens `S` and of the label `y`. The rest of the base mass,
+    `m = 1 - Σ_{v ∈ S ∪ {y}} p_base(v)`, is spread over unknown tokens; its contribution to the normaliser,
+    `Σ_{v ∉ S ∪ {y}} p_base(v) r(v)^α`, is bounded above by `m · max_{v ∉ S ∪ {y}} r(v)^α`. Using that bound
+    gives an upper bound on the true NLL (equal to it when the top-k covers the vocabulary), and it stops the
+    reweighter from piling mass on tokens the base ranks low — ignoring the tail lets it do so, and decoding
+    then degenerates (measured in DESIGN.md).
+
+    Args:
+        reweighter_logits (`torch.Tensor` of shape `(N, vocab_size)`): reweighter logits at N positions.
+        topk_ids (`torch.Tensor` of shape `(N, k)`): ids of the base model's top-k tokens.
+        topk_logprobs (`torch.Tensor` of shape `(N, k)`): their base log-probabilities.
+        labels (`torch.Tensor` of shape `(N,)`): the true next tokens.
+        label_logprobs (`torch.Tensor` of shape `(N,)`): their base log-probabilities.
+        alpha (`float`, *optional*, defaults to 1.0): strength of the reweighter.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`: the NLL at each position (float32 or wider).
+    """
+    dtype = torch.promote_types(reweighter_logits.dtype, torch.float32)
+    reweighter = torch.log_softmax(reweighter_logits.to(dtype), dim=-1)
+    topk_ids, labels = topk_ids.long(), labels.long()
+    base_topk, base_label = topk_logprobs.to(dtype), label_logprobs.to(dtype)
+    label_in_topk = (topk_ids == labels[:, None]).any(dim=-1)
+    label_term = base_label + alpha * reweighter.gather(-1, labels[:, None]).squeeze(-1)
+    topk_terms = base_topk + alpha * reweighter.gather(-1, topk_ids)
+
+    known_mass = base_topk.exp().sum(-1) + torch.where(label_in_topk, 0.0, base_label.exp())
+    tail_mass = (1.0 - known_mass).clamp(min=0.0)
+    outside = reweighter.scatter(-1, topk_ids, float("-inf")).scatter(-1, labels[:, None], float("-inf"))
+    best_outside = outside.max(dim=-1).values
+    # No tail when S ∪ {y} is the whole vocabulary (rounding may leave a tiny mass that has nowhere to go).
+    has_tail = (tail_mass > 0) & torch.isfinite(best_outside)
+    tail_term = torch.where(
+        has_tail, tail_mass.clamp(min=1e-30).log() + alpha * best_outside.clamp(min=-1e30), float("-inf")
+    )
+    extra_label = torch.where(label_in_topk, float("-inf"), label_term)
+    log_normaliser = torch.logsumexp(torch.cat([topk_terms, extra_label[:, None], tail_term[:, None]], dim=-1), dim=-1)
+    return log_normaliser - label_term

@@ -59,3 +59,28 @@ def test_stacked_reweighters_multiply_with_their_own_alphas():
     torch.testing.assert_close(combine_logits(base, [r1, r2], alpha=1.0), combine_logits(combine_logits(base, r1), r2))
     with pytest.raises(ValueError, match="2 alphas for 3 reweighters"):
         combine_logits(base, [r1, r2, r1], alpha=[1.0, 1.0])
+
+
+def _topk_inputs(base, labels, k):
+    log_probs = base.log_softmax(-1)
+    values, ids = log_probs.topk(k, dim=-1)
+    return ids, values, log_probs.gather(-1, labels[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 2.0])
+def test_topk_nll_is_exact_with_the_whole_vocabulary_and_an_upper_bound_otherwise(alpha):
+    from hf_plugin.combine import combine_topk_nll
+
+    torch.manual_seed(0)
+    base, reweighter = torch.randn(50, 40) * 3, torch.randn(50, 40) * 3
+    labels = torch.randint(0, 40, (50,))
+    exact = -combine_logits(base, reweighter, alpha).gather(-1, labels[:, None]).squeeze(-1)
+    full = combine_topk_nll(reweighter, *_topk_inputs(base, labels, 40)[:2], labels, _topk_inputs(base, labels, 40)[2], alpha)
+    torch.testing.assert_close(full, exact)
+    for k in (1, 5, 20):
+        ids, values, label_lp = _topk_inputs(base, labels, k)
+        bound = combine_topk_nll(reweighter, ids, values, labels, label_lp, alpha)
+        assert torch.isfinite(bound).all() and (bound >= exact - 1e-5).all()
+    # a larger k never loosens the bound much: it converges to the exact value
+    ids, values, label_lp = _topk_inputs(base, labels, 39)
+    assert (combine_topk_nll(reweighter, ids, values, labels, label_lp, alpha) - exact).abs().max() < 0.1

@@ -1,0 +1,206 @@
+"""Task data: prompt/completion pairs from CSV, JSONL or `datasets`, tokenised with the loss on completions only."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class Example:
+    """One training pair; `row` is its 0-based row number in the source, for error messages."""
+
+    prompt: str
+    completion: str
+    row: int
+
+
+@dataclass
+class DataReport:
+    """What was read: how many rows were used and which were skipped, by reason."""
+
+    source: str
+    used: int = 0
+    skipped: dict[str, list[int]] = field(default_factory=dict)
+
+    def skip(self, reason: str, row: int) -> None:
+        self.skipped.setdefault(reason, []).append(row)
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: {self.used} usable rows"]
+        for reason, rows in self.skipped.items():
+            shown = ", ".join(str(r) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+            parts.append(f"{len(rows)} skipped ({reason}; rows {shown})")
+        return "; ".join(parts)
+
+
+def read_examples(
+    source: str | Path,
+    prompt_column: str = "prompt",
+    completion_column: str = "completion",
+    template: str | None = None,
+    split: str = "train",
+) -> tuple[list[Example], DataReport]:
+    """Reads prompt/completion pairs from a CSV/TSV/JSON(L)/Parquet file or a `datasets` name.
+
+    Rows with an empty prompt or completion are skipped and reported once (with their first row numbers);
+    a source without a usable row, or without the columns asked for, is an error.
+
+    Args:
+        source (`str` or `Path`): a local file, or anything `datasets.load_dataset` accepts.
+        prompt_column (`str`, *optional*, defaults to `"prompt"`): column holding the prompt.
+        completion_column (`str`, *optional*, defaults to `"completion"`): column holding the completion.
+        template (`str`, *optional*): builds the prompt from the row's columns with `str.format`, e.g.
+            `"Data: {mr}\\nSentence:"`; `prompt_column` is then not needed.
+        split (`str`, *optional*, defaults to `"train"`): split of a `datasets` source.
+
+    Returns:
+        `tuple[list[Example], DataReport]`
+    """
+    import datasets
+
+    path = Path(source)
+    builder = _FILE_BUILDERS.get(path.suffix.lower())
+    if builder is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"Data file not found: {path}")
+        kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    else:
+        table = datasets.load_dataset(str(source), split=split)
+    columns = set(table.column_names)
+    needed = {completion_column} | (set() if template else {prompt_column})
+    if missing := needed - columns:
+        raise ValueError(f"{source} has no column(s) {sorted(missing)}; its columns are {sorted(columns)}.")
+
+    report = DataReport(str(source))
+    examples = []
+    for row, record in enumerate(table):
+        if template is not None:
+            try:
+                prompt = template.format(**record)
+            except KeyError as error:
+                raise ValueError(f"Template field {error} is not a column of {source}: {sorted(columns)}.") from None
+        else:
+            prompt = record[prompt_column]
+        completion = record[completion_column]
+        if not isinstance(prompt, str) or not prompt.strip():
+            report.skip("empty prompt", row)
+        elif not isinstance(completion, str) or not completion.strip():
+            report.skip("empty completion", row)
+        else:
+            examples.append(Example(prompt, completion, row))
+    report.used = len(examples)
+    if not examples:
+        raise ValueError(f"No usable row in {source}: {report.summary()}")
+    if report.skipped:
+        logger.warning(report.summary())
+    return examples, report
+
+
+def split_by_prompt(
+    examples: Sequence[Example], validation_fraction: float, seed: int = 0
+) -> tuple[list[Example], list[Example]]:
+    """Holds out a fraction of the *distinct prompts*, so no prompt's references straddle the two parts.
+
+    Args:
+        examples (`Sequence[Example]`): the pairs.
+        validation_fraction (`float`): share of distinct prompts to hold out, in (0, 1).
+        seed (`int`, *optional*, defaults to 0): seed of the shuffle of distinct prompts.
+
+    Returns:
+        `tuple[list[Example], list[Example]]`: training and validation pairs, in their original order.
+    """
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
+    prompts = sorted({e.prompt for e in examples})
+    random.Random(seed).shuffle(prompts)
+    held_out = set(prompts[: max(1, round(validation_fraction * len(prompts)))])
+    if len(held_out) == len(prompts):
+        raise ValueError(f"Cannot hold out {validation_fraction:.0%} of {len(prompts)} distinct prompts and train on the rest.")
+    return [e for e in examples if e.prompt not in held_out], [e for e in examples if e.prompt in held_out]
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The prompt as a user turn in the tokenizer's chat template, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]
+    index: int
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int,
+    separator: str = " ",
+    chat: bool = False,
+    report: DataReport | None = None,
+) -> list[EncodedExample]:
+    """Tokenises pairs: prompt tokens get label -100, completion tokens and a final EOS are learned.
+
+    Prompt and completion are tokenised separately, so the boundary between them is exact. Pairs longer than
+    `max_length` tokens are skipped and reported.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): the base model's tokenizer.
+        examples (`Sequence[Example]`): the pairs.
+        max_length (`int`): the longest sequence kept (the reweighter's positions bound it).
+        separator (`str`, *optional*, defaults to `" "`): put between prompt and completion (ignored with `chat`).
+        chat (`bool`, *optional*, defaults to `False`): wrap the prompt in the tokenizer's chat template.
+        report (`DataReport`, *optional*): where to record skipped pairs.
+
+    Returns:
+        `list[EncodedExample]`: `index` is the pair's position in `examples`.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no EOS token; completions must end with one.")
+    encoded, too_long = [], []
+    for index, example in enumerate(examples):
+        prompt = chat_prompt(tokenizer, example.prompt) if chat else example.prompt
+        prompt_ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
+        completion_text = example.completion if chat else separator + example.completion.lstrip()
+        completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(prompt_ids) + len(completion_ids) > max_length:
+            too_long.append(example.row)
+            continue
+        encoded.append(EncodedExample(prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids, index))
+    if too_long:
+        if report is not None:
+            for row in too_long:
+                report.skip(f"longer than {max_length} tokens", row)
+        shown = ", ".join(str(r) for r in too_long[:5])
+        logger.warning(f"Skipped {len(too_long)} pairs longer than {max_length} tokens (rows {shown}{', ...' if len(too_long) > 5 else ''}).")
+    if not encoded:
+        raise ValueError(f"No pair fits in {max_length} tokens.")
+    return encoded
+
+
+def collate(batch: Sequence[EncodedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads a batch: `input_ids`, `attention_mask`, `labels` (-100 on padding) and `index`."""
+    length = max(len(e.input_ids) for e in batch)
+    input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, example in enumerate(batch):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "index": torch.tensor([e.index for e in batch])}
