@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,17 +85,20 @@ def read_examples(
     if missing := needed - columns:
         raise ValueError(f"{source} has no column(s) {sorted(missing)}; its columns are {sorted(columns)}.")
 
+    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name] if template else []
+    if unknown := [name for name in fields if name not in columns]:
+        raise ValueError(f"Template field(s) {unknown} are not columns of {source}: {sorted(columns)}.")
     report = DataReport(str(source))
     examples = []
     for row, record in enumerate(table):
+        completion = record[completion_column]
         if template is not None:
-            try:
-                prompt = template.format(**record)
-            except KeyError as error:
-                raise ValueError(f"Template field {error} is not a column of {source}: {sorted(columns)}.") from None
+            if any(record[name] is None or not str(record[name]).strip() for name in fields):
+                report.skip("empty prompt", row)
+                continue
+            prompt = template.format(**record)
         else:
             prompt = record[prompt_column]
-        completion = record[completion_column]
         if not isinstance(prompt, str) or not prompt.strip():
             report.skip("empty prompt", row)
         elif not isinstance(completion, str) or not completion.strip():

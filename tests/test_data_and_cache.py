@@ -1,0 +1,112 @@
+"""Reading task data, masking prompts, splitting by prompt, and the base-logit cache."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel, write_base_cache
+from hf_plugin.data import collate, encode_examples, read_examples, split_by_prompt
+
+from conftest import EOS, PAD, make_base, make_plugin
+
+
+def write_csv(path, rows, header=("mr", "ref")):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+ROWS = [(f"w{i % 7} w{i % 5}", f"w{i % 11} w{(i * 3) % 13} w{i % 4}") for i in range(40)]
+
+
+def test_read_csv_with_template_and_report_bad_rows(tmp_path, caplog):
+    rows = ROWS[:5] + [("w1", ""), ("", "w2")] + ROWS[5:8]
+    examples, report = read_examples(write_csv(tmp_path / "d.csv", rows), completion_column="ref", template="Data: {mr} =")
+    assert len(examples) == 8 and examples[0].prompt == f"Data: {ROWS[0][0]} ="
+    assert report.skipped == {"empty completion": [5], "empty prompt": [6]}
+    assert "8 usable rows" in report.summary() and "rows 5" in report.summary()
+
+
+def test_read_jsonl_and_errors(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p, "completion": c}) for p, c in ROWS[:3]))
+    examples, _ = read_examples(path)
+    assert [e.completion for e in examples] == [c for _, c in ROWS[:3]]
+    with pytest.raises(ValueError, match=r"no column\(s\) \['answer'\]"):
+        read_examples(path, completion_column="answer")
+    with pytest.raises(ValueError, match=r"Template field\(s\) \['missing'\]"):
+        read_examples(path, template="{missing}")
+    with pytest.raises(FileNotFoundError):
+        read_examples(tmp_path / "absent.csv")
+    with pytest.raises(ValueError, match="No usable row"):
+        read_examples(write_csv(tmp_path / "empty.csv", [("a", ""), ("b", " ")]), completion_column="ref",
+                      prompt_column="mr")
+
+
+def test_split_by_prompt_keeps_each_prompt_on_one_side(tmp_path):
+    examples, _ = read_examples(write_csv(tmp_path / "d.csv", ROWS), prompt_column="mr", completion_column="ref")
+    train, validation = split_by_prompt(examples, 0.3, seed=1)
+    assert len(train) + len(validation) == len(examples)
+    assert not {e.prompt for e in train} & {e.prompt for e in validation}
+    distinct = len({e.prompt for e in examples})
+    assert len({e.prompt for e in validation}) == round(0.3 * distinct)
+    assert split_by_prompt(examples, 0.3, seed=1) == (train, validation)
+
+
+def test_encoding_masks_the_prompt_and_ends_with_eos(tokenizer, tmp_path):
+    examples, report = read_examples(write_csv(tmp_path / "d.csv", ROWS[:3] + [("w1 " * 30, "w2")]),
+                                     prompt_column="mr", completion_column="ref")
+    encoded = encode_examples(tokenizer, examples, max_length=20, report=report)
+    assert len(encoded) == 3 and report.skipped == {"longer than 20 tokens": [3]}
+    first = encoded[0]
+    prompt_length = len(tokenizer(examples[0].prompt)["input_ids"])
+    assert first.labels[:prompt_length] == [-100] * prompt_length
+    assert first.labels[prompt_length:] == first.input_ids[prompt_length:] and first.input_ids[-1] == EOS
+    assert tokenizer.decode(first.input_ids[prompt_length:-1]) == examples[0].completion
+    batch = collate(encoded, PAD)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+@pytest.fixture
+def encoded(tokenizer, tmp_path):
+    examples, _ = read_examples(write_csv(tmp_path / "d.csv", ROWS), prompt_column="mr", completion_column="ref")
+    return encode_examples(tokenizer, examples, max_length=32)
+
+
+def test_cache_with_whole_vocabulary_equals_live_and_resumes(encoded, tmp_path):
+    base, plugin = make_base("llama"), make_plugin("llama")
+    cache_dir = write_base_cache(base, encoded, tmp_path / "cache", k=96, batch_size=6, examples_per_shard=16, pad_token_id=PAD)
+    cached, live = CachedBaseLogits(cache_dir, encoded), LiveBaseModel(base)
+    batch = collate(encoded[10:18], PAD)
+    logits = plugin(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(cached.nll(logits, batch, 1.0), live.nll(logits, batch, 1.0), atol=5e-3, rtol=0)
+
+    # resuming rewrites only what is missing
+    shards = sorted(cache_dir.glob("shard-*.safetensors"))
+    assert len(shards) == 3
+    stamps = {p.name: p.stat().st_mtime_ns for p in shards}
+    shards[1].unlink()
+    (cache_dir / "index.json").unlink()
+    write_base_cache(base, encoded, cache_dir, k=96, batch_size=6, examples_per_shard=16, pad_token_id=PAD)
+    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in (shards[0], shards[2]))
+    torch.testing.assert_close(CachedBaseLogits(cache_dir, encoded).nll(logits, batch, 1.0), cached.nll(logits, batch, 1.0))
+
+
+def test_cache_split_between_processes_and_checked_against_data(encoded, tmp_path):
+    base = make_base("gpt2")
+    for rank in (1, 0):  # rank 0 cannot write the index before rank 1's shards exist
+        write_base_cache(base, encoded, tmp_path / "c", k=8, examples_per_shard=10, rank=rank, world_size=2, pad_token_id=PAD)
+        assert (tmp_path / "c" / "index.json").exists() == (rank == 0)
+    cache = CachedBaseLogits(tmp_path / "c", encoded)
+    assert cache.topk_ids.shape[1] == 8 and len(cache.offsets) == len(encoded) + 1
+    with pytest.raises(ValueError, match="other data or another tokenization"):
+        CachedBaseLogits(tmp_path / "c", encoded[:-1])
+    with pytest.raises(FileNotFoundError, match="no complete base-logit cache"):
+        CachedBaseLogits(tmp_path / "absent", encoded)
