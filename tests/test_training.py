@@ -1,0 +1,175 @@
+"""Training through the CLI on a tiny saved base: outputs, cache, schedule, resume after SIGKILL, two processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_plugin import PluginModel
+from hf_plugin.cli import main
+
+from conftest import make_base, make_tokenizer
+
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def task_rows(count: int, offset: int = 0) -> list[tuple[str, str]]:
+    """A learnable task: the completion is a fixed function of the prompt."""
+    rows = []
+    for i in range(offset, offset + count):
+        a, b = WORDS[i % 17], WORDS[(i * 7) % 19]
+        rows.append((f"{a} {b}", f"{WORDS[(i % 17) + 20]} {WORDS[((i * 7) % 19) + 20]} w39"))
+    return rows
+
+
+def write_csv(path: Path, rows) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["mr", "ref"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    make_base("llama").save_pretrained(root / "base")
+    make_tokenizer().save_pretrained(root / "base")
+    write_csv(root / "train.csv", task_rows(32))
+    write_csv(root / "validation.csv", task_rows(8, offset=100))
+    return root
+
+
+def common(setup: Path, output: Path, *extra: str) -> list[str]:
+    return ["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"),
+            "--validation-data", str(setup / "validation.csv"), "--prompt-column", "mr", "--completion-column", "ref",
+            "--output-dir", str(output), "--hidden-size", "32", "--intermediate-size", "64", "--num-heads", "2",
+            "--max-length", "32", "--learning-rate", "3e-3", "--cpu", *extra]
+
+
+def log_of(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+def test_train_live_saves_the_best_reweighter(setup, tmp_path):
+    out = tmp_path / "run"
+    main(common(setup, out, "--epochs", "4", "--batch-size", "4", "--patience", "0"))
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json", "training_args.json", "metrics.json",
+            "log.jsonl", "loss_curve.png"} <= names
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = [h["validation_nll"] for h in metrics["history"]]
+    assert len(history) == 4 and min(history) < history[0] - 0.5, history  # it learns the task
+    assert metrics["validation NLL/token"] == min(history)
+    plugin = PluginModel.from_pretrained(out)
+    assert plugin.config.base_vocab_size == 96 and plugin.config.tokenizer_fingerprint
+    readme = (out / "README.md").read_text()
+    assert "| learning_rate | 0.003 |" in readme and "validation NLL/token" in readme
+
+
+def test_warmup_and_decay_follow_the_true_number_of_optimizer_steps(setup, tmp_path):
+    out = tmp_path / "run"
+    # 32 examples, batch 4 → 8 micro-batches an epoch; accumulation 3 → 3 optimizer steps an epoch (3 + 3 + 2)
+    main(common(setup, out, "--epochs", "2", "--batch-size", "4", "--gradient-accumulation-steps", "3",
+                "--warmup-ratio", "0.34", "--patience", "0"))
+    steps = [r for r in log_of(out) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    rates = [r["learning_rate"] for r in steps]
+    # 6 steps, 2 of warm-up: the rate rises to the peak, then falls linearly to 0 at the last step
+    assert rates[0] == pytest.approx(3e-3 / 2) and rates[1] == pytest.approx(3e-3)
+    assert rates[-1] == pytest.approx(0.0) and all(a > b for a, b in zip(rates[1:], rates[2:]))
+
+
+def test_early_stopping_stops_and_keeps_the_best_epoch(setup, tmp_path):
+    out = tmp_path / "run"
+    main(common(setup, out, "--epochs", "30", "--batch-size", "4", "--patience", "1", "--learning-rate", "5e-2"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs run"] < 30
+    best = min(metrics["history"], key=lambda h: h["validation_nll"])
+    assert metrics["best epoch"] == best["epoch"] + 1 and metrics["history"][-1]["epoch"] == best["epoch"] + 1
+
+
+def test_training_from_the_cache_never_loads_the_base(setup, tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    main(["cache", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--validation-data",
+          str(setup / "validation.csv"), "--prompt-column", "mr", "--completion-column", "ref", "--cache",
+          str(cache_dir), "--top-k", "16", "--max-length", "32", "--cpu"])
+    assert (cache_dir / "train" / "index.json").exists() and (cache_dir / "validation" / "index.json").exists()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr("hf_plugin.cli.load_base_model", refuse)
+    out = tmp_path / "run"
+    main(common(setup, out, "--epochs", "2", "--batch-size", "4", "--cache", str(cache_dir)))
+    plugin = PluginModel.from_pretrained(out)
+    assert plugin.config.base_vocab_size == 96
+
+
+def run_cli(args: list[str], launcher: list[str] | None = None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = (launcher or [sys.executable]) + ["-m", "hf_plugin", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def weights(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output / "model.safetensors"))
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(setup, tmp_path):
+    write_csv(tmp_path / "long.csv", task_rows(400))  # 100 steps an epoch: time to kill it mid-epoch
+    arguments = ["--data", str(tmp_path / "long.csv"), "--epochs", "2", "--batch-size", "4", "--patience", "0",
+                 "--save-steps", "5"]
+    reference = run_cli(common(setup, tmp_path / "straight", *arguments))
+    killed_dir = tmp_path / "killed"
+    victim = run_cli(common(setup, killed_dir, *arguments))
+    deadline = time.time() + 120
+    while not any(int(p.name.split("-")[1]) >= 120 for p in killed_dir.glob("checkpoint-*[0-9]")):
+        assert victim.poll() is None, victim.stdout.read()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (killed_dir / "model.safetensors").exists(), "the run finished before it was killed"
+    resumed = run_cli(common(setup, killed_dir, *arguments, "--resume"))
+    for process in (reference, resumed):
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output[-3000:]
+    expected, actual = weights(tmp_path / "straight"), weights(killed_dir)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not found")
+def test_two_processes_match_one_process_with_twice_the_batch(setup, tmp_path):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    arguments = ["--epochs", "2", "--patience", "0", "--gradient-accumulation-steps", "2"]
+    single = run_cli(common(setup, tmp_path / "one", *arguments, "--batch-size", "4"))
+    output, _ = single.communicate(timeout=300)
+    assert single.returncode == 0, output[-3000:]
+    double = run_cli(common(setup, tmp_path / "two", *arguments, "--batch-size", "2"),
+                     launcher=[torchrun, "--nproc_per_node", "2", "--master_port", "29517"])
+    output, _ = double.communicate(timeout=300)
+    assert double.returncode == 0, output[-3000:]
+    one, two = log_of(tmp_path / "one"), log_of(tmp_path / "two")
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        for key in ("loss", "validation_nll"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5)
+    expected, actual = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4)
