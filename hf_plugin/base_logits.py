@@ -30,6 +30,11 @@ def completion_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != -100
 
 
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """`completion_positions` as a `(batch, length)` mask, for `PluginModel(..., logits_mask=...)`."""
+    return torch.nn.functional.pad(completion_positions(labels), (0, 1), value=False)
+
+
 def examples_fingerprint(examples: Sequence[EncodedExample]) -> str:
     """A hash of the token ids and labels of the examples, to tie a cache to the exact data it was built from."""
     digest = hashlib.sha256()
@@ -49,7 +54,14 @@ class LiveBaseModel:
         self.model = model.eval().requires_grad_(False)
 
     def nll(self, reweighter_logits: torch.Tensor, batch: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
-        """Per-position NLL of the completion tokens under the full combination, in row-major order."""
+        """Per-position NLL of the completion tokens under the full combination.
+
+        Args:
+            reweighter_logits (`torch.Tensor` of shape `(N, vocab_size)`): the reweighter's logits at the
+                `loss_positions(batch["labels"])`, in row-major order (`PluginModel(..., logits_mask=...)`).
+            batch (`dict`): a `hf_plugin.data.collate` batch.
+            alpha (`float`): strength of the reweighter.
+        """
         with torch.no_grad():
             base_logits = self.model(
                 input_ids=batch["input_ids"].to(self.model.device),
@@ -57,8 +69,8 @@ class LiveBaseModel:
             ).logits
         positions = completion_positions(batch["labels"])
         base = base_logits[:, :-1][positions.to(base_logits.device)].to(reweighter_logits.device)
-        reweighter = align_vocab(reweighter_logits[:, :-1][positions], base.shape[-1])
-        targets = batch["labels"][:, 1:][positions]
+        reweighter = align_vocab(reweighter_logits, base.shape[-1])
+        targets = batch["labels"][:, 1:][positions].to(reweighter_logits.device)
         return -combine_logits(base, reweighter, alpha).gather(-1, targets[:, None]).squeeze(-1)
 
 
@@ -171,14 +183,14 @@ class CachedBaseLogits:
         self.vocab_size = self.index["vocab_size"]
 
     def nll(self, reweighter_logits: torch.Tensor, batch: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
-        """Per-position NLL of the completion tokens under the top-k combination, in row-major order."""
+        """Per-position NLL of the completion tokens under the top-k combination (arguments as `LiveBaseModel.nll`)."""
         rows = [torch.arange(self.offsets[i], self.offsets[i + 1]) for i in batch["index"].tolist()]
         rows = torch.cat(rows)
         positions = completion_positions(batch["labels"])
         if int(positions.sum()) != len(rows):
             raise ValueError("The batch does not match the cache's completion positions; rebuild the cache.")
         device = reweighter_logits.device
-        reweighter = align_vocab(reweighter_logits[:, :-1][positions], self.vocab_size)
+        reweighter = align_vocab(reweighter_logits, self.vocab_size)
         return combine_topk_nll(
             reweighter, self.topk_ids[rows].to(device), self.topk_logprobs[rows].to(device),
             batch["labels"][:, 1:][positions].to(device), self.label_logprobs[rows].to(device), alpha,

@@ -127,8 +127,8 @@ def combine_topk_nll(
 
     known_mass = base_topk.exp().sum(-1) + torch.where(label_in_topk, 0.0, base_label.exp())
     tail_mass = (1.0 - known_mass).clamp(min=0.0)
-    outside = reweighter.scatter(-1, topk_ids, float("-inf")).scatter(-1, labels[:, None], float("-inf"))
-    best_outside = outside.max(dim=-1).values
+    known_ids = torch.cat([topk_ids, labels[:, None]], dim=-1)
+    best_outside = reweighter.scatter(-1, known_ids, float("-inf")).max(dim=-1).values
     # No tail when S ∪ {y} is the whole vocabulary (rounding may leave a tiny mass that has nowhere to go).
     has_tail = (tail_mass > 0) & torch.isfinite(best_outside)
     tail_term = torch.where(

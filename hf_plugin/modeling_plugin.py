@@ -237,6 +237,7 @@ class PluginModel(PluginPreTrainedModel):
         labels: torch.LongTensor | None = None,
         alpha: float | None = None,
         logits_to_keep: int = 0,
+        logits_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -258,18 +259,32 @@ class PluginModel(PluginPreTrainedModel):
                 Compute the reweighter's own logits for the last `logits_to_keep` positions only (0: all). Saves
                 the output layer's work when only the next token matters; not combinable with `base_logits`
                 or `labels`.
+            logits_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Compute the reweighter's own logits only where the mask is true, returned flattened as
+                `(num_selected, vocab_size)` in row-major order. Training uses it to skip the output layer on
+                prompt tokens, which carry no loss; not combinable with `base_logits`, `labels` or `logits_to_keep`.
 
         Returns:
             `CausalLMOutputWithPast`: `.logits` are the reweighter's own logits without `base_logits`, or the
             combined log-probabilities (width of `base_logits`) with them; `.loss` is set when `labels` are.
         """
-        if logits_to_keep and (base_logits is not None or labels is not None):
-            raise ValueError("`logits_to_keep` cannot be combined with `base_logits` or `labels`.")
+        if (logits_to_keep or logits_mask is not None) and (base_logits is not None or labels is not None):
+            raise ValueError("`logits_to_keep` and `logits_mask` cannot be combined with `base_logits` or `labels`.")
+        if logits_to_keep and logits_mask is not None:
+            raise ValueError("Pass `logits_to_keep` or `logits_mask`, not both.")
         self._check_positions(input_ids, attention_mask, position_ids, past_key_values)
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         if position_ids is None and attention_mask is not None:
             position_ids = position_ids_from_attention_mask(attention_mask)[:, -input_ids.shape[1] :]
+        if logits_mask is not None:
+            body = self.backbone.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, use_cache=use_cache, **kwargs,
+            )
+            hidden = body.last_hidden_state[logits_mask.to(body.last_hidden_state.device)]
+            logits = self.backbone.get_output_embeddings()(hidden)
+            return CausalLMOutputWithPast(logits=logits, past_key_values=body.past_key_values)
         outputs = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,

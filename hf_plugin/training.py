@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 from transformers.utils import logging
 
+from .base_logits import loss_positions
 from .data import EncodedExample, collate
 from .modeling_plugin import PluginModel
 
@@ -168,6 +169,7 @@ class _Trainer:
         args, accelerator = self.args, self.accelerator
         self.model.train()
         started, tokens_seen = time.perf_counter(), 0
+        self.epoch_started = started
         for group in self._micro_batch_groups():
             local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
             total_tokens = accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum").item()
@@ -177,7 +179,8 @@ class _Trainer:
                 # the step then minimises the mean NLL over all tokens of all processes, as one process would.
                 sync = position == len(group) - 1
                 with (nullcontext() if sync else accelerator.no_sync(self.model)), accelerator.autocast():
-                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        logits_mask=loss_positions(batch["labels"])).logits
                     nll = self.train_source.nll(logits, batch, self.alpha)
                     loss = nll.sum() * accelerator.num_processes / total_tokens
                 accelerator.backward(loss)
@@ -202,6 +205,7 @@ class _Trainer:
 
     def _end_epoch(self) -> bool:
         """Validates, keeps the best weights, checkpoints; returns True when early stopping ends the run."""
+        train_seconds = time.perf_counter() - self.epoch_started
         nll = self.evaluate()
         state = self.state
         improved = nll < state.best_validation_nll
@@ -211,7 +215,7 @@ class _Trainer:
         else:
             state.epochs_without_improvement += 1
         entry = {"epoch": state.epoch, "step": state.global_step, "validation_nll": nll,
-                 "validation_perplexity": math.exp(min(nll, 50.0)), "best": improved}
+                 "validation_perplexity": math.exp(min(nll, 50.0)), "best": improved, "train_seconds": train_seconds}
         state.history.append(entry)
         self._log(entry)
         state.epoch += 1
@@ -227,7 +231,8 @@ class _Trainer:
         for start in range(0, len(self.validation), self.args.eval_batch_size):
             batch = collate(self.validation[start : start + self.args.eval_batch_size], self.pad_token_id)
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                logits_mask=loss_positions(batch["labels"])).logits
             nll = self.validation_source.nll(logits, batch, self.alpha)
             total += torch.stack([nll.double().sum(), torch.tensor(float(nll.numel()), dtype=torch.float64, device=nll.device)])
         self.model.train()

@@ -178,3 +178,16 @@ def test_logits_to_keep_returns_last_positions_only():
     torch.testing.assert_close(last[:, 0], plugin(ids).logits[:, -1])
     with pytest.raises(ValueError, match="logits_to_keep"):
         plugin(ids, logits_to_keep=1, base_logits=torch.randn(2, 6, VOCAB))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_mask_selects_positions(arch):
+    plugin = make_plugin(arch)
+    ids = torch.randint(3, VOCAB, (3, 7))
+    mask = torch.rand(3, 7) > 0.5
+    attention = torch.ones_like(ids)
+    attention[1, :2] = 0
+    selected = plugin(ids, attention_mask=attention, logits_mask=mask).logits
+    torch.testing.assert_close(selected, plugin(ids, attention_mask=attention).logits[mask], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="logits_mask"):
+        plugin(ids, logits_mask=mask, labels=ids)

@@ -1,0 +1,149 @@
+"""Training live vs from the top-k base-logit cache, on E2E NLG with SmolLM2-135M-Instruct as the base.
+
+Each mode runs in its own process so that its peak memory (max RSS) is its own:
+  cache   — one pass of the base model writes the top-k cache (k=64) for the training and validation splits;
+  live    — trains the paper's reweighter with the base model run on every batch;
+  cached  — trains the same reweighter, same seed and hyper-parameters, from the cache (base never loaded);
+  score   — evaluates both trained reweighters on the validation split with the full base logits.
+Reported: seconds per training epoch (live vs cached), the one-time cache pass, cache bytes per completion
+token, peak RSS of each mode, and the validation NLL/token of both reweighters under full logits (target: the
+cached one within 2% of the live one).
+
+Usage:
+    python benchmarks/training_cache.py --data-dir ../shared/data/e2e_nlg   # about 30 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+RESULTS = Path(__file__).parent / "results"
+TEMPLATE = "Data: {mr}\nSentence:"
+
+
+def prepare(args):
+    from hf_plugin.data import encode_examples, read_examples, split_by_prompt
+    from hf_plugin.loading import load_tokenizer, offline_smollm2
+
+    tokenizer = load_tokenizer(offline_smollm2())
+    examples, _ = read_examples(Path(args.data_dir) / "devel-fixed.no-ol.csv", completion_column="ref", template=TEMPLATE)
+    if args.limit:
+        examples = examples[: args.limit]
+    train, validation = split_by_prompt(examples, 0.1, seed=0)
+    return tokenizer, encode_examples(tokenizer, train, 160), encode_examples(tokenizer, validation, 160)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_mode(args) -> dict:
+    from hf_plugin import PluginConfig, PluginModel, binding_kwargs
+    from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel, write_base_cache
+    from hf_plugin.loading import load_base_model, offline_smollm2
+    from hf_plugin.training import TrainingArguments, train
+
+    tokenizer, train_examples, validation_examples = prepare(args)
+    work = Path(args.work_dir)
+    if args.mode == "cache":
+        base, _ = load_base_model(offline_smollm2())
+        started = time.perf_counter()
+        for name, examples in (("train", train_examples), ("validation", validation_examples)):
+            write_base_cache(base, examples, work / "cache" / name, k=64, batch_size=16, pad_token_id=tokenizer.pad_token_id)
+        seconds = time.perf_counter() - started
+        files = list((work / "cache").rglob("*.safetensors"))
+        tokens = sum(sum(label != -100 for label in e.labels) for e in train_examples + validation_examples)
+        return {"cache_seconds": seconds, "cache_bytes": sum(f.stat().st_size for f in files), "completion_tokens": tokens,
+                "cache_bytes_per_token": sum(f.stat().st_size for f in files) / tokens, "peak_rss_mb": peak_rss_mb()}
+    if args.mode in ("live", "cached"):
+        if args.mode == "live":
+            base, _ = load_base_model(offline_smollm2())
+            binding = binding_kwargs(base, tokenizer)
+            train_source = validation_source = LiveBaseModel(base)
+        else:
+            train_source = CachedBaseLogits(work / "cache" / "train", train_examples)
+            validation_source = CachedBaseLogits(work / "cache" / "validation", validation_examples)
+            binding = {**binding_kwargs(tokenizer=tokenizer), "base_vocab_size": train_source.vocab_size}
+        torch.manual_seed(0)
+        plugin = PluginModel(PluginConfig(vocab_size=binding["base_vocab_size"], max_position_embeddings=256, **binding))
+        training_args = TrainingArguments(output_dir=str(work / args.mode), epochs=args.epochs, batch_size=16,
+                                          learning_rate=1e-3, patience=0, seed=0)
+        train(plugin, train_examples, validation_examples, train_source, training_args,
+              validation_source=validation_source, tokenizer=tokenizer)
+        history = json.loads((work / args.mode / "metrics.json").read_text())["history"]
+        return {"epoch_seconds": [h["train_seconds"] for h in history], "peak_rss_mb": peak_rss_mb(),
+                "validation_nll_own_source": [h["validation_nll"] for h in history]}
+    if args.mode == "score":
+        from hf_plugin.base_logits import LiveBaseModel, loss_positions
+        from hf_plugin.data import collate
+
+        base, _ = load_base_model(offline_smollm2())
+        source, scores = LiveBaseModel(base), {}
+        for name in ("live", "cached"):
+            plugin = PluginModel.from_pretrained(work / name).eval()
+            total, count = 0.0, 0
+            with torch.no_grad():
+                for start in range(0, len(validation_examples), 16):
+                    batch = collate(validation_examples[start : start + 16], tokenizer.pad_token_id)
+                    logits = plugin(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    logits_mask=loss_positions(batch["labels"])).logits
+                    nll = source.nll(logits, batch, plugin.config.alpha)
+                    total, count = total + nll.double().sum().item(), count + nll.numel()
+            scores[name] = total / count
+        return {"validation_nll_full_logits": scores}
+    raise ValueError(args.mode)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="../shared/data/e2e_nlg")
+    parser.add_argument("--work-dir", default="/tmp/hf-plugin-training-cache")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N rows (0: all)")
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--output", default=str(RESULTS / "training_cache.json"))
+    args = parser.parse_args()
+    if args.mode:
+        print("RESULT " + json.dumps(run_mode(args)))
+        return
+
+    results = {}
+    for mode in ("cache", "live", "cached", "score"):
+        command = [sys.executable, __file__, "--mode", mode, "--data-dir", args.data_dir, "--work-dir", args.work_dir,
+                   "--epochs", str(args.epochs), "--limit", str(args.limit)]
+        output = subprocess.run(command, capture_output=True, text=True)
+        if output.returncode != 0:
+            raise SystemExit(f"mode {mode} failed:\n{output.stderr[-3000:]}")
+        results[mode] = json.loads(output.stdout.split("RESULT ")[-1])
+        print(mode, json.dumps(results[mode]), flush=True)
+
+    live_epoch = sorted(results["live"]["epoch_seconds"])[len(results["live"]["epoch_seconds"]) // 2]
+    cached_epoch = sorted(results["cached"]["epoch_seconds"])[len(results["cached"]["epoch_seconds"]) // 2]
+    nll = results["score"]["validation_nll_full_logits"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    results["summary"] = {
+        "median_epoch_seconds_live": live_epoch, "median_epoch_seconds_cached": cached_epoch,
+        "cached_speedup_per_epoch": live_epoch / cached_epoch,
+        "cache_bytes_per_token": results["cache"]["cache_bytes_per_token"],
+        "validation_nll_live": nll["live"], "validation_nll_cached": nll["cached"],
+        "nll_gap_percent": 100 * (nll["cached"] - nll["live"]) / nll["live"],
+    }
+    results["meta"] = {"command": " ".join(["python benchmarks/training_cache.py"] + sys.argv[1:]), "commit": commit,
+                       "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+                       "torch": torch.__version__, "epochs": args.epochs, "limit": args.limit}
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
