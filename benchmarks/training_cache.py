@@ -84,21 +84,14 @@ def run_mode(args) -> dict:
         return {"epoch_seconds": [h["train_seconds"] for h in history], "peak_rss_mb": peak_rss_mb(),
                 "validation_nll_own_source": [h["validation_nll"] for h in history]}
     if args.mode == "score":
-        from hf_plugin.base_logits import LiveBaseModel, loss_positions
-        from hf_plugin.data import collate
+        from hf_plugin.training import completion_nll
 
         base, _ = load_base_model(offline_smollm2())
-        source, scores = LiveBaseModel(base), {}
+        scores = {}
         for name in ("live", "cached"):
             plugin = PluginModel.from_pretrained(work / name).eval()
-            total, count = 0.0, 0
-            with torch.no_grad():
-                for start in range(0, len(validation_examples), 16):
-                    batch = collate(validation_examples[start : start + 16], tokenizer.pad_token_id)
-                    logits = plugin(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    logits_mask=loss_positions(batch["labels"])).logits
-                    nll = source.nll(logits, batch, plugin.config.alpha)
-                    total, count = total + nll.double().sum().item(), count + nll.numel()
+            total, count = completion_nll(plugin, validation_examples, LiveBaseModel(base), plugin.config.alpha,
+                                          tokenizer.pad_token_id, batch_size=16)
             scores[name] = total / count
         return {"validation_nll_full_logits": scores}
     raise ValueError(args.mode)

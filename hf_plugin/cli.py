@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
 from collections.abc import Sequence
@@ -19,7 +21,7 @@ from .data import encode_examples, read_examples, split_by_prompt
 from .loading import load_base_model, load_tokenizer, offline_smollm2
 from .logits_process import PluginLogitsProcessor
 from .modeling_plugin import PluginModel
-from .training import TrainingArguments, train
+from .training import TrainingArguments, completion_nll, train
 
 
 def _default_base() -> str | None:
@@ -64,7 +66,10 @@ def generate(args: argparse.Namespace) -> None:
     if (args.plugin is None) == (not args.no_plugin):
         raise SystemExit("error: pass either --plugin DIR (a reweighter) or --no-plugin (the base model alone)")
     base, tokenizer = _load_base(args)
-    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if args.prompts_file:
+        prompts = [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    else:
+        prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise SystemExit("error: no prompts (use --prompt or pipe one prompt per line)")
     if args.chat:
@@ -178,6 +183,37 @@ def _load_tokenizer(args: argparse.Namespace):
     return load_tokenizer(args.base, revision=args.base_revision)
 
 
+def demo(args: argparse.Namespace) -> None:
+    """Trains a reweighter on a generated task against the offline SmolLM2 and prints base vs base + reweighter."""
+    from .demo import format_demo_report, run_demo
+
+    base, tokenizer = _load_base(args)
+    result = run_demo(base, tokenizer, args.output_dir, train_size=args.train_size, test_size=args.test_size,
+                      epochs=args.epochs, seed=args.seed)
+    print(format_demo_report(result))
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """NLL per completion token of a data file under base + reweighter (full base logits) and under the base alone."""
+    base, tokenizer = _load_base(args)
+    plugin = PluginModel.from_pretrained(args.plugin).eval()
+    plugin.check_compatible(base, tokenizer=tokenizer, strict=not args.force)
+    try:
+        pairs, report = read_examples(args.data, args.prompt_column, args.completion_column, args.template)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from error
+    examples = encode_examples(tokenizer, pairs, args.max_length, chat=args.chat, report=report)
+    alpha = plugin.config.alpha if args.alpha is None else args.alpha
+    results = {}
+    for name, strength in (("base + reweighter", alpha), ("base alone", 0.0)):
+        total, count = completion_nll(plugin, examples, LiveBaseModel(base), strength, tokenizer.pad_token_id)
+        results[name] = {"NLL/token": total / count, "perplexity": math.exp(total / count), "tokens": count}
+    for name, row in results.items():
+        print(f"{name:>18}: NLL/token {row['NLL/token']:.4f}, perplexity {row['perplexity']:.2f} ({row['tokens']} tokens)")
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+
+
 def push(args: argparse.Namespace) -> None:
     """Uploads a saved reweighter folder, exactly as save_pretrained wrote it, with its model card."""
     commit = push_folder(args.directory, args.repo_id, revision=args.revision, private=args.private or None,
@@ -205,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", help="directory or Hub id of a reweighter")
     p.add_argument("--no-plugin", action="store_true", help="use the base model alone")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per line on stdin")
+    p.add_argument("--prompts-file", help="a file with one prompt per line")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the base tokenizer's chat template")
     p.add_argument("--alpha", type=float, default=None, help="reweighter strength (default: the reweighter's own)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -227,6 +264,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=handler)
         if name == "train":
             _add_training_arguments(p)
+
+    p = commands.add_parser("evaluate", help="NLL of a data file under base + reweighter vs the base alone")
+    _add_base_argument(p)
+    p.add_argument("--plugin", required=True, help="directory or Hub id of a reweighter")
+    p.add_argument("--data", required=True)
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--completion-column", default="completion")
+    p.add_argument("--template")
+    p.add_argument("--chat", action="store_true")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--force", action="store_true", help="use the reweighter even if its tokenizer differs")
+    p.add_argument("--output", help="also write the results as JSON")
+    p.set_defaults(run=evaluate)
+
+    p = commands.add_parser("demo", help="adapt the offline SmolLM2 to a generated house-style task, offline")
+    _add_base_argument(p)
+    p.add_argument("--output-dir", default="hf-plugin-demo")
+    p.add_argument("--train-size", type=int, default=400)
+    p.add_argument("--test-size", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=demo)
 
     p = commands.add_parser("push", help="upload a saved reweighter to the Hub, with its model card")
     p.add_argument("directory")

@@ -95,16 +95,19 @@ def combine_topk_nll(
     labels: torch.Tensor,
     label_logprobs: torch.Tensor,
     alpha: float = 1.0,
+    fill: int = 256,
 ) -> torch.Tensor:
     """NLL of `labels` under the combination when the base model is known only through its top-k log-probs.
 
     The top-k form of `combine_logits` for training from a cache (or an API that returns top-k log-probs).
     Known exactly: the base log-probs of the top-k tokens `S` and of the label `y`. The rest of the base mass,
-    `m = 1 - Σ_{v ∈ S ∪ {y}} p_base(v)`, is spread over unknown tokens; its contribution to the normaliser,
-    `Σ_{v ∉ S ∪ {y}} p_base(v) r(v)^α`, is bounded above by `m · max_{v ∉ S ∪ {y}} r(v)^α`. Using that bound
-    gives an upper bound on the true NLL (equal to it when the top-k covers the vocabulary), and it stops the
-    reweighter from piling mass on tokens the base ranks low — ignoring the tail lets it do so, and decoding
-    then degenerates (measured in DESIGN.md).
+    `m = 1 - Σ_{v ∈ S ∪ {y}} p_base(v)`, lies on unknown tokens, each holding at most `c`, the smallest top-k
+    probability (they are outside the top-k). The tail's share of the normaliser, `Σ_{v ∉ S ∪ {y}} p_base(v)
+    r(v)^α`, is therefore at most what pouring `m` in portions of `c` onto the outside tokens the reweighter
+    likes best gives (the first `fill` of them; the rest of `m` at the `fill`-th one's rate). That bound makes
+    the result an upper bound on the true NLL (equal to it when the top-k covers the vocabulary, up to the
+    rounding of stored log-probs), and it stops the reweighter from piling mass on tokens the base ranks low —
+    ignoring the tail lets it do so, and decoding then degenerates (measured in DESIGN.md).
 
     Args:
         reweighter_logits (`torch.Tensor` of shape `(N, vocab_size)`): reweighter logits at N positions.
@@ -113,6 +116,7 @@ def combine_topk_nll(
         labels (`torch.Tensor` of shape `(N,)`): the true next tokens.
         label_logprobs (`torch.Tensor` of shape `(N,)`): their base log-probabilities.
         alpha (`float`, *optional*, defaults to 1.0): strength of the reweighter.
+        fill (`int`, *optional*, defaults to 256): outside tokens given their own portion of the tail mass.
 
     Returns:
         `torch.Tensor` of shape `(N,)`: the NLL at each position (float32 or wider).
@@ -127,13 +131,26 @@ def combine_topk_nll(
 
     known_mass = base_topk.exp().sum(-1) + torch.where(label_in_topk, 0.0, base_label.exp())
     tail_mass = (1.0 - known_mass).clamp(min=0.0)
-    known_ids = torch.cat([topk_ids, labels[:, None]], dim=-1)
-    best_outside = reweighter.scatter(-1, known_ids, float("-inf")).max(dim=-1).values
-    # No tail when S ∪ {y} is the whole vocabulary (rounding may leave a tiny mass that has nowhere to go).
-    has_tail = (tail_mass > 0) & torch.isfinite(best_outside)
-    tail_term = torch.where(
-        has_tail, tail_mass.clamp(min=1e-30).log() + alpha * best_outside.clamp(min=-1e30), float("-inf")
-    )
+    tail_terms = _tail_bound_terms(reweighter, torch.cat([topk_ids, labels[:, None]], dim=-1), tail_mass,
+                                   base_topk.min(dim=-1).values.exp(), alpha, fill)
     extra_label = torch.where(label_in_topk, float("-inf"), label_term)
-    log_normaliser = torch.logsumexp(torch.cat([topk_terms, extra_label[:, None], tail_term[:, None]], dim=-1), dim=-1)
+    log_normaliser = torch.logsumexp(torch.cat([topk_terms, extra_label[:, None], tail_terms], dim=-1), dim=-1)
     return log_normaliser - label_term
+
+
+def _tail_bound_terms(reweighter, known_ids, tail_mass, cap, alpha, fill) -> torch.Tensor:
+    """Log-terms whose sum bounds `Σ_{v unknown} p_base(v) r(v)^α` given `Σ p_base = tail_mass`, `p_base(v) ≤ cap`."""
+    width = min(reweighter.shape[-1], known_ids.shape[-1] + fill)
+    values, ids = reweighter.topk(width, dim=-1)
+    is_known = (ids[:, :, None] == known_ids[:, None, :]).any(dim=-1)
+    outside = values.masked_fill(is_known, float("-inf")).topk(min(fill, width), dim=-1).values  # descending
+    count = outside.shape[-1]
+    poured = torch.arange(count, device=outside.device, dtype=outside.dtype)
+    portions = (tail_mass[:, None] - poured * cap[:, None]).clamp(min=0.0).minimum(cap[:, None])
+    rest = (tail_mass - count * cap).clamp(min=0.0)
+    masses = torch.cat([portions, rest[:, None]], dim=-1)
+    rates = torch.cat([outside, outside[:, -1:]], dim=-1)
+    # Zero mass or no such token contributes nothing (and must not turn 0 · -inf into NaN).
+    usable = (masses > 0) & torch.isfinite(rates)
+    terms = masses.clamp(min=1e-30).log() + alpha * rates.clamp(min=-1e30)
+    return torch.where(usable, terms, float("-inf"))

@@ -223,21 +223,14 @@ class _Trainer:
         self._checkpoint()
         return bool(self.args.patience) and state.epochs_without_improvement >= self.args.patience
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean NLL per completion token on the validation examples, over all processes."""
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
-        for start in range(0, len(self.validation), self.args.eval_batch_size):
-            batch = collate(self.validation[start : start + self.args.eval_batch_size], self.pad_token_id)
-            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                logits_mask=loss_positions(batch["labels"])).logits
-            nll = self.validation_source.nll(logits, batch, self.alpha)
-            total += torch.stack([nll.double().sum(), torch.tensor(float(nll.numel()), dtype=torch.float64, device=nll.device)])
+        total, count = completion_nll(self.model, self.validation, self.validation_source, self.alpha,
+                                      self.pad_token_id, self.args.eval_batch_size, self.accelerator.device)
         self.model.train()
-        total = self.accelerator.reduce(total, "sum")
-        return (total[0] / total[1]).item()
+        sums = self.accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=self.accelerator.device))
+        return (sums[0] / sums[1]).item()
 
     def _save_best(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -275,6 +268,38 @@ class _Trainer:
                 handle.write(json.dumps(record) + "\n")
         self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
                              step=self.state.global_step)
+
+
+@torch.no_grad()
+def completion_nll(
+    model: torch.nn.Module,
+    examples: Sequence[EncodedExample],
+    source,
+    alpha: float,
+    pad_token_id: int,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+) -> tuple[float, int]:
+    """Summed NLL of the completion tokens of `examples` under the combination, and the number of tokens.
+
+    Args:
+        model (`PluginModel`, possibly wrapped for distributed training): the reweighter.
+        examples (`Sequence[EncodedExample]`): tokenised pairs.
+        source: `LiveBaseModel` (full logits) or `CachedBaseLogits` (the top-k bound).
+        alpha (`float`): strength of the reweighter.
+        pad_token_id (`int`): padding id for batching.
+        batch_size (`int`, *optional*, defaults to 32): examples per forward pass.
+        device (*optional*): where to put the batches; defaults to the model's device.
+    """
+    device = device or next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_mask=loss_positions(batch["labels"])).logits
+        nll = source.nll(logits, batch, alpha)
+        total, count = total + nll.double().sum().item(), count + nll.numel()
+    return total, count
 
 
 def train(

@@ -84,3 +84,17 @@ def test_topk_nll_is_exact_with_the_whole_vocabulary_and_an_upper_bound_otherwis
     # a larger k never loosens the bound much: it converges to the exact value
     ids, values, label_lp = _topk_inputs(base, labels, 39)
     assert (combine_topk_nll(reweighter, ids, values, labels, label_lp, alpha) - exact).abs().max() < 0.1
+
+
+def test_topk_bound_is_tighter_than_the_max_bound_and_still_above_the_truth():
+    from hf_plugin.combine import combine_topk_nll
+
+    torch.manual_seed(1)
+    base, reweighter = torch.randn(64, 500) * 2, torch.randn(64, 500)
+    labels = torch.randint(0, 500, (64,))
+    exact = -combine_logits(base, reweighter).gather(-1, labels[:, None]).squeeze(-1)
+    ids, values, label_lp = _topk_inputs(base, labels, 16)
+    filled = combine_topk_nll(reweighter, ids, values, labels, label_lp, fill=256)
+    max_only = combine_topk_nll(reweighter, ids, values, labels, label_lp, fill=1)  # one portion: close to m·max r
+    assert (filled >= exact - 1e-5).all() and (filled <= max_only + 1e-6).all()
+    assert (filled - exact).mean() < (max_only - exact).mean()
