@@ -234,11 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("init", help="write a new, untrained reweighter bound to a base model")
     _add_base_argument(p)
     p.add_argument("output_dir")
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--num-layers", type=int, default=1)
-    p.add_argument("--num-heads", type=int, default=1)
-    p.add_argument("--intermediate-size", type=int, default=1024)
-    p.add_argument("--alpha", type=float, default=1.0)
+    _add_architecture_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=init)
 
@@ -274,12 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("evaluate", help="NLL of a data file under base + reweighter vs the base alone")
     _add_base_argument(p)
     p.add_argument("--plugin", required=True, help="directory or Hub id of a reweighter")
-    p.add_argument("--data", required=True)
-    p.add_argument("--prompt-column", default="prompt")
-    p.add_argument("--completion-column", default="completion")
-    p.add_argument("--template")
-    p.add_argument("--chat", action="store_true")
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--data", required=True, help="CSV/TSV/JSON(L)/Parquet file or a datasets name")
+    _add_column_arguments(p)
     p.add_argument("--alpha", type=float, default=None)
     p.add_argument("--force", action="store_true", help="use the reweighter even if its tokenizer differs")
     p.add_argument("--output", help="also write the results as JSON")
@@ -310,12 +302,24 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="training data: CSV/TSV/JSON(L)/Parquet file or a datasets name")
     p.add_argument("--validation-data", help="validation data (default: hold out --validation-fraction of the prompts)")
     p.add_argument("--validation-fraction", type=float, default=0.1, help="share of distinct prompts held out")
+    _add_column_arguments(p)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_column_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-column", default="prompt")
     p.add_argument("--completion-column", default="completion")
     p.add_argument("--template", help='build the prompt from columns, e.g. "Data: {mr}\\nSentence:"')
     p.add_argument("--chat", action="store_true", help="wrap prompts in the base tokenizer's chat template")
     p.add_argument("--max-length", type=int, default=256, help="longest prompt + completion in tokens")
-    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_architecture_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--num-layers", type=int, default=1)
+    p.add_argument("--num-heads", type=int, default=1)
+    p.add_argument("--intermediate-size", type=int, default=1024)
+    p.add_argument("--alpha", type=float, default=1.0, help="strength recorded in the reweighter's config")
 
 
 def _add_training_arguments(p: argparse.ArgumentParser) -> None:
@@ -332,11 +336,7 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N optimizer steps (0: each epoch)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--log-with", help="an Accelerate tracker, e.g. tensorboard")
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--num-layers", type=int, default=1)
-    p.add_argument("--num-heads", type=int, default=1)
-    p.add_argument("--intermediate-size", type=int, default=1024)
+    _add_architecture_arguments(p)
     p.add_argument("--init-from", help="start from this pretrained causal LM (same tokenizer) instead of random weights")
     p.add_argument("--dataset-id", help="Hub id of the training data, for the model card")
 
