@@ -95,7 +95,7 @@ def generate(args: argparse.Namespace) -> None:
 def _read_splits(args: argparse.Namespace, tokenizer):
     """Training and validation pairs, tokenised, from --data and --validation-data or --validation-fraction."""
     columns = dict(prompt_column=args.prompt_column, completion_column=args.completion_column,
-                   template=_unescape(args.template))
+                   template=_unescape(args.template), messages_column=args.messages_column)
     try:
         examples, report = read_examples(args.data, **columns)
         if args.validation_data:
@@ -105,7 +105,8 @@ def _read_splits(args: argparse.Namespace, tokenizer):
             validation_report = report
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
-    encode = lambda pairs, rep: encode_examples(tokenizer, pairs, args.max_length, chat=args.chat, report=rep)
+    chat = args.chat or args.messages_column is not None
+    encode = lambda pairs, rep: encode_examples(tokenizer, pairs, args.max_length, chat=chat, report=rep)
     return encode(train_pairs, report), encode(validation_pairs, validation_report)
 
 
@@ -205,10 +206,12 @@ def evaluate(args: argparse.Namespace) -> None:
     plugin = PluginModel.from_pretrained(args.plugin).eval()
     plugin.check_compatible(base, tokenizer=tokenizer, strict=not args.force)
     try:
-        pairs, report = read_examples(args.data, args.prompt_column, args.completion_column, _unescape(args.template))
+        pairs, report = read_examples(args.data, args.prompt_column, args.completion_column, _unescape(args.template),
+                                      messages_column=args.messages_column)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
-    examples = encode_examples(tokenizer, pairs, args.max_length, chat=args.chat, report=report)
+    examples = encode_examples(tokenizer, pairs, args.max_length, chat=args.chat or args.messages_column is not None,
+                               report=report)
     alpha = plugin.config.alpha if args.alpha is None else args.alpha
     results = {}
     for name, strength in (("base + reweighter", alpha), ("base alone", 0.0)):
@@ -311,6 +314,7 @@ def _add_column_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--completion-column", default="completion")
     p.add_argument("--template", help='build the prompt from columns, e.g. "Data: {mr}\\nSentence:"')
     p.add_argument("--chat", action="store_true", help="wrap prompts in the base tokenizer's chat template")
+    p.add_argument("--messages-column", help="chat-formatted rows: a column of message lists ending with the answer")
     p.add_argument("--max-length", type=int, default=256, help="longest prompt + completion in tokens")
 
 

@@ -20,11 +20,16 @@ _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json
 
 @dataclass
 class Example:
-    """One training pair; `row` is its 0-based row number in the source, for error messages."""
+    """One training pair; `row` is its 0-based row number in the source, for error messages.
+
+    For chat data, `messages` holds the conversation before the answer (rendered with the tokenizer's chat
+    template when encoding) and `prompt` is its last user message.
+    """
 
     prompt: str
     completion: str
     row: int
+    messages: list[dict] | None = None
 
 
 @dataclass
@@ -52,6 +57,7 @@ def read_examples(
     completion_column: str = "completion",
     template: str | None = None,
     split: str = "train",
+    messages_column: str | None = None,
 ) -> tuple[list[Example], DataReport]:
     """Reads prompt/completion pairs from a CSV/TSV/JSON(L)/Parquet file or a `datasets` name.
 
@@ -65,6 +71,9 @@ def read_examples(
         template (`str`, *optional*): builds the prompt from the row's columns with `str.format`, e.g.
             `"Data: {mr}\\nSentence:"`; `prompt_column` is then not needed.
         split (`str`, *optional*, defaults to `"train"`): split of a `datasets` source.
+        messages_column (`str`, *optional*): chat-formatted rows instead: a column of `{"role", "content"}`
+            lists whose last message, the assistant's, is the completion; the rest is the prompt (encode with
+            `chat=True`).
 
     Returns:
         `tuple[list[Example], DataReport]`
@@ -81,6 +90,8 @@ def read_examples(
     else:
         table = datasets.load_dataset(str(source), split=split)
     columns = set(table.column_names)
+    if messages_column is not None:
+        return _read_conversations(table, source, messages_column)
     needed = {completion_column} | (set() if template else {prompt_column})
     if missing := needed - columns:
         raise ValueError(f"{source} has no column(s) {sorted(missing)}; its columns are {sorted(columns)}.")
@@ -113,6 +124,25 @@ def read_examples(
     return examples, report
 
 
+def _read_conversations(table, source, column: str) -> tuple[list[Example], DataReport]:
+    if column not in table.column_names:
+        raise ValueError(f"{source} has no column(s) {[column]}; its columns are {sorted(table.column_names)}.")
+    report, examples = DataReport(str(source)), []
+    for row, record in enumerate(table):
+        messages = record[column] or []
+        if len(messages) < 2 or messages[-1].get("role") != "assistant" or not (messages[-1].get("content") or "").strip():
+            report.skip("no final assistant message", row)
+            continue
+        users = [m["content"] for m in messages[:-1] if m.get("role") == "user"]
+        examples.append(Example(users[-1] if users else "", messages[-1]["content"], row, messages=messages[:-1]))
+    report.used = len(examples)
+    if not examples:
+        raise ValueError(f"No usable row in {source}: {report.summary()}")
+    if report.skipped:
+        logger.warning(report.summary())
+    return examples, report
+
+
 def split_by_prompt(
     examples: Sequence[Example], validation_fraction: float, seed: int = 0
 ) -> tuple[list[Example], list[Example]]:
@@ -128,17 +158,24 @@ def split_by_prompt(
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
-    prompts = sorted({e.prompt for e in examples})
+    prompts = sorted({_prompt_key(e) for e in examples})
     random.Random(seed).shuffle(prompts)
     held_out = set(prompts[: max(1, round(validation_fraction * len(prompts)))])
     if len(held_out) == len(prompts):
         raise ValueError(f"Cannot hold out {validation_fraction:.0%} of {len(prompts)} distinct prompts and train on the rest.")
-    return [e for e in examples if e.prompt not in held_out], [e for e in examples if e.prompt in held_out]
+    return ([e for e in examples if _prompt_key(e) not in held_out],
+            [e for e in examples if _prompt_key(e) in held_out])
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """The prompt as a user turn in the tokenizer's chat template, ready for the assistant's answer."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+def _prompt_key(example: Example) -> str:
+    return repr(example.messages) if example.messages is not None else example.prompt
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, example: Example) -> str:
+    """The example's conversation (or its prompt as one user turn) in the tokenizer's chat template, ready for the
+    assistant's answer."""
+    messages = example.messages or [{"role": "user", "content": example.prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 @dataclass
@@ -176,7 +213,9 @@ def encode_examples(
         raise ValueError("The tokenizer has no EOS token; completions must end with one.")
     encoded, too_long = [], []
     for index, example in enumerate(examples):
-        prompt = chat_prompt(tokenizer, example.prompt) if chat else example.prompt
+        if example.messages is not None and not chat:
+            raise ValueError("Chat-formatted examples must be encoded with chat=True.")
+        prompt = chat_prompt(tokenizer, example) if chat else example.prompt
         prompt_ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
         completion_text = example.completion if chat else separator + example.completion.lstrip()
         completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

@@ -111,3 +111,33 @@ def test_cache_split_between_processes_and_checked_against_data(encoded, tmp_pat
         CachedBaseLogits(tmp_path / "c", encoded[:-1])
     with pytest.raises(FileNotFoundError, match="no complete base-logit cache"):
         CachedBaseLogits(tmp_path / "absent", encoded)
+
+
+def test_chat_formatted_rows_use_the_chat_template(tmp_path):
+    tokenizer = make_chat_tokenizer()
+    rows = [{"messages": [{"role": "system", "content": "w1"}, {"role": "user", "content": "w2 w3"},
+                          {"role": "assistant", "content": "w4 w5"}]},
+            {"messages": [{"role": "user", "content": "w6"}]},  # no answer: reported, not used
+            {"messages": [{"role": "user", "content": "w7"}, {"role": "assistant", "content": "w8"}]}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    examples, report = read_examples(path, messages_column="messages")
+    assert [e.completion for e in examples] == ["w4 w5", "w8"] and report.skipped == {"no final assistant message": [1]}
+    encoded = encode_examples(tokenizer, examples, max_length=64, chat=True)
+    rendered = tokenizer.decode(encoded[0].input_ids)
+    assert rendered.startswith("[BOS] system w1 [EOS] [BOS] user w2 w3 [EOS] [BOS] assistant w4 w5")
+    learned = [t for t, label in zip(encoded[0].input_ids, encoded[0].labels) if label != -100]
+    assert tokenizer.decode(learned) == "w4 w5 [EOS]"
+    with pytest.raises(ValueError, match="chat=True"):
+        encode_examples(tokenizer, examples, max_length=64)
+
+
+def make_chat_tokenizer():
+    from conftest import make_tokenizer
+
+    tokenizer = make_tokenizer(["system", "user", "assistant"] + [f"w{i}" for i in range(20)])
+    tokenizer.chat_template = (
+        "{% for m in messages %}[BOS] {{ m['role'] }} {{ m['content'] }} [EOS] {% endfor %}"
+        "{% if add_generation_prompt %}[BOS] assistant{% endif %}"
+    )
+    return tokenizer
