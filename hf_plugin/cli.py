@@ -197,6 +197,7 @@ def demo(args: argparse.Namespace) -> None:
     base, tokenizer = _load_base(args)
     result = run_demo(base, tokenizer, args.output_dir, train_size=args.train_size, test_size=args.test_size,
                       epochs=args.epochs, seed=args.seed)
+    (Path(args.output_dir) / "demo_results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(format_demo_report(result))
 
 
