@@ -66,3 +66,24 @@ def test_reweighter_changes_smollm2_output(smollm2, plugin, chat_prompts):
     steered = base.generate(**chat_prompts, max_new_tokens=6, do_sample=False,
                             logits_processor=[PluginLogitsProcessor(plugin, tokenizer=tokenizer)])
     assert not torch.equal(plain, steered)
+
+
+def test_top64_cache_bounds_the_full_logit_nll_on_smollm2(smollm2, plugin, tmp_path):
+    from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel, loss_positions, write_base_cache
+    from hf_plugin.data import Example, collate, encode_examples
+
+    base, tokenizer = smollm2
+    pairs = [Example(f"Data: name[{name}], food[{food}]\nSentence:", f"{name} serves {food} food.", i)
+             for i, (name, food) in enumerate([("Aromi", "Chinese"), ("Zizzi", "Italian"), ("Cotto", "French")])]
+    examples = encode_examples(tokenizer, pairs, max_length=64)
+    cache = CachedBaseLogits(write_base_cache(base, examples, tmp_path, k=64, pad_token_id=tokenizer.pad_token_id), examples)
+    batch = collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = plugin(batch["input_ids"], attention_mask=batch["attention_mask"],
+                        logits_mask=loss_positions(batch["labels"])).logits
+        exact = LiveBaseModel(base).nll(logits, batch, 1.0)
+        bound = cache.nll(logits, batch, 1.0)
+    assert (bound >= exact - 1e-2).all()  # an upper bound (up to float16 storage of the top-k log-probs)
+    assert (bound - exact).mean() < 0.5
+    base_alone = LiveBaseModel(base).nll(logits, batch, 0.0)
+    torch.testing.assert_close(cache.nll(logits, batch, 0.0), base_alone, atol=1e-2, rtol=0)
