@@ -59,7 +59,8 @@ def run_mode(args) -> dict:
         base, _ = load_base_model(offline_smollm2())
         started = time.perf_counter()
         for name, examples in (("train", train_examples), ("validation", validation_examples)):
-            write_base_cache(base, examples, work / "cache" / name, k=64, batch_size=16, pad_token_id=tokenizer.pad_token_id)
+            write_base_cache(base, examples, work / "cache" / name, k=args.top_k, batch_size=16,
+                             pad_token_id=tokenizer.pad_token_id)
         seconds = time.perf_counter() - started
         files = list((work / "cache").rglob("*.safetensors"))
         tokens = sum(sum(label != -100 for label in e.labels) for e in train_examples + validation_examples)
@@ -103,6 +104,10 @@ def main() -> None:
     parser.add_argument("--work-dir", default="/tmp/hf-plugin-training-cache")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N rows (0: all)")
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--modes", default="cache,live,cached,score",
+                        help="modes to run; the others' results are read from --reuse")
+    parser.add_argument("--reuse", help="a previous results file to take the modes not run from (same data and seed)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(RESULTS / "training_cache.json"))
     args = parser.parse_args()
@@ -110,10 +115,11 @@ def main() -> None:
         print("RESULT " + json.dumps(run_mode(args)))
         return
 
-    results = {}
-    for mode in ("cache", "live", "cached", "score"):
+    results = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
+    results.pop("summary", None)
+    for mode in args.modes.split(","):
         command = [sys.executable, __file__, "--mode", mode, "--data-dir", args.data_dir, "--work-dir", args.work_dir,
-                   "--epochs", str(args.epochs), "--limit", str(args.limit)]
+                   "--epochs", str(args.epochs), "--limit", str(args.limit), "--top-k", str(args.top_k)]
         output = subprocess.run(command, capture_output=True, text=True)
         if output.returncode != 0:
             raise SystemExit(f"mode {mode} failed:\n{output.stderr[-3000:]}")
@@ -133,7 +139,8 @@ def main() -> None:
     }
     results["meta"] = {"command": " ".join(["python benchmarks/training_cache.py"] + sys.argv[1:]), "commit": commit,
                        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-                       "torch": torch.__version__, "epochs": args.epochs, "limit": args.limit}
+                       "torch": torch.__version__, "epochs": args.epochs, "limit": args.limit, "top_k": args.top_k,
+                       "modes_run": args.modes, "reused": args.reuse}
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results["summary"], indent=2))
 
