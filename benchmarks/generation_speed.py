@@ -22,6 +22,7 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--reference-repeats", type=int, default=3)
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--quick", action="store_true", help="short prompts and few tokens, for a smoke run")
+    parser.add_argument("--skip-reference", action="store_true", help="measure (a) only, not the uncached loop")
     parser.add_argument("--output", default=str(RESULTS / "generation_speed.json"))
     args = parser.parse_args()
 
@@ -85,7 +87,7 @@ def main() -> None:
     processor = PluginLogitsProcessor(plugin, tokenizer=tokenizer)
 
     overhead_setting = (16, 8) if args.quick else (128, 64)
-    reference_settings = [(16, 8)] if args.quick else [(128, 64), (512, 128)]
+    reference_settings = [] if args.skip_reference else [(16, 8)] if args.quick else [(128, 64), (512, 128)]
     generator = torch.Generator().manual_seed(0)
     prompt = lambda batch, length: torch.randint(3, len(tokenizer), (batch, length), generator=generator)
 
@@ -124,7 +126,7 @@ def main() -> None:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     results["meta"] = {
-        "command": "python benchmarks/generation_speed.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python benchmarks/generation_speed.py"] + sys.argv[1:]),
         "commit": commit, "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__, "repeats": args.repeats, "reference_repeats": args.reference_repeats,
         "reweighter_parameters": plugin.num_parameters(), "base_parameters": base.num_parameters(),
