@@ -114,6 +114,7 @@ def _base_sources(args, tokenizer, train_examples, validation_examples, accelera
     """Live base model, or top-k caches under --cache (written first if missing; then the base is not loaded)."""
     if args.cache is None:
         base, _ = _load_base(args)
+        base.to(accelerator.device)
         return LiveBaseModel(base), LiveBaseModel(base), binding_kwargs(base, tokenizer, revision=args.base_revision)
     directories = {"train": Path(args.cache) / "train", "validation": Path(args.cache) / "validation"}
     if not all((d / INDEX_FILE).exists() for d in directories.values()):
@@ -128,6 +129,7 @@ def _base_sources(args, tokenizer, train_examples, validation_examples, accelera
 
 def _write_caches(args, tokenizer, splits, accelerator) -> None:
     base, _ = _load_base(args)
+    base.to(accelerator.device)
     metadata = {"base_model_name_or_path": base.config.name_or_path, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
     for name, examples in splits.items():
         write_base_cache(base, examples, Path(args.cache) / name, k=args.top_k, batch_size=args.cache_batch_size,
