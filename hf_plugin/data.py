@@ -116,9 +116,14 @@ def read_examples(
             report.skip("empty completion", row)
         else:
             examples.append(Example(prompt, completion, row))
+    return _finish(examples, report)
+
+
+def _finish(examples: list[Example], report: DataReport) -> tuple[list[Example], DataReport]:
+    """Reports skipped rows once; a source with no usable row is an error."""
     report.used = len(examples)
     if not examples:
-        raise ValueError(f"No usable row in {source}: {report.summary()}")
+        raise ValueError(f"No usable row in {report.source}: {report.summary()}")
     if report.skipped:
         logger.warning(report.summary())
     return examples, report
@@ -135,12 +140,7 @@ def _read_conversations(table, source, column: str) -> tuple[list[Example], Data
             continue
         users = [m["content"] for m in messages[:-1] if m.get("role") == "user"]
         examples.append(Example(users[-1] if users else "", messages[-1]["content"], row, messages=messages[:-1]))
-    report.used = len(examples)
-    if not examples:
-        raise ValueError(f"No usable row in {source}: {report.summary()}")
-    if report.skipped:
-        logger.warning(report.summary())
-    return examples, report
+    return _finish(examples, report)
 
 
 def split_by_prompt(
