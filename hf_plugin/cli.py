@@ -20,6 +20,7 @@ from .hub import push_folder
 from .data import encode_examples, read_examples, split_by_prompt
 from .loading import load_base_model, load_tokenizer, offline_smollm2
 from .logits_process import PluginLogitsProcessor
+from .metrics import corpus_metrics, format_table, read_predictions, read_references
 from .modeling_plugin import PluginModel
 from .training import TrainingArguments, completion_nll, train
 
@@ -204,7 +205,30 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    """NLL per completion token of a data file under base + reweighter (full base logits) and under the base alone."""
+    """Text metrics of predictions against references, or the NLL of a data file under base + reweighter."""
+    text_mode = args.predictions is not None or args.references is not None
+    nll_mode = args.plugin is not None or args.data is not None
+    if text_mode == nll_mode or (text_mode and None in (args.predictions, args.references)) or (
+            nll_mode and None in (args.plugin, args.data)):
+        raise SystemExit("error: give either --predictions and --references (text metrics) "
+                         "or --plugin and --data (NLL under base + reweighter)")
+    results = _evaluate_text(args) if text_mode else _evaluate_nll(args)
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _evaluate_text(args: argparse.Namespace) -> dict:
+    try:
+        predictions, references = read_predictions(args.predictions), read_references(args.references)
+        scores = corpus_metrics(predictions, references)
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as error:
+        raise SystemExit(f"error: {error}") from error
+    print(format_table({Path(args.predictions).name: scores}))
+    return {"predictions": args.predictions, "references": args.references, "inputs": len(predictions),
+            "scores": scores}
+
+
+def _evaluate_nll(args: argparse.Namespace) -> dict:
     base, tokenizer = _load_base(args)
     plugin = PluginModel.from_pretrained(args.plugin).eval()
     plugin.check_compatible(base, tokenizer=tokenizer, strict=not args.force)
@@ -222,8 +246,7 @@ def evaluate(args: argparse.Namespace) -> None:
         results[name] = {"NLL/token": total / count, "perplexity": math.exp(total / count), "tokens": count}
     for name, row in results.items():
         print(f"{name:>18}: NLL/token {row['NLL/token']:.4f}, perplexity {row['perplexity']:.2f} ({row['tokens']} tokens)")
-    if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
 
 def push(args: argparse.Namespace) -> None:
@@ -273,10 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             _add_training_arguments(p)
 
-    p = commands.add_parser("evaluate", help="NLL of a data file under base + reweighter vs the base alone")
+    p = commands.add_parser(
+        "evaluate", help="BLEU/ROUGE-L/NIST/METEOR/CIDEr-D of predictions, or NLL under base + reweighter vs base alone")
+    p.add_argument("--predictions", help="generated texts: one per line, or a JSON list")
+    p.add_argument("--references", help="references: one per line with a blank line between inputs, a JSON list of "
+                                        "lists, or JSON lines of lists")
     _add_base_argument(p)
-    p.add_argument("--plugin", required=True, help="directory or Hub id of a reweighter")
-    p.add_argument("--data", required=True, help="CSV/TSV/JSON(L)/Parquet file or a datasets name")
+    p.add_argument("--plugin", help="directory or Hub id of a reweighter (NLL mode)")
+    p.add_argument("--data", help="CSV/TSV/JSON(L)/Parquet file or a datasets name (NLL mode)")
     _add_column_arguments(p)
     p.add_argument("--alpha", type=float, default=None)
     p.add_argument("--force", action="store_true", help="use the reweighter even if its tokenizer differs")
