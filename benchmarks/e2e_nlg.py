@@ -240,7 +240,7 @@ def main() -> None:
     parser.add_argument("--work-dir", default="/tmp/hf-plugin-e2e")
     parser.add_argument("--quick", action="store_true", help="20 test MRs, 400 training rows, one epoch")
     parser.add_argument("--test-mrs", type=int, default=500)
-    parser.add_argument("--epochs", type=int, default=4, help="most epochs per run (early stopping, patience 1)")
+    parser.add_argument("--epochs", type=int, default=5, help="most epochs per run (early stopping, patience 1)")
     parser.add_argument("--learning-rates", default="1e-3,3e-3", help="Plugin's learning-rate grid")
     parser.add_argument("--weights", default="0.25,0.5,0.75", help="the weighted combination's w grid")
     parser.add_argument("--top-k", type=int, default=64)
