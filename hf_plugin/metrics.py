@@ -179,7 +179,8 @@ def read_predictions(path: str | Path) -> list[str]:
         if not isinstance(predictions, list) or not all(isinstance(p, str) for p in predictions):
             raise ValueError(f"{path}: expected a JSON list of strings")
         return predictions
-    return text.rstrip("\n").split("\n") if text else []
+    # Only the final line break is a terminator: empty lines before it are empty predictions.
+    return text.removesuffix("\n").split("\n") if text else []
 
 
 def read_references(path: str | Path) -> list[list[str]]:

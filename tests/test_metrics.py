@@ -84,6 +84,8 @@ def test_reference_files(tmp_path):
         read_references(tmp_path / "bad.json")
     (tmp_path / "preds.json").write_text('["x", "y"]')
     assert read_predictions(tmp_path / "preds.json") == ["x", "y"]
+    (tmp_path / "preds.txt").write_text("x\n\n\n")  # empty outputs are predictions too
+    assert read_predictions(tmp_path / "preds.txt") == ["x", "", ""]
 
 
 def test_evaluate_command_writes_a_table_and_json(tmp_path, capsys):

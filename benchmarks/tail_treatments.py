@@ -1,0 +1,163 @@
+"""How should the top-k loss treat the base mass outside the top k? Three treatments, trained side by side.
+
+Runs on the cache and data of `training_cache.py` (same first-N rows, split, seed and hyper-parameters; a cache
+with k ≥ the k studied, truncated to it) and scores each trained reweighter with the full base logits, against
+the live-trained reweighter's NLL recorded by `training_cache.py`:
+  bound    — the library's `combine_topk_nll`: the tail mass poured, at most the k-th probability per token, onto
+             the outside tokens the reweighter likes best (an upper bound on the NLL);
+  uniform  — the tail mass spread evenly over all outside tokens;
+  samples  — an unbiased estimate of the tail's share of the normaliser from M tokens drawn from the base's own
+             tail distribution (stored next to the cache: one extra base pass, 4·M bytes per token).
+Only `bound` is library code; the other two live here as experiments.
+
+Usage (after `training_cache.py --limit 1500 --epochs 3 [--top-k 128]` has left its cache in --work-dir):
+    python benchmarks/tail_treatments.py --data-dir ../shared/data/e2e_nlg --limit 1500 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import training_cache  # noqa: E402  (shares the data preparation)
+
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def uniform_tail_nll(reweighter_logits, topk_ids, topk_logprobs, labels, label_logprobs, alpha, tail_ids=None):
+    reweighter = torch.log_softmax(reweighter_logits.float(), -1)
+    label_in_topk = (topk_ids == labels[:, None]).any(-1)
+    label_term = label_logprobs + alpha * reweighter.gather(-1, labels[:, None]).squeeze(-1)
+    topk_terms = topk_logprobs.float() + alpha * reweighter.gather(-1, topk_ids)
+    tail_mass = 1 - topk_logprobs.float().exp().sum(-1) - torch.where(label_in_topk, 0.0, label_logprobs.exp())
+    powered = (alpha * reweighter).exp()
+    known = powered.gather(-1, topk_ids).sum(-1) + torch.where(label_in_topk, 0.0, powered.gather(-1, labels[:, None]).squeeze(-1))
+    outside = reweighter.shape[-1] - topk_ids.shape[-1] - (~label_in_topk).long()
+    tail_term = tail_mass.clamp(min=1e-30).log() + ((powered.sum(-1) - known).clamp(min=1e-30) / outside).log()
+    return _nll(topk_terms, label_term, label_in_topk, tail_term[:, None])
+
+
+def sampled_tail_nll(reweighter_logits, topk_ids, topk_logprobs, labels, label_logprobs, alpha, tail_ids=None):
+    reweighter = torch.log_softmax(reweighter_logits.float(), -1)
+    label_in_topk = (topk_ids == labels[:, None]).any(-1)
+    label_term = label_logprobs + alpha * reweighter.gather(-1, labels[:, None]).squeeze(-1)
+    topk_terms = topk_logprobs.float() + alpha * reweighter.gather(-1, topk_ids)
+    tail_mass = (1 - topk_logprobs.float().exp().sum(-1) - torch.where(label_in_topk, 0.0, label_logprobs.exp())).clamp(min=0)
+    share = (tail_mass / tail_ids.shape[-1]).clamp(min=1e-30).log()
+    tail_terms = share[:, None] + alpha * reweighter.gather(-1, tail_ids)
+    return _nll(topk_terms, label_term, label_in_topk, torch.where(tail_mass[:, None] > 0, tail_terms, float("-inf")))
+
+
+def _nll(topk_terms, label_term, label_in_topk, tail_terms):
+    extra = torch.where(label_in_topk, float("-inf"), label_term)
+    return torch.logsumexp(torch.cat([topk_terms, extra[:, None], tail_terms], -1), -1) - label_term
+
+
+class TruncatedCache:
+    """A training_cache.py cache read at a smaller k, with an optional loss replacing the library's."""
+
+    def __init__(self, directory, examples, k, loss=None, tail_ids=None):
+        from hf_plugin.base_logits import CachedBaseLogits
+
+        self.cache = CachedBaseLogits(directory, examples)
+        self.k, self.loss, self.tail_ids = k, loss, tail_ids
+        if self.cache.index["k"] < k:
+            raise SystemExit(f"the cache in {directory} has k={self.cache.index['k']} < {k}")
+
+    def nll(self, reweighter_logits, batch, alpha):
+        from hf_plugin.base_logits import completion_positions
+        from hf_plugin.combine import align_vocab, combine_topk_nll
+
+        c = self.cache
+        rows = torch.cat([torch.arange(c.offsets[i], c.offsets[i + 1]) for i in batch["index"].tolist()])
+        labels = batch["labels"][:, 1:][completion_positions(batch["labels"])]
+        arguments = (align_vocab(reweighter_logits, c.vocab_size), c.topk_ids[rows, : self.k].long(),
+                     c.topk_logprobs[rows, : self.k], labels, c.label_logprobs[rows], alpha)
+        if self.loss is None:
+            return combine_topk_nll(*arguments)
+        return self.loss(*arguments, tail_ids=None if self.tail_ids is None else self.tail_ids[rows].long())
+
+
+@torch.no_grad()
+def draw_tail_samples(base, examples, k, samples, pad_token_id) -> torch.Tensor:
+    """`samples` tokens per completion position, drawn from the base distribution outside its top-k and label."""
+    from hf_plugin.base_logits import completion_positions
+    from hf_plugin.data import collate
+
+    generator = torch.Generator().manual_seed(0)
+    drawn = []
+    for start in range(0, len(examples), 16):
+        batch = collate(examples[start : start + 16], pad_token_id)
+        logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        positions = completion_positions(batch["labels"])
+        probs = torch.softmax(logits[:, :-1][positions].float(), -1)
+        probs.scatter_(-1, probs.topk(k, -1).indices, 0.0)
+        probs.scatter_(-1, batch["labels"][:, 1:][positions][:, None], 0.0)
+        drawn.append(torch.multinomial(probs + 1e-30, samples, replacement=True, generator=generator))
+    return torch.cat(drawn)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="../shared/data/e2e_nlg")
+    parser.add_argument("--work-dir", default="/tmp/hf-plugin-training-cache")
+    parser.add_argument("--limit", type=int, default=1500)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--treatments", default="bound,uniform,samples")
+    parser.add_argument("--live-results", default=str(RESULTS / "training_cache.json"),
+                        help="training_cache.py results holding the live-trained reweighter's full-logit NLL")
+    parser.add_argument("--output", default=str(RESULTS / "tail_treatments.json"))
+    args = parser.parse_args()
+
+    from hf_plugin import PluginConfig, PluginModel, binding_kwargs
+    from hf_plugin.base_logits import LiveBaseModel
+    from hf_plugin.loading import load_base_model, offline_smollm2
+    from hf_plugin.training import TrainingArguments, completion_nll, train
+
+    tokenizer, train_examples, validation_examples = training_cache.prepare(args)
+    work = Path(args.work_dir)
+    base, _ = load_base_model(offline_smollm2())
+    live_nll = json.loads(Path(args.live_results).read_text())["summary"]["validation_nll_live"]
+    results = {}
+    for treatment in args.treatments.split(","):
+        sources = []
+        for name, examples in (("train", train_examples), ("validation", validation_examples)):
+            loss, tail_ids = {"bound": None, "uniform": uniform_tail_nll, "samples": sampled_tail_nll}[treatment], None
+            if treatment == "samples":
+                tail_ids = draw_tail_samples(base, examples, args.top_k, args.samples, tokenizer.pad_token_id)
+            sources.append(TruncatedCache(work / "cache" / name, examples, args.top_k, loss, tail_ids))
+        torch.manual_seed(0)
+        binding = {**binding_kwargs(tokenizer=tokenizer), "base_vocab_size": sources[0].cache.vocab_size}
+        plugin = PluginModel(PluginConfig(vocab_size=binding["base_vocab_size"], max_position_embeddings=256, **binding))
+        started = time.perf_counter()
+        output_dir = work / f"tail-{treatment}"
+        train(plugin, train_examples, validation_examples, sources[0],
+              TrainingArguments(output_dir=str(output_dir), epochs=args.epochs, batch_size=16, learning_rate=1e-3,
+                                patience=0, seed=0),
+              validation_source=sources[1], tokenizer=tokenizer)
+        seconds = time.perf_counter() - started
+        trained = PluginModel.from_pretrained(output_dir).eval()
+        total, count = completion_nll(trained, validation_examples, LiveBaseModel(base), 1.0, tokenizer.pad_token_id,
+                                      batch_size=16)
+        results[treatment] = {"validation_nll_full_logits": total / count, "train_seconds": seconds,
+                              "gap_percent_vs_live": 100 * (total / count - live_nll) / live_nll}
+        print(treatment, json.dumps(results[treatment]), flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    output = {"results": results, "live_validation_nll_full_logits": live_nll,
+              "meta": {"command": " ".join(["python benchmarks/tail_treatments.py"] + sys.argv[1:]), "commit": commit,
+                       "top_k": args.top_k, "samples": args.samples, "limit": args.limit, "epochs": args.epochs}}
+    Path(args.output).write_text(json.dumps(output, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
