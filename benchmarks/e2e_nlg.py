@@ -244,7 +244,12 @@ def main() -> None:
     parser.add_argument("--learning-rates", default="1e-3,3e-3", help="Plugin's learning-rate grid")
     parser.add_argument("--weights", default="0.25,0.5,0.75", help="the weighted combination's w grid")
     parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--rescore-first", type=int, metavar="N",
+                        help="no run: score the saved outputs of results/e2e_nlg.json on the first N test MRs only")
     args = parser.parse_args()
+    if args.rescore_first:
+        rescore_first(Path(args.data_dir), args.rescore_first)
+        return
 
     from hf_plugin import binding_kwargs
     from hf_plugin.base_logits import CachedBaseLogits, write_base_cache
@@ -358,6 +363,23 @@ def main() -> None:
     suffix_path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     suffix_path.with_suffix(".md").write_text(markdown(result, METRIC_NAMES))
     print(markdown(result, METRIC_NAMES))
+
+
+def rescore_first(data_dir: Path, count: int) -> None:
+    """BLEU and ROUGE-L of each method's saved outputs on the first `count` test MRs (added to the JSON)."""
+    from hf_plugin.metrics import bleu, rouge_l
+
+    path = RESULTS / "e2e_nlg.json"
+    result = json.loads(path.read_text())
+    groups = group_by_mr(read_pairs(data_dir / "test-fixed.csv"))
+    references = [groups[mr] for mr in result["meta"]["test_mrs"][:count]]
+    subset = {name: {"BLEU": bleu(row["outputs"][:count], references),
+                     "ROUGE-L": rouge_l(row["outputs"][:count], references)}
+              for name, row in result["methods"].items()}
+    result[f"first_{count}_mrs"] = subset
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    for name, scores in subset.items():
+        print(f"{name}: BLEU {scores['BLEU']:.2f}, ROUGE-L {scores['ROUGE-L']:.2f}")
 
 
 def markdown(result: dict, metric_names) -> str:
