@@ -18,7 +18,7 @@ The learned methods start from the same seed; a method's train time is its chose
 (the one-time cache pass, shared by Plugin and the weighted combination, is reported apart).
 
 Usage:
-    python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg            # the full run (about 1.5 h, 2 cores)
+    python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg            # the full run (about 70 minutes, 2 cores)
     python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg --quick    # 20 test MRs, small training
 Results: benchmarks/results/e2e_nlg.{md,json}, e2e_nlg_bars.png, e2e_nlg_probabilities.png (--quick writes
 e2e_nlg_quick.* instead).

@@ -15,6 +15,7 @@ drops punctuation tokens, as coco-caption's tokenizer does).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import Counter
@@ -224,10 +225,13 @@ def _require(module: str, package: str):
         raise ImportError(f"this metric needs {package}: pip install 'hf-plugin[eval]'") from error
 
 
-def _tokens(text: str) -> list[str]:
-    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+@functools.cache
+def _tokenizer_13a():
+    return _require("sacrebleu.tokenizers.tokenizer_13a", "sacrebleu").Tokenizer13a()
 
-    return Tokenizer13a()(text.lower()).split()
+
+def _tokens(text: str) -> list[str]:
+    return _tokenizer_13a()(text.lower()).split()
 
 
 def _content_tokens(text: str) -> list[str]:
