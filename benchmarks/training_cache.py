@@ -78,7 +78,7 @@ def run_mode(args) -> dict:
         torch.manual_seed(args.seed)
         plugin = PluginModel(PluginConfig(vocab_size=binding["base_vocab_size"], max_position_embeddings=256, **binding))
         training_args = TrainingArguments(output_dir=str(work / args.mode), epochs=args.epochs, batch_size=16,
-                                          learning_rate=1e-3, patience=0, seed=args.seed)
+                                          learning_rate=1e-3, patience=args.patience, seed=args.seed)
         train(plugin, train_examples, validation_examples, train_source, training_args,
               validation_source=validation_source, tokenizer=tokenizer)
         history = json.loads((work / args.mode / "metrics.json").read_text())["history"]
@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="use only the first N rows (0: all)")
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="seed of the reweighter's initial weights and data order")
+    parser.add_argument("--patience", type=int, default=0,
+                        help="early-stopping patience in epochs (0: run all epochs); the best epoch is what gets scored")
     parser.add_argument("--modes", default="cache,live,cached,score",
                         help="modes to run; the others' results are read from --reuse")
     parser.add_argument("--reuse", help="a previous results file to take the modes not run from (same data and seed)")
@@ -120,7 +122,7 @@ def main() -> None:
     results.pop("summary", None)
     for mode in args.modes.split(","):
         command = [sys.executable, __file__, "--mode", mode, "--data-dir", args.data_dir, "--work-dir", args.work_dir,
-                   "--epochs", str(args.epochs), "--limit", str(args.limit), "--top-k", str(args.top_k), "--seed", str(args.seed)]
+                   "--epochs", str(args.epochs), "--limit", str(args.limit), "--top-k", str(args.top_k), "--seed", str(args.seed), "--patience", str(args.patience)]
         output = subprocess.run(command, capture_output=True, text=True)
         if output.returncode != 0:
             raise SystemExit(f"mode {mode} failed:\n{output.stderr[-3000:]}")
@@ -141,6 +143,7 @@ def main() -> None:
     results["meta"] = {"command": " ".join(["python benchmarks/training_cache.py"] + sys.argv[1:]), "commit": commit,
                        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
                        "torch": torch.__version__, "epochs": args.epochs, "limit": args.limit, "top_k": args.top_k, "seed": args.seed,
+                       "patience": args.patience,
                        "modes_run": args.modes, "reused": args.reuse}
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results["summary"], indent=2))
