@@ -85,17 +85,47 @@ def run_mode(args) -> dict:
         return {"epoch_seconds": [h["train_seconds"] for h in history], "peak_rss_mb": peak_rss_mb(),
                 "validation_nll_own_source": [h["validation_nll"] for h in history]}
     if args.mode == "score":
-        from hf_plugin.training import completion_nll
-
-        base, _ = load_base_model(offline_smollm2())
-        scores = {}
-        for name in ("live", "cached"):
-            plugin = PluginModel.from_pretrained(work / name).eval()
-            total, count = completion_nll(plugin, validation_examples, LiveBaseModel(base), plugin.config.alpha,
-                                          tokenizer.pad_token_id, batch_size=16)
-            scores[name] = total / count
-        return {"validation_nll_full_logits": scores}
+        return score(args, validation_examples, tokenizer.pad_token_id, Path(args.work_dir))
     raise ValueError(args.mode)
+
+
+@torch.no_grad()
+def score(args, examples, pad_token_id: int, work: Path) -> dict:
+    """Validation NLL/token of both reweighters under the full base logits, split by whether the true token is in
+    the base's top-k (where the cache knows everything but the tail) or outside it (where only its own log-prob
+    is known), and the share of the combined probability that falls outside top-k ∪ {true token}."""
+    from hf_plugin import PluginModel
+    from hf_plugin.base_logits import completion_positions
+    from hf_plugin.combine import combine_logits
+    from hf_plugin.data import collate
+    from hf_plugin.loading import load_base_model, offline_smollm2
+
+    base, _ = load_base_model(offline_smollm2())
+    plugins = {name: PluginModel.from_pretrained(work / name).eval() for name in ("live", "cached")}
+    sums = {name: torch.zeros(4, dtype=torch.float64) for name in plugins}  # NLL: all, true token in top-k, outside; tail share
+    in_topk_count = total_count = 0
+    for start in range(0, len(examples), 16):
+        batch = collate(examples[start : start + 16], pad_token_id)
+        positions = completion_positions(batch["labels"])
+        base_logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][positions]
+        targets = batch["labels"][:, 1:][positions]
+        topk_ids = base_logits.topk(args.top_k, dim=-1).indices
+        in_topk = (topk_ids == targets[:, None]).any(dim=-1)
+        outside = torch.ones_like(base_logits, dtype=torch.bool).scatter_(1, topk_ids, False).scatter_(1, targets[:, None], False)
+        in_topk_count, total_count = in_topk_count + int(in_topk.sum()), total_count + len(targets)
+        for name, plugin in plugins.items():
+            logits = plugin(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][positions]
+            combined = combine_logits(base_logits, logits, plugin.config.alpha)
+            nll = -combined.gather(-1, targets[:, None]).squeeze(-1).double()
+            tail_share = combined.masked_fill(~outside, float("-inf")).logsumexp(-1).exp().double()
+            sums[name] += torch.stack([nll.sum(), nll[in_topk].sum(), nll[~in_topk].sum(), tail_share.sum()])
+    return {
+        "validation_nll_full_logits": {name: (s[0] / total_count).item() for name, s in sums.items()},
+        "share_of_positions_with_true_token_in_top_k": in_topk_count / total_count,
+        "nll_true_token_in_top_k": {name: (s[1] / in_topk_count).item() for name, s in sums.items()},
+        "nll_true_token_outside_top_k": {name: (s[2] / (total_count - in_topk_count)).item() for name, s in sums.items()},
+        "combined_mass_outside_top_k_and_true_token": {name: (s[3] / total_count).item() for name, s in sums.items()},
+    }
 
 
 def main() -> None:
