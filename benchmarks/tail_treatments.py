@@ -1,4 +1,4 @@
-"""How should the top-k loss treat the base mass outside the top k? Three treatments, trained side by side.
+"""How should the top-k loss treat the base mass outside the top k? Five treatments, trained side by side.
 
 Runs on the cache and data of `training_cache.py` (same first-N rows, split, seed and hyper-parameters; a cache
 with k ≥ the k studied, truncated to it) and scores each trained reweighter with the full base logits, against
@@ -7,8 +7,13 @@ the live-trained reweighter's NLL recorded by `training_cache.py`:
              the outside tokens the reweighter likes best (an upper bound on the NLL);
   uniform  — the tail mass spread evenly over all outside tokens;
   samples  — an unbiased estimate of the tail's share of the normaliser from M tokens drawn from the base's own
-             tail distribution (stored next to the cache: one extra base pass, 4·M bytes per token).
-Only `bound` is library code; the other two live here as experiments.
+             tail distribution (stored next to the cache: one extra base pass, 4·M bytes per token);
+  zipf     — `bound` with a decaying cap: outside token j (in the reweighter's order) gets at most the k-th
+             probability times (j / k)^-s, s the log-log slope of the top-k between ranks k/2 and k (an estimate,
+             not a bound: it assumes the base's sorted tail keeps the top-k's decay);
+  background — the tail mass spread over outside tokens in proportion to a background distribution: the mean
+             probability each token gets inside the top-k over the training cache, plus 1% spread uniformly.
+Only `bound` is library code; the others live here as experiments.
 
 Usage (after `training_cache.py --limit 1500 --epochs 3 [--top-k 128]` has left its cache in --work-dir):
     python benchmarks/tail_treatments.py --data-dir ../shared/data/e2e_nlg --limit 1500 --epochs 3
@@ -17,6 +22,7 @@ Usage (after `training_cache.py --limit 1500 --epochs 3 [--top-k 128]` has left 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -56,6 +62,49 @@ def sampled_tail_nll(reweighter_logits, topk_ids, topk_logprobs, labels, label_l
     return _nll(topk_terms, label_term, label_in_topk, torch.where(tail_mass[:, None] > 0, tail_terms, float("-inf")))
 
 
+def zipf_tail_nll(reweighter_logits, topk_ids, topk_logprobs, labels, label_logprobs, alpha, tail_ids=None, fill=256):
+    reweighter = torch.log_softmax(reweighter_logits.float(), -1)
+    label_in_topk = (topk_ids == labels[:, None]).any(-1)
+    label_term = label_logprobs + alpha * reweighter.gather(-1, labels[:, None]).squeeze(-1)
+    topk_terms = topk_logprobs.float() + alpha * reweighter.gather(-1, topk_ids)
+    tail_mass = (1 - topk_logprobs.float().exp().sum(-1) - torch.where(label_in_topk, 0.0, label_logprobs.exp())).clamp(min=0)
+    k = topk_ids.shape[-1]
+    ranked = topk_logprobs.float().sort(-1, descending=True).values
+    slope = ((ranked[:, k // 2 - 1] - ranked[:, -1]) / torch.log(torch.tensor(2.0))).clamp(min=0.0)
+    ranks = torch.arange(k + 1, k + 1 + fill, dtype=torch.float32, device=ranked.device)
+    caps = (ranked[:, -1:] - slope[:, None] * torch.log(ranks / k)).exp()  # (N, fill), descending
+    known_ids = torch.cat([topk_ids, labels[:, None]], -1)
+    values, ids = reweighter.topk(k + 1 + fill, dim=-1)
+    favourites = values.masked_fill((ids[:, :, None] == known_ids[:, None, :]).any(-1), float("-inf")).topk(fill, -1).values
+    portions = (tail_mass[:, None] - (caps.cumsum(-1) - caps)).clamp(min=0.0).minimum(caps)
+    masses = torch.cat([portions, (tail_mass - caps.sum(-1)).clamp(min=0.0)[:, None]], -1)
+    rates = torch.cat([favourites, favourites[:, -1:]], -1)
+    tail_terms = torch.where(masses > 0, masses.clamp(min=1e-30).log() + alpha * rates, float("-inf"))
+    return _nll(topk_terms, label_term, label_in_topk, tail_terms)
+
+
+def background_distribution(topk_ids, topk_logprobs, vocab_size, floor=0.01) -> torch.Tensor:
+    """Mean probability each token gets inside the top-k over a cache's positions, mixed with `floor` uniform."""
+    mass = torch.zeros(vocab_size, dtype=torch.float64)
+    mass.index_add_(0, topk_ids.long().flatten(), topk_logprobs.double().exp().flatten())
+    mass = mass / mass.sum()
+    return ((1 - floor) * mass + floor / vocab_size).float()
+
+
+def background_tail_nll(reweighter_logits, topk_ids, topk_logprobs, labels, label_logprobs, alpha, tail_ids=None,
+                        background=None):
+    reweighter = torch.log_softmax(reweighter_logits.float(), -1)
+    label_in_topk = (topk_ids == labels[:, None]).any(-1)
+    label_term = label_logprobs + alpha * reweighter.gather(-1, labels[:, None]).squeeze(-1)
+    topk_terms = topk_logprobs.float() + alpha * reweighter.gather(-1, topk_ids)
+    tail_mass = (1 - topk_logprobs.float().exp().sum(-1) - torch.where(label_in_topk, 0.0, label_logprobs.exp())).clamp(min=1e-30)
+    outside = torch.ones_like(reweighter, dtype=torch.bool).scatter_(1, torch.cat([topk_ids, labels[:, None]], -1), False)
+    log_background = background.log().to(reweighter.device).expand_as(reweighter)
+    weighted = torch.logsumexp((log_background + alpha * reweighter).masked_fill(~outside, float("-inf")), -1)
+    tail_term = tail_mass.log() + weighted - torch.logsumexp(log_background.masked_fill(~outside, float("-inf")), -1)
+    return _nll(topk_terms, label_term, label_in_topk, tail_term[:, None])
+
+
 def _nll(topk_terms, label_term, label_in_topk, tail_terms):
     extra = torch.where(label_in_topk, float("-inf"), label_term)
     return torch.logsumexp(torch.cat([topk_terms, extra[:, None], tail_terms], -1), -1) - label_term
@@ -64,13 +113,10 @@ def _nll(topk_terms, label_term, label_in_topk, tail_terms):
 class TruncatedCache:
     """A training_cache.py cache read at a smaller k, with an optional loss replacing the library's."""
 
-    def __init__(self, directory, examples, k, loss=None, tail_ids=None):
-        from hf_plugin.base_logits import CachedBaseLogits
-
-        self.cache = CachedBaseLogits(directory, examples)
-        self.k, self.loss, self.tail_ids = k, loss, tail_ids
-        if self.cache.index["k"] < k:
-            raise SystemExit(f"the cache in {directory} has k={self.cache.index['k']} < {k}")
+    def __init__(self, cache, k, loss=None, tail_ids=None):
+        self.cache, self.k, self.loss, self.tail_ids = cache, k, loss, tail_ids
+        if cache.index["k"] < k:
+            raise SystemExit(f"the cache has k={cache.index['k']} < {k}")
 
     def nll(self, reweighter_logits, batch, alpha):
         from hf_plugin.base_logits import completion_positions
@@ -120,7 +166,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from hf_plugin import PluginConfig, PluginModel, binding_kwargs
-    from hf_plugin.base_logits import LiveBaseModel
+    from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel
     from hf_plugin.loading import load_base_model, offline_smollm2
     from hf_plugin.training import TrainingArguments, completion_nll, train
 
@@ -132,10 +178,18 @@ def main() -> None:
     for treatment in args.treatments.split(","):
         sources = []
         for name, examples in (("train", train_examples), ("validation", validation_examples)):
-            loss, tail_ids = {"bound": None, "uniform": uniform_tail_nll, "samples": sampled_tail_nll}[treatment], None
+            cache = CachedBaseLogits(work / "cache" / name, examples)
+            loss, tail_ids = {"bound": None, "uniform": uniform_tail_nll, "samples": sampled_tail_nll,
+                              "zipf": zipf_tail_nll, "background": background_tail_nll}[treatment], None
             if treatment == "samples":
                 tail_ids = draw_tail_samples(base, examples, args.top_k, args.samples, tokenizer.pad_token_id)
-            sources.append(TruncatedCache(work / "cache" / name, examples, args.top_k, loss, tail_ids))
+            if treatment == "background":
+                # One distribution, from the training cache's top-k only, for both splits.
+                if name == "train":
+                    background = background_distribution(cache.topk_ids[:, : args.top_k],
+                                                         cache.topk_logprobs[:, : args.top_k], cache.vocab_size)
+                loss = functools.partial(background_tail_nll, background=background)
+            sources.append(TruncatedCache(cache, args.top_k, loss, tail_ids))
         torch.manual_seed(0)
         binding = {**binding_kwargs(tokenizer=tokenizer), "base_vocab_size": sources[0].cache.vocab_size}
         plugin = PluginModel(PluginConfig(vocab_size=binding["base_vocab_size"], max_position_embeddings=256, **binding))
