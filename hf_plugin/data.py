@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import random
+import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +19,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
 
 @dataclass
@@ -62,12 +66,15 @@ def read_examples(
     """Reads prompt/completion pairs from a CSV/TSV/JSON(L)/Parquet file or a `datasets` name.
 
     Rows with an empty prompt or completion are skipped and reported once (with their first row numbers);
-    a source without a usable row, or without the columns asked for, is an error.
+    a source without a usable row, or without the columns asked for, is an error. CSV cells are read as they
+    are written (`NA`, `null` and `007` stay text); an empty, malformed or non-UTF-8 file is an error naming the
+    file and line.
 
     Args:
-        source (`str` or `Path`): a local file, or anything `datasets.load_dataset` accepts.
+        source (`str` or `Path`): a local file or `datasets` folder, or a dataset id on the Hub.
         prompt_column (`str`, *optional*, defaults to `"prompt"`): column holding the prompt.
-        completion_column (`str`, *optional*, defaults to `"completion"`): column holding the completion.
+        completion_column (`str`, *optional*, defaults to `"completion"`): column holding the completion; `None`
+            reads prompts alone (for generation), with empty completions.
         template (`str`, *optional*): builds the prompt from the row's columns with `str.format`, e.g.
             `"Data: {mr}\\nSentence:"`; `prompt_column` is then not needed.
         split (`str`, *optional*, defaults to `"train"`): split of a `datasets` source.
@@ -78,21 +85,11 @@ def read_examples(
     Returns:
         `tuple[list[Example], DataReport]`
     """
-    import datasets
-
-    path = Path(source)
-    builder = _FILE_BUILDERS.get(path.suffix.lower())
-    if builder is not None:
-        if not path.is_file():
-            raise FileNotFoundError(f"Data file not found: {path}")
-        kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-        table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-    else:
-        table = datasets.load_dataset(str(source), split=split)
+    table = _read_table(source, split)
     columns = set(table.column_names)
     if messages_column is not None:
         return _read_conversations(table, source, messages_column)
-    needed = {completion_column} | (set() if template else {prompt_column})
+    needed = ({completion_column} - {None}) | (set() if template else {prompt_column})
     if missing := needed - columns:
         raise ValueError(f"{source} has no column(s) {sorted(missing)}; its columns are {sorted(columns)}.")
 
@@ -102,21 +99,137 @@ def read_examples(
     report = DataReport(str(source))
     examples = []
     for row, record in enumerate(table):
-        completion = record[completion_column]
+        completion = "" if completion_column is None else _text(record[completion_column])
         if template is not None:
-            if any(record[name] is None or not str(record[name]).strip() for name in fields):
+            if any(not _text(record[name]).strip() for name in fields):
                 report.skip("empty prompt", row)
                 continue
-            prompt = template.format(**record)
+            prompt = template.format(**{name: _text(record[name]) for name in fields})
         else:
-            prompt = record[prompt_column]
-        if not isinstance(prompt, str) or not prompt.strip():
+            prompt = _text(record[prompt_column])
+        if not prompt.strip():
             report.skip("empty prompt", row)
-        elif not isinstance(completion, str) or not completion.strip():
+        elif completion_column is not None and not completion.strip():
             report.skip("empty completion", row)
         else:
             examples.append(Example(prompt, completion, row))
     return _finish(examples, report)
+
+
+def _text(value) -> str:
+    """A cell as text: a JSON number as it was written (`42`, `3.5`), null as empty."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+# What `datasets` can take as a Hub dataset name: "name" or "owner/name", nothing that looks like a local path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+class _Table(list):
+    """Rows read by this module, with the `column_names` of a `datasets.Dataset`."""
+
+    def __init__(self, rows: list[dict], column_names: list[str]):
+        super().__init__(rows)
+        self.column_names = column_names
+
+
+def _read_table(source: str | Path, split: str):
+    """Rows of a local CSV/TSV/JSON(L)/Parquet file, a local `datasets` folder, or a Hub dataset.
+
+    CSV/TSV and JSON(L) are parsed here rather than by `datasets`, so every CSV cell stays the string it is
+    (pandas would read `None`, `NA`, `null` or `nan` as missing and numeric columns as numbers), and a malformed
+    file gets one error naming the file and line. A missing path never reaches the Hub unless it is a Hub id.
+    """
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in _SUFFIXES and path.is_file():
+        if suffix in (".csv", ".tsv"):
+            return _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
+        if suffix in (".json", ".jsonl"):
+            return _read_json(path)
+        return _load_dataset(path, str(path), split="train")
+    if path.is_dir():
+        return _load_dataset(path, str(path), split=split)
+    if path.exists():
+        raise ValueError(f"Cannot read {path}: unknown file type {suffix or '(no extension)'!r}; "
+                         f"use one of {', '.join(sorted(_SUFFIXES))}.")
+    if suffix in _SUFFIXES or not _HUB_ID.fullmatch(str(source)):
+        raise FileNotFoundError(f"Data file not found: {path}")
+    return _load_dataset(path, str(source), split=split)
+
+
+def _load_dataset(path: Path, name: str, split: str):
+    """`datasets.load_dataset` for a Parquet file, a local dataset folder or a Hub id, with a one-line error."""
+    import datasets
+
+    try:
+        if path.suffix.lower() == ".parquet":
+            return datasets.load_dataset("parquet", data_files=str(path), split="train")
+        return datasets.load_dataset(name, split=split)
+    except (OSError, ValueError) as error:  # DatasetNotFoundError and connection errors are OSErrors
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        what = "a data file or folder" if path.exists() else "a local file or folder, nor a dataset on the Hub"
+        raise ValueError(f"Cannot read {name} as {what}: {detail}") from error
+
+
+def _decoded(path: Path) -> str:
+    """The file as UTF-8 text (a byte-order mark is dropped); other bytes, or an empty file, are an error."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte {data[error.start]:#04x}); save it as UTF-8.") from error
+    if not text.strip():
+        raise ValueError(f"{path} is empty.")
+    return text
+
+
+def _read_csv(path: Path, delimiter: str) -> _Table:
+    reader = csv.reader(io.StringIO(_decoded(path), newline=""), delimiter=delimiter)
+    header, rows = next(reader), []
+    try:
+        for cells in reader:
+            if not cells:  # a blank line
+                continue
+            if len(cells) != len(header):
+                raise ValueError(f"{path}, line {reader.line_num}: {len(cells)} fields, but the header has "
+                                 f"{len(header)} ({', '.join(header)}).")
+            rows.append(dict(zip(header, cells)))
+    except csv.Error as error:
+        raise ValueError(f"{path}, line {reader.line_num}: malformed CSV ({error}).") from error
+    if not rows:
+        raise ValueError(f"{path} has a header ({', '.join(header)}) but no rows.")
+    return _Table(rows, header)
+
+
+def _read_json(path: Path) -> _Table:
+    """A JSON list of objects, or JSON lines with one object per line."""
+    text = _decoded(path)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            records = [(f"item {i}", record) for i, record in enumerate(json.loads(text))]
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {error.lineno}: not valid JSON ({error.msg}).") from error
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append((f"line {number}", json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from error
+    columns = {}
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, {where}: expected a JSON object with named fields, got {type(record).__name__}.")
+        columns.update(dict.fromkeys(record))
+    if not records:
+        raise ValueError(f"{path} has no rows.")
+    # A field missing from a row reads as empty, as in `datasets`.
+    return _Table([{name: record.get(name) for name in columns} for _, record in records], list(columns))
 
 
 def _finish(examples: list[Example], report: DataReport) -> tuple[list[Example], DataReport]:
@@ -211,7 +324,7 @@ def encode_examples(
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no EOS token; completions must end with one.")
-    encoded, too_long = [], []
+    encoded, too_long = [], {}  # row: length
     for index, example in enumerate(examples):
         if example.messages is not None and not chat:
             raise ValueError("Chat-formatted examples must be encoded with chat=True.")
@@ -220,17 +333,18 @@ def encode_examples(
         completion_text = example.completion if chat else separator + example.completion.lstrip()
         completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if len(prompt_ids) + len(completion_ids) > max_length:
-            too_long.append(example.row)
+            too_long[example.row] = len(prompt_ids) + len(completion_ids)
             continue
         encoded.append(EncodedExample(prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids, index))
     if too_long:
         if report is not None:
             for row in too_long:
                 report.skip(f"longer than {max_length} tokens", row)
-        shown = ", ".join(str(r) for r in too_long[:5])
+        shown = ", ".join(str(r) for r in list(too_long)[:5])
         logger.warning(f"Skipped {len(too_long)} pairs longer than {max_length} tokens (rows {shown}{', ...' if len(too_long) > 5 else ''}).")
     if not encoded:
-        raise ValueError(f"No pair fits in {max_length} tokens.")
+        source = f" of {report.source}" if report is not None else ""
+        raise ValueError(f"No pair{source} fits in max_length={max_length} tokens (the shortest has {min(too_long.values(), default=0)}).")
     return encoded
 
 

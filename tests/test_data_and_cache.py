@@ -141,3 +141,67 @@ def make_chat_tokenizer():
         "{% if add_generation_prompt %}[BOS] assistant{% endif %}"
     )
     return tokenizer
+
+
+def test_csv_cells_stay_text(tmp_path):
+    """pandas would read these as missing values or numbers, and the rows would be skipped as empty."""
+    words = ["None", "NA", "null", "N/A", "nan", "", "007"]
+    path = write_csv(tmp_path / "d.csv", [(w, w) for w in words] + [("1", "2")])
+    examples, report = read_examples(path, prompt_column="mr", completion_column="ref")
+    assert [(e.prompt, e.completion, e.row) for e in examples] == [(w, w, i) for i, w in enumerate(words) if w] + [("1", "2", 7)]
+    assert report.skipped == {"empty prompt": [5]}
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("mr\tref\nnull\t12\n")
+    examples, _ = read_examples(tsv, prompt_column="mr", completion_column="ref", template="Data: {mr}")
+    assert (examples[0].prompt, examples[0].completion) == ("Data: null", "12")
+
+
+def test_json_numbers_are_text_and_prompts_can_be_read_alone(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "completion": 42}\n\n{"prompt": 3.5, "completion": null}\n')
+    examples, report = read_examples(path)
+    assert [(e.prompt, e.completion) for e in examples] == [("a", "42")] and report.skipped == {"empty completion": [1]}
+    examples, _ = read_examples(path, completion_column=None)
+    assert [(e.prompt, e.completion) for e in examples] == [("a", ""), ("3.5", "")]
+    listed = tmp_path / "d.json"
+    listed.write_text('[{"prompt": "a", "completion": "b"},\n {"prompt": "c"}]')
+    examples, report = read_examples(listed)
+    assert [e.completion for e in examples] == ["b"] and report.skipped == {"empty completion": [1]}
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.csv", b"", r"empty\.csv is empty"),
+    ("blank.jsonl", b"\n \n", r"blank\.jsonl is empty"),
+    ("header.csv", b"mr,ref\n", r"header\.csv has a header \(mr, ref\) but no rows"),
+    ("bad.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n', r"bad\.jsonl, line 2: not valid JSON"),
+    ("list.jsonl", b'{"prompt": "a", "completion": "b"}\n["a", "b"]\n', r"list\.jsonl, line 2: expected a JSON object"),
+    ("bad.json", b'[{"prompt": "a"},\n {"prompt": }]', r"bad\.json, line 2: not valid JSON"),
+    ("latin1.csv", "mr,ref\na,b\ncaf\xe9,c\n".encode("latin-1"), r"latin1\.csv, line 3: not UTF-8 text \(byte 0xe9\)"),
+    ("fields.csv", b"mr,ref\na,b\na,b,c\n", r"fields\.csv, line 3: 3 fields, but the header has 2"),
+    ("data.txt", b"mr,ref\na,b\n", r"data\.txt: unknown file type '\.txt'"),
+    ("noext", b"mr,ref\na,b\n", r"noext: unknown file type '\(no extension\)'"),
+])
+def test_unreadable_files_give_one_clear_error(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message) as caught:
+        read_examples(tmp_path / name, prompt_column="mr", completion_column="ref")
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_paths_are_not_found_and_never_reach_the_hub(tmp_path, monkeypatch):
+    import datasets
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("reached datasets.load_dataset")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    for missing in (tmp_path / "absent", tmp_path / "absent.csv", "./absent", "../data/absent", "absent.jsonl"):
+        with pytest.raises(FileNotFoundError, match="Data file not found"):
+            read_examples(missing)
+
+
+def test_no_pair_fits_names_the_source_and_the_limit(tokenizer, tmp_path):
+    examples, report = read_examples(write_csv(tmp_path / "long.csv", [("w1 " * 30, "w2")]), prompt_column="mr",
+                                     completion_column="ref")
+    with pytest.raises(ValueError, match=r"No pair of .*long\.csv fits in max_length=20 tokens \(the shortest has 3\d\)"):
+        encode_examples(tokenizer, examples, max_length=20, report=report)
