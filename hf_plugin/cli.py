@@ -17,7 +17,7 @@ from .base_logits import INDEX_FILE, CachedBaseLogits, LiveBaseModel, write_base
 from .compatibility import binding_kwargs, tokenizer_fingerprint
 from .configuration_plugin import PluginConfig
 from .hub import push_folder
-from .data import encode_examples, read_examples, split_by_prompt
+from .data import Example, chat_prompt, encode_examples, read_examples, split_by_prompt
 from .loading import load_base_model, load_tokenizer, offline_smollm2
 from .logits_process import PluginLogitsProcessor
 from .metrics import corpus_metrics, format_table, read_predictions, read_references
@@ -63,34 +63,125 @@ def init(args: argparse.Namespace) -> None:
 
 
 def generate(args: argparse.Namespace) -> None:
-    """Generates from the base model, with the reweighter unless --no-plugin."""
+    """Generates from the base model, with the reweighter unless --no-plugin; one JSON line per prompt.
+
+    Everything that can be checked without the base model (arguments, the reweighter's config, the prompts and
+    their length in tokens) is checked before it is loaded.
+    """
     if (args.plugin is None) == (not args.no_plugin):
         raise SystemExit("error: pass either --plugin DIR (a reweighter) or --no-plugin (the base model alone)")
-    base, tokenizer = _load_base(args)
-    if args.prompts_file:
-        prompts = [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    else:
-        prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not prompts:
-        raise SystemExit("error: no prompts (use --prompt or pipe one prompt per line)")
-    if args.chat:
-        prompts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
+    _check_positive(args, "max_new_tokens", "batch_size", "num_beams")
+    if sum(source is not None for source in (args.prompt, args.prompts_file, args.data)) > 1:
+        raise SystemExit("error: give prompts one way: --prompt, --prompts-file or --data")
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise SystemExit(f"error: --output: folder {Path(args.output).parent} does not exist")
+    config = _plugin_config(args.plugin) if args.plugin is not None else None
+    examples, references = _generation_inputs(args)
+    tokenizer = _load_tokenizer(args)
+    chat = args.chat or args.messages_column is not None
+    texts = [chat_prompt(tokenizer, example) if chat else example.prompt for example in examples]
+    if config is not None:
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=not chat)["input_ids"]]
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        if lengths[longest] + args.max_new_tokens > config.max_position_embeddings:
+            raise SystemExit(
+                f"error: prompt {longest + 1} ({_where(examples[longest], args)}) has {lengths[longest]} tokens; with "
+                f"--max-new-tokens {args.max_new_tokens} that passes the reweighter's {config.max_position_embeddings} "
+                "positions")
+    stops = [_unescape(stop) for stop in args.stop or []]
+    base, _ = _load_base(args)
     processors = []
     if args.plugin is not None:
         plugin = PluginModel.from_pretrained(args.plugin).eval()
         processors.append(PluginLogitsProcessor(plugin, alpha=args.alpha, tokenizer=tokenizer, strict=not args.force))
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not args.chat)
     torch.manual_seed(args.seed)
-    output = base.generate(
-        **inputs, logits_processor=processors, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-        num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, pad_token_id=tokenizer.pad_token_id,
-    )
-    completions = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    for completion in completions:
-        print(completion.strip())
+    output = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for start in range(0, len(texts), args.batch_size):
+            inputs = tokenizer(texts[start : start + args.batch_size], return_tensors="pt", padding=True,
+                               add_special_tokens=not chat)
+            generated = base.generate(
+                **inputs, logits_processor=processors, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+            )
+            completions = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            for index, completion in enumerate(completions, start=start):
+                record = {"prompt": examples[index].prompt, "completion": _cut(completion, stops)}
+                if args.data is not None:
+                    record["row"] = examples[index].row
+                if references is not None:
+                    record["references"] = references[index]
+                output.write(json.dumps(record, ensure_ascii=False) + "\n")
+            output.flush()
+    finally:
+        if output is not sys.stdout:
+            output.close()
+    if args.output:
+        print(f"Wrote {len(texts)} completions to {args.output}")
+
+
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
+def _plugin_config(plugin: str) -> PluginConfig:
+    """The reweighter's config, read before the base model is loaded: a missing reweighter fails in a second."""
+    try:
+        return PluginConfig.from_pretrained(plugin)
+    except (OSError, ValueError) as error:
+        if not Path(plugin).exists():
+            raise SystemExit(f"error: --plugin {plugin}: no such directory, nor a reweighter on the Hub") from error
+        raise SystemExit(f"error: --plugin {plugin}: {str(error).strip().splitlines()[0]}") from error
+
+
+def _generation_inputs(args: argparse.Namespace) -> tuple[list[Example], list[list[str]] | None]:
+    """The prompts to complete and, with --data and a --completion-column, each prompt's references.
+
+    With --data the prompts are built exactly as in training (same reader, columns and template), once per
+    distinct prompt: rows that share a prompt (several references for one input) are generated once.
+    """
+    if args.data is not None or Path(args.prompts_file or "").suffix.lower() in (".json", ".jsonl"):
+        try:
+            rows, _ = read_examples(args.data or args.prompts_file, args.prompt_column, args.completion_column,
+                                    _unescape(args.template), messages_column=args.messages_column)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: {error}") from error
+        groups: dict[str, list[Example]] = {}
+        for example in rows:
+            groups.setdefault(repr(example.messages) if example.messages is not None else example.prompt, []).append(example)
+        examples = [group[0] for group in groups.values()]
+        if args.completion_column is None:
+            return examples, None
+        return examples, [[example.completion for example in group] for group in groups.values()]
+    if args.prompts_file is not None:
+        try:
+            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError as error:
+            raise SystemExit(f"error: --prompts-file {args.prompts_file} not found") from error
+        except (OSError, UnicodeDecodeError) as error:
+            raise SystemExit(f"error: cannot read --prompts-file {args.prompts_file}: {error}") from error
+    else:
+        lines = [_unescape(prompt) for prompt in args.prompt] if args.prompt else sys.stdin.read().splitlines()
+    examples = [Example(line, "", row) for row, line in enumerate(lines) if line.strip()]
+    if not examples:
+        raise SystemExit("error: no prompts (use --prompt, --prompts-file, --data, or one prompt per line on stdin)")
+    return examples, None
+
+
+def _where(example: Example, args: argparse.Namespace) -> str:
+    return f"row {example.row} of {args.data}" if args.data is not None else repr(example.prompt[:40])
+
+
+def _cut(completion: str, stops: Sequence[str]) -> str:
+    """The completion up to its first stop string, without surrounding whitespace.
+
+    Leading whitespace goes first, so that a completion opening with a newline is not cut to nothing by `\n`.
+    """
+    completion = completion.lstrip()
+    ends = [completion.find(stop) for stop in stops if stop and stop in completion]
+    return completion[: min(ends, default=len(completion))].strip()
 
 
 def _read_splits(args: argparse.Namespace, tokenizer):
@@ -106,9 +197,19 @@ def _read_splits(args: argparse.Namespace, tokenizer):
             validation_report = report
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
-    chat = args.chat or args.messages_column is not None
-    encode = lambda pairs, rep: encode_examples(tokenizer, pairs, args.max_length, chat=chat, report=rep)
-    return encode(train_pairs, report), encode(validation_pairs, validation_report)
+    return (_encode(args, tokenizer, train_pairs, report, "training"),
+            _encode(args, tokenizer, validation_pairs, validation_report, "validation"))
+
+
+def _encode(args: argparse.Namespace, tokenizer, pairs, report, split: str):
+    """`encode_examples` with --max-length and --chat; an error names the split and the option to change."""
+    _check_positive(args, "max_length")
+    try:
+        return encode_examples(tokenizer, pairs, args.max_length, chat=args.chat or args.messages_column is not None,
+                               report=report)
+    except ValueError as error:
+        hint = f" Raise --max-length (now {args.max_length})." if "max_length=" in str(error) else ""
+        raise SystemExit(f"error: {split} split: {error}{hint}") from error
 
 
 def _base_sources(args, tokenizer, train_examples, validation_examples, accelerator):
@@ -229,16 +330,17 @@ def _evaluate_text(args: argparse.Namespace) -> dict:
 
 
 def _evaluate_nll(args: argparse.Namespace) -> dict:
-    base, tokenizer = _load_base(args)
-    plugin = PluginModel.from_pretrained(args.plugin).eval()
-    plugin.check_compatible(base, tokenizer=tokenizer, strict=not args.force)
+    _plugin_config(args.plugin)  # a missing reweighter or a bad data file fail before the base model is loaded
+    tokenizer = _load_tokenizer(args)
     try:
         pairs, report = read_examples(args.data, args.prompt_column, args.completion_column, _unescape(args.template),
                                       messages_column=args.messages_column)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
-    examples = encode_examples(tokenizer, pairs, args.max_length, chat=args.chat or args.messages_column is not None,
-                               report=report)
+    examples = _encode(args, tokenizer, pairs, report, "evaluation")
+    base, _ = _load_base(args)
+    plugin = PluginModel.from_pretrained(args.plugin).eval()
+    plugin.check_compatible(base, tokenizer=tokenizer, strict=not args.force)
     alpha = plugin.config.alpha if args.alpha is None else args.alpha
     results = {}
     for name, strength in (("base + reweighter", alpha), ("base alone", 0.0)):
@@ -267,15 +369,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=init)
 
-    p = commands.add_parser("generate", help="generate with base + reweighter")
+    p = commands.add_parser(
+        "generate", help="generate with base + reweighter",
+        description="Generates a completion for each prompt and writes one JSON object per prompt, "
+                    '{"prompt": ..., "completion": ...} (with --data also "row", the first data row of that prompt, '
+                    'and "references", the --completion-column texts of all rows with that prompt), to --output or '
+                    "stdout, so a completion spanning lines still matches its prompt. Give the prompts as in training: "
+                    "--data with --template or --prompt-column (each distinct prompt once), or --prompt, --prompts-file "
+                    "(a text file with one prompt per line, or JSON lines with a \"prompt\" field for prompts "
+                    "spanning lines), or one prompt per line on stdin.")
     _add_base_argument(p)
     p.add_argument("--plugin", help="directory or Hub id of a reweighter")
     p.add_argument("--no-plugin", action="store_true", help="use the base model alone")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per line on stdin")
-    p.add_argument("--prompts-file", help="a file with one prompt per line")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the base tokenizer's chat template")
+    p.add_argument("--prompt", action="append", help=r'a prompt (repeatable); \n and \t are unescaped as in --template')
+    p.add_argument("--prompts-file", help='a text file with one prompt per line, or .jsonl with {"prompt": ...} per line')
+    p.add_argument("--data", help="build the prompts from this CSV/TSV/JSON(L)/Parquet file, as `train` does")
+    _add_column_arguments(p, generation=True)
     p.add_argument("--alpha", type=float, default=None, help="reweighter strength (default: the reweighter's own)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--stop", action="append",
+                   help=r'cut each completion at the first occurrence of this string (repeatable; e.g. "\n")')
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    p.add_argument("--output", help="write the JSON lines to this file instead of stdout")
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--do-sample", action="store_true")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -339,13 +454,18 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _add_column_arguments(p: argparse.ArgumentParser) -> None:
+def _add_column_arguments(p: argparse.ArgumentParser, generation: bool = False) -> None:
+    """Which columns make the prompt and completion; for `generate`, the completions are only references."""
     p.add_argument("--prompt-column", default="prompt")
-    p.add_argument("--completion-column", default="completion")
+    if generation:
+        p.add_argument("--completion-column", help="with --data: write this column's texts as each prompt's references")
+    else:
+        p.add_argument("--completion-column", default="completion")
     p.add_argument("--template", help='build the prompt from columns, e.g. "Data: {mr}\\nSentence:"')
     p.add_argument("--chat", action="store_true", help="wrap prompts in the base tokenizer's chat template")
     p.add_argument("--messages-column", help="chat-formatted rows: a column of message lists ending with the answer")
-    p.add_argument("--max-length", type=int, default=256, help="longest prompt + completion in tokens")
+    if not generation:
+        p.add_argument("--max-length", type=int, default=256, help="longest prompt + completion in tokens")
 
 
 def _add_architecture_arguments(p: argparse.ArgumentParser) -> None:
@@ -376,5 +496,11 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Runs one command. The library's `ValueError`/`FileNotFoundError` (bad data, arguments or files, a mismatched
+    reweighter) end the command with their one-line message, not a traceback; other exceptions are bugs and keep
+    theirs."""
     args = build_parser().parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from error

@@ -172,9 +172,12 @@ def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], sig
 
 
 def read_predictions(path: str | Path) -> list[str]:
-    """Predictions from a text file (one per line) or a JSON list of strings."""
+    """Predictions from a text file (one per line), a JSON list of strings, or JSON lines with a `"completion"` field
+    (what `hf-plugin generate --output` writes)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [_field(path, number, line, "completion", str) for number, line in _json_lines(text)]
     if path.suffix == ".json":
         predictions = json.loads(text)
         if not isinstance(predictions, list) or not all(isinstance(p, str) for p in predictions):
@@ -186,16 +189,35 @@ def read_predictions(path: str | Path) -> list[str]:
 
 def read_references(path: str | Path) -> list[list[str]]:
     """References from a text file (one per line, inputs separated by a blank line, as in the E2E challenge), a
-    JSON list of lists of strings, or JSON lines with one list per input."""
+    JSON list of lists of strings, or JSON lines with one list per input or a `"references"` field (what
+    `hf-plugin generate --data ... --completion-column ... --output` writes)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix in (".json", ".jsonl"):
-        groups = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+        groups = json.loads(text) if path.suffix == ".json" else [
+            json.loads(line) if line.lstrip().startswith("[") else _field(path, number, line, "references", list)
+            for number, line in _json_lines(text)]
         if not isinstance(groups, list) or not all(isinstance(g, list) and g and all(isinstance(r, str) for r in g)
                                                    for g in groups):
             raise ValueError(f"{path}: expected, per input, a non-empty list of reference strings")
         return groups
     return [block.split("\n") for block in text.strip("\n").split("\n\n")] if text.strip() else []
+
+
+def _json_lines(text: str) -> list[tuple[int, str]]:
+    """The non-blank lines of a JSON-lines text, with their 1-based line numbers."""
+    return [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def _field(path: Path, number: int, line: str, name: str, kind: type):
+    """Field `name` of the JSON object on line `number`; anything else is an error naming the line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
+    if not isinstance(record, dict) or not isinstance(record.get(name), kind):
+        raise ValueError(f"{path}, line {number}: expected a JSON object with a {kind.__name__} field {name!r}")
+    return record[name]
 
 
 def format_table(rows: dict[str, dict[str, float]], columns: Sequence[str] = METRIC_NAMES) -> str:
