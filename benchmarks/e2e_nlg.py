@@ -95,19 +95,29 @@ class AloneNLL:
 
 
 def mixture_processor(small, weight: float, tokenizer):
-    """A logits processor for the weighted combination, reusing the reweighter processor's incremental KV cache."""
-    from hf_plugin import PluginLogitsProcessor
+    """A logits processor for the weighted combination, running the small model with its own incremental KV cache."""
+    from transformers import LogitsProcessor
 
-    class MixtureLogitsProcessor(PluginLogitsProcessor):
+    from hf_plugin import CachedModelRunner
+    from hf_plugin.logits_process import left_padding_mask
+
+    class MixtureLogitsProcessor(LogitsProcessor):
+        def __init__(self):
+            self.runner = CachedModelRunner(small)
+
+        @staticmethod
+        def attention_mask_of(input_ids):  # prompts are left-padded
+            return left_padding_mask(input_ids, tokenizer.pad_token_id)
+
         @torch.no_grad()
         def __call__(self, input_ids, scores):
-            small_logits = self.reweighters[0].next_token_logits(input_ids, self._attention_mask).to(scores.device)
+            small_logits = self.runner.next_token_logits(input_ids, self.attention_mask_of).to(scores.device)
             small_logits = small_logits[:, : scores.shape[-1]]
             mixed = torch.logaddexp(torch.log_softmax(small_logits, -1) + math.log(weight),
                                     torch.log_softmax(scores.float(), -1) + math.log(1 - weight))
             return mixed.to(scores.dtype)
 
-    return MixtureLogitsProcessor(small, tokenizer=tokenizer)
+    return MixtureLogitsProcessor()
 
 
 # ------------------------------------------------------------------------------------------ training

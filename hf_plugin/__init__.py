@@ -6,7 +6,7 @@ from ._version import __version__
 from .combine import align_vocab, combine_logits
 from .compatibility import binding_kwargs, check_base_model, check_tokenizer, check_vocab_width, tokenizer_fingerprint
 from .configuration_plugin import PluginConfig
-from .logits_process import PluginLogitsProcessor
+from .logits_process import CachedModelRunner, PluginLogitsProcessor
 from .modeling_plugin import PluginModel, PluginPreTrainedModel, score_with_reweighters
 
 
@@ -14,6 +14,7 @@ AutoConfig.register(PluginConfig.model_type, PluginConfig, exist_ok=True)
 AutoModel.register(PluginConfig, PluginModel, exist_ok=True)
 
 __all__ = [
+    "CachedModelRunner",
     "PluginConfig",
     "PluginLogitsProcessor",
     "PluginModel",

@@ -31,7 +31,7 @@ def completion_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 def loss_positions(labels: torch.Tensor) -> torch.Tensor:
-    """`completion_positions` as a `(batch, length)` mask, for `PluginModel(..., logits_mask=...)`."""
+    """`completion_positions` as a `(batch, length)` mask, for `PluginModel.completion_logits`."""
     return torch.nn.functional.pad(completion_positions(labels), (0, 1), value=False)
 
 
@@ -58,7 +58,7 @@ class LiveBaseModel:
 
         Args:
             reweighter_logits (`torch.Tensor` of shape `(N, vocab_size)`): the reweighter's logits at the
-                `loss_positions(batch["labels"])`, in row-major order (`PluginModel(..., logits_mask=...)`).
+                `loss_positions(batch["labels"])`, in row-major order (`PluginModel.completion_logits`).
             batch (`dict`): a `hf_plugin.data.collate` batch.
             alpha (`float`): strength of the reweighter.
         """

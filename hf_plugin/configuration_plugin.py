@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from typing import Any
 
@@ -30,13 +29,14 @@ _TRANSFORMERS_KEYS = {
 
 def _known_config_keys() -> set[str]:
     own = set(inspect.signature(PluginConfig.__init__).parameters) - {"self", "kwargs"}
-    return own | {field.name for field in dataclasses.fields(PretrainedConfig)} | _TRANSFORMERS_KEYS
+    # What a plain config writes (its fields differ between transformers releases), and the legacy RoPE key.
+    return own | set(PretrainedConfig().to_dict()) | _TRANSFORMERS_KEYS | {"rope_theta"}
 
 
 # The fields of the default LLaMA-style reweighter, named as in `LlamaConfig`.
 _LLAMA_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "intermediate_size", "max_position_embeddings", "rope_theta", "rms_norm_eps", "hidden_act", "initializer_range",
+    "intermediate_size", "max_position_embeddings", "rope_parameters", "rms_norm_eps", "hidden_act", "initializer_range",
 )
 
 
@@ -65,7 +65,9 @@ class PluginConfig(PretrainedConfig):
         max_position_embeddings (`int`, *optional*, defaults to 2048):
             Longest sequence (in real, non-padding tokens) the reweighter accepts; longer inputs raise a
             `ValueError` rather than run on positions it never saw.
-        rope_theta (`float`, *optional*, defaults to 10000.0): RoPE base frequency.
+        rope_parameters (`dict`, *optional*): RoPE parameters as in `LlamaConfig`; defaults to
+            `{"rope_type": "default", "rope_theta": 10000.0}`. The legacy `rope_theta=` (configs written by
+            hf-plugin 0.1) is still read.
         rms_norm_eps (`float`, *optional*, defaults to 1e-5): epsilon of the RMS norms.
         hidden_act (`str`, *optional*, defaults to `"silu"`): MLP activation.
         initializer_range (`float`, *optional*, defaults to 0.02): standard deviation of the initial weights.
@@ -103,7 +105,7 @@ class PluginConfig(PretrainedConfig):
         num_key_value_heads: int | None = None,
         intermediate_size: int = 1024,
         max_position_embeddings: int = 2048,
-        rope_theta: float = 10000.0,
+        rope_parameters: dict[str, Any] | None = None,
         rms_norm_eps: float = 1e-5,
         hidden_act: str = "silu",
         initializer_range: float = 0.02,
@@ -155,7 +157,9 @@ class PluginConfig(PretrainedConfig):
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
         self.intermediate_size = intermediate_size
         self.max_position_embeddings = max_position_embeddings
-        self.rope_theta = rope_theta
+        # Configs written before `rope_parameters` carry a bare `rope_theta`.
+        rope_theta = kwargs.pop("rope_theta", 10000.0)
+        self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": rope_theta})
         self.rms_norm_eps = rms_norm_eps
         self.hidden_act = hidden_act
         self.initializer_range = initializer_range

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -13,42 +12,89 @@ from transformers.utils import logging
 
 from .combine import align_vocab, combine_logits
 from .compatibility import check_tokenizer, check_vocab_width
-from .modeling_plugin import PluginModel
+from .modeling_plugin import PluginModel, accepts_logits_to_keep, position_ids_from_attention_mask
 
 
 logger = logging.get_logger(__name__)
 
 
 @dataclass
-class _ReweighterState:
-    """What the reweighter's KV cache currently holds: these ids, under this attention mask."""
+class _RunnerState:
+    """What a runner's KV cache currently holds: these ids, under this attention mask."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     cache: Cache
 
 
-class _CachedReweighter:
-    """One reweighter and its KV cache, brought up to date with whatever ids it is shown."""
+class CachedModelRunner:
+    r"""
+    Runs a causal LM beside `generate()` with its own KV cache, and returns its next-token logits for whatever
+    sequences it is shown: the engine of `PluginLogitsProcessor`, for any decode-time method that needs a second
+    model's logits (a reweighter, a proxy-tuning expert, a mixture component).
 
-    def __init__(self, plugin: PluginModel):
-        self.plugin = plugin
-        self.state: _ReweighterState | None = None
-        # Only the last position's logits are needed; skip the output layer elsewhere when the backbone can.
-        takes_keep = "logits_to_keep" in inspect.signature(plugin.backbone.forward).parameters
-        self.last_logits_only = {"logits_to_keep": 1} if takes_keep else {}
+    It works out from the ids alone what happened since its last call: one token appended to every row extends the
+    cache; rows reordered or duplicated (beam search) gather the cache rows first; anything else (a new generation,
+    assisted decoding rolling back) crops the cache to the longest prefix every row still shares, or rebuilds it.
+    Left padding is handled with the masks given by `attention_mask_of`: padded rows see the positions an unpadded
+    row would.
+
+    Args:
+        model (`PreTrainedModel`): a causal LM (a `PluginModel` or any `AutoModelForCausalLM`), on any device or
+            dtype; it is run under `torch.no_grad()` by the caller as needed and never modified.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> from hf_plugin import CachedModelRunner
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)).eval()
+    >>> runner = CachedModelRunner(model)
+    >>> ids = torch.tensor([[0, 0, 7, 8], [5, 6, 7, 8]])  # the first row is left-padded with 0
+    >>> mask_of = lambda ids: (ids != 0).long().cummax(dim=1).values
+    >>> with torch.no_grad():
+    ...     first = runner.next_token_logits(ids, mask_of)
+    ...     step = runner.next_token_logits(torch.cat([ids, torch.tensor([[9], [9]])], dim=1), mask_of)
+    ...     alone = model(torch.tensor([[7, 8, 9]])).logits[:, -1]
+    >>> first.shape, bool(torch.allclose(step[0], alone[0], atol=1e-5))
+    (torch.Size([2, 50]), True)
+
+    ```
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.state: _RunnerState | None = None
+        # Only the last position's logits are needed; skip the output layer elsewhere when the model can.
+        self.last_logits_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+
+    def reset(self) -> None:
+        """Forgets the cache; the next call runs the whole sequence."""
+        self.state = None
 
     def next_token_logits(
-        self, input_ids: torch.LongTensor, attention_mask_of: Callable[[torch.LongTensor], torch.Tensor]
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask_of: Callable[[torch.LongTensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Runs the reweighter on what its cache does not hold yet; returns float32 logits for the last position.
+        """Runs the model on what its cache does not hold yet; returns float32 logits for the last position.
 
-        `attention_mask_of(input_ids)` gives the full mask of a sequence; it is only called when the cache cannot
-        simply be extended by one token.
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): the whole sequences so far.
+            attention_mask_of (`Callable`, *optional*): gives the full attention mask (1 real, 0 padding) of a batch
+                of sequences; only called when the cache cannot simply be extended by one token. Without it no
+                token is padding.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, vocab_size)`.
         """
-        device = self.plugin.device
+        device = self.model.device
         input_ids = input_ids.to(device)
-        start, row_order, attention_mask = self._plan(input_ids, lambda ids: attention_mask_of(ids).to(device))
+        mask_of = attention_mask_of or torch.ones_like
+        start, row_order, attention_mask = self._plan(input_ids, lambda ids: mask_of(ids).to(device))
         if start == 0:
             cache = DynamicCache()
         else:
@@ -56,17 +102,22 @@ class _CachedReweighter:
             if row_order is not None:
                 cache.reorder_cache(row_order)
             _crop(cache, start)
-        # An all-ones mask is passed as None: the backbone then need not build a padding mask at every step.
+        # An all-ones mask is passed as None: the model then need not build a padding mask at every step.
         padded = not bool(attention_mask.all())
-        outputs = self.plugin(
-            input_ids[:, start:], attention_mask=attention_mask if padded else None, past_key_values=cache,
-            use_cache=True, **self.last_logits_only,
+        inputs = {}
+        if padded:
+            position_ids = position_ids_from_attention_mask(attention_mask)[:, start:]
+            inputs = {"attention_mask": attention_mask, "position_ids": position_ids}
+        outputs = self.model(
+            input_ids[:, start:], past_key_values=cache, use_cache=True, **inputs, **self.last_logits_only
         )
         # generate() may hand us views of buffers it later edits in place (beam search), so keep a copy.
-        self.state = _ReweighterState(input_ids.clone(), attention_mask, outputs.past_key_values)
+        self.state = _RunnerState(input_ids.clone(), attention_mask, outputs.past_key_values)
         logits = outputs.logits[:, -1].float()
         if not torch.isfinite(logits).all():
-            raise FloatingPointError("The reweighter produced NaN or infinite logits; its weights may be corrupt.")
+            raise FloatingPointError(
+                f"The {type(self.model).__name__} produced NaN or infinite logits; its weights may be corrupt."
+            )
         return logits
 
     def _plan(self, input_ids, attention_mask_of) -> tuple[int, torch.Tensor | None, torch.Tensor]:
@@ -192,7 +243,7 @@ class PluginLogitsProcessor(LogitsProcessor):
                 check_tokenizer(p.config, tokenizer, strict=strict)
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = tokenizer.pad_token_id
-        self.reweighters = [_CachedReweighter(p) for p in plugins]
+        self.runners = [CachedModelRunner(p) for p in plugins]
         self.alphas = alphas
         self.pad_token_id = pad_token_id
         self.strict = strict
@@ -202,8 +253,8 @@ class PluginLogitsProcessor(LogitsProcessor):
 
     def reset(self) -> None:
         """Forgets the reweighters' caches; the next call starts afresh. Never needed for correctness."""
-        for reweighter in self.reweighters:
-            reweighter.state = None
+        for runner in self.runners:
+            runner.reset()
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
@@ -211,15 +262,15 @@ class PluginLogitsProcessor(LogitsProcessor):
         if width != self._checked_width:
             self._check_width(width)
         reweighter_logits = [
-            align_vocab(r.next_token_logits(input_ids, self._attention_mask).to(scores.device), width)
-            for r in self.reweighters
+            align_vocab(runner.next_token_logits(input_ids, self._attention_mask).to(scores.device), width)
+            for runner in self.runners
         ]
         return combine_logits(scores, reweighter_logits, self.alphas).to(scores.dtype)
 
     def _check_width(self, width: int) -> None:
-        for reweighter in self.reweighters:
+        for runner in self.runners:
             try:
-                check_vocab_width(reweighter.plugin.config, width)
+                check_vocab_width(runner.model.config, width)
             except ValueError as error:
                 if self.strict:
                     raise
@@ -249,8 +300,13 @@ class PluginLogitsProcessor(LogitsProcessor):
                     "new processor for each batch of prompts."
                 )
         if self.pad_token_id is not None:
-            return (input_ids != self.pad_token_id).long().cummax(dim=1).values
+            return left_padding_mask(input_ids, self.pad_token_id)
         return torch.ones_like(input_ids)
+
+
+def left_padding_mask(input_ids: torch.LongTensor, pad_token_id: int) -> torch.Tensor:
+    """The attention mask of left-padded rows: 0 on the leading `pad_token_id` tokens of each row, 1 after."""
+    return (input_ids != pad_token_id).long().cummax(dim=1).values
 
 
 def _match_rows(prefixes: torch.Tensor, cached: torch.Tensor) -> tuple[bool, torch.Tensor | None]:

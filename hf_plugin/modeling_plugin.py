@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from collections.abc import Sequence
@@ -79,8 +80,13 @@ class PluginModel(PluginPreTrainedModel):
     """
 
     def __init__(self, config: PluginConfig):
+        # What the caller asked for (e.g. `from_pretrained(..., attn_implementation=, dtype=)`), read before the
+        # outer model resolves its own default attention: the backbone is the network that uses them.
+        requested = {"attn_implementation": config._attn_implementation, "dtype": config.dtype}
         super().__init__(config)
-        self.backbone = AutoModelForCausalLM.from_config(config.backbone_config())
+        self.backbone = AutoModelForCausalLM.from_config(
+            config.backbone_config(), **{key: value for key, value in requested.items() if value is not None}
+        )
         # What the model card was rendered from (training, metrics, evaluation, ...); kept across save and load.
         self.card_sections: dict = {}
         self.post_init()
@@ -175,7 +181,7 @@ class PluginModel(PluginPreTrainedModel):
             self.save_pretrained(directory, tokenizer=tokenizer, model_card=model_card, with_code=with_code)
             return push_folder(
                 directory, repo_id, revision=revision, commit_message=commit_message, private=private, token=token,
-                create_pr=create_pr,
+                create_pr=create_pr, with_code=with_code,
             )
 
     @classmethod
@@ -237,7 +243,6 @@ class PluginModel(PluginPreTrainedModel):
         labels: torch.LongTensor | None = None,
         alpha: float | None = None,
         logits_to_keep: int = 0,
-        logits_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -258,33 +263,21 @@ class PluginModel(PluginPreTrainedModel):
             logits_to_keep (`int`, *optional*, defaults to 0):
                 Compute the reweighter's own logits for the last `logits_to_keep` positions only (0: all). Saves
                 the output layer's work when only the next token matters; not combinable with `base_logits`
-                or `labels`.
-            logits_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
-                Compute the reweighter's own logits only where the mask is true, returned flattened as
-                `(num_selected, vocab_size)` in row-major order. Training uses it to skip the output layer on
-                prompt tokens, which carry no loss; not combinable with `base_logits`, `labels` or `logits_to_keep`.
+                or `labels`. (Training selects arbitrary positions with `completion_logits` instead.)
 
         Returns:
-            `CausalLMOutputWithPast`: `.logits` are the reweighter's own logits without `base_logits`, or the
-            combined log-probabilities (width of `base_logits`) with them; `.loss` is set when `labels` are.
+            `CausalLMOutputWithPast`: `.logits` of shape `(batch_size, sequence_length, vocab)` (the last
+            `logits_to_keep` positions when given) are the reweighter's own logits, exactly as its backbone's
+            forward returns them, without `base_logits`; with them they are the combined log-probabilities (the
+            width of `base_logits`). `.loss` is set when `labels` are.
         """
-        if (logits_to_keep or logits_mask is not None) and (base_logits is not None or labels is not None):
-            raise ValueError("`logits_to_keep` and `logits_mask` cannot be combined with `base_logits` or `labels`.")
-        if logits_to_keep and logits_mask is not None:
-            raise ValueError("Pass `logits_to_keep` or `logits_mask`, not both.")
+        if logits_to_keep and (base_logits is not None or labels is not None):
+            raise ValueError("`logits_to_keep` cannot be combined with `base_logits` or `labels`.")
         self._check_positions(input_ids, attention_mask, position_ids, past_key_values)
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         if position_ids is None and attention_mask is not None:
             position_ids = position_ids_from_attention_mask(attention_mask)[:, -input_ids.shape[1] :]
-        if logits_mask is not None:
-            body = self.backbone.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, use_cache=use_cache, **kwargs,
-            )
-            hidden = body.last_hidden_state[logits_mask.to(body.last_hidden_state.device)]
-            logits = self.backbone.get_output_embeddings()(hidden)
-            return CausalLMOutputWithPast(logits=logits, past_key_values=body.past_key_values)
         outputs = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -310,6 +303,44 @@ class PluginModel(PluginPreTrainedModel):
             loss = next_token_nll(logits if base_logits is not None else logits.float().log_softmax(-1), labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
+    def completion_logits(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, logits_mask: torch.Tensor
+    ) -> torch.Tensor:
+        r"""The reweighter's own logits at the positions where `logits_mask` is true: what training needs.
+
+        Equal to `self(input_ids, attention_mask=attention_mask).logits[logits_mask]` for every backbone, including
+        those whose head post-processes logits (Gemma-2's final soft-capping, Granite's `logits_scaling`), but the
+        output layer — most of the work with a large vocabulary — skips the positions that carry no loss. The
+        default LLaMA-style reweighter's head is its output layer alone, so it runs on the selected positions only;
+        another backbone runs its own forward with `logits_to_keep` set to the columns holding any selected position.
+        Call it through `CompletionLogits` when training with several processes.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding.
+            logits_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): the positions to score, e.g.
+                `hf_plugin.base_logits.loss_positions(labels)`.
+
+        Returns:
+            `torch.Tensor` of shape `(num_selected, vocab_size)`: one row per selected position, in row-major order.
+        """
+        if logits_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`logits_mask` must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(logits_mask.shape)}."
+            )
+        self._check_positions(input_ids, attention_mask, None, None)
+        position_ids = position_ids_from_attention_mask(attention_mask) if attention_mask is not None else None
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
+        mask = logits_mask.to(device=input_ids.device, dtype=torch.bool)
+        if self.config.backbone is None:
+            hidden = self.backbone.base_model(**inputs).last_hidden_state
+            return self.backbone.get_output_embeddings()(hidden[mask])
+        if not accepts_logits_to_keep(self.backbone):
+            return self.backbone(**inputs).logits[mask]
+        columns = mask.any(dim=0).nonzero().squeeze(1)
+        return self.backbone(**inputs, logits_to_keep=columns).logits[mask[:, columns]]
+
     def _check_positions(self, input_ids, attention_mask, position_ids, past_key_values) -> None:
         """Raises when a sequence is longer than the reweighter's `max_position_embeddings`."""
         limit = self.config.max_position_embeddings
@@ -325,6 +356,31 @@ class PluginModel(PluginPreTrainedModel):
                 f"The sequence has {longest} tokens but the reweighter accepts at most "
                 f"max_position_embeddings={limit}. Shorten the prompt or `max_new_tokens`."
             )
+
+
+class CompletionLogits(torch.nn.Module):
+    """`PluginModel.completion_logits` as a module's `forward`, for training with Accelerate.
+
+    Distributed data parallel synchronises gradients only through the forward of the module it wraps, so the
+    trainer prepares this wrapper rather than the reweighter itself.
+
+    Args:
+        plugin (`PluginModel`): the reweighter, available as `.plugin` (e.g. to save it).
+    """
+
+    def __init__(self, plugin: PluginModel):
+        super().__init__()
+        self.plugin = plugin
+
+    def forward(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, logits_mask: torch.Tensor
+    ) -> torch.Tensor:
+        return self.plugin.completion_logits(input_ids, attention_mask, logits_mask)
+
+
+def accepts_logits_to_keep(model: PreTrainedModel) -> bool:
+    """Whether a causal LM's forward takes `logits_to_keep` (to run its output layer on some positions only)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def score_with_reweighters(

@@ -22,7 +22,7 @@ from transformers.utils import logging
 
 from .base_logits import loss_positions
 from .data import EncodedExample, collate
-from .modeling_plugin import PluginModel
+from .modeling_plugin import CompletionLogits, PluginModel
 
 
 logger = logging.get_logger(__name__)
@@ -127,7 +127,7 @@ class _Trainer:
         # embedding and output layers dominate its size.
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in plugin.parameters())
         optimizer = torch.optim.AdamW(_parameter_groups(plugin, args.weight_decay), lr=args.learning_rate, fused=fused)
-        self.model, self.optimizer, self.loader = accelerator.prepare(plugin, optimizer, loader)
+        self.model, self.optimizer, self.loader = accelerator.prepare(CompletionLogits(plugin), optimizer, loader)
         # Validation is split by hand (every process takes a stride) so that no example is counted twice.
         rank, world = accelerator.process_index, accelerator.num_processes
         self.validation = list(validation_examples)[rank::world]
@@ -182,8 +182,7 @@ class _Trainer:
                 # the step then minimises the mean NLL over all tokens of all processes, as one process would.
                 sync = position == len(group) - 1
                 with (nullcontext() if sync else accelerator.no_sync(self.model)), accelerator.autocast():
-                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                        logits_mask=loss_positions(batch["labels"])).logits
+                    logits = self.model(batch["input_ids"], batch["attention_mask"], loss_positions(batch["labels"]))
                     nll = self.train_source.nll(logits, batch, self.alpha)
                     loss = nll.sum() * accelerator.num_processes / total_tokens
                 accelerator.backward(loss)
@@ -240,7 +239,7 @@ class _Trainer:
         if self.accelerator.is_main_process:
             final, temporary = self.output_dir / BEST_DIR, self.output_dir / (BEST_DIR + ".tmp")
             shutil.rmtree(temporary, ignore_errors=True)
-            self.accelerator.unwrap_model(self.model).save_pretrained(temporary)
+            self.accelerator.unwrap_model(self.model).plugin.save_pretrained(temporary)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(temporary, final)
         self.accelerator.wait_for_everyone()
@@ -286,7 +285,7 @@ def completion_nll(
     """Summed NLL of the completion tokens of `examples` under the combination, and the number of tokens.
 
     Args:
-        model (`PluginModel`, possibly wrapped for distributed training): the reweighter.
+        model (`PluginModel`, or a `CompletionLogits` holding one, possibly prepared by Accelerate): the reweighter.
         examples (`Sequence[EncodedExample]`): tokenised pairs.
         source: `LiveBaseModel` (full logits) or `CachedBaseLogits` (the top-k bound).
         alpha (`float`): strength of the reweighter.
@@ -295,11 +294,11 @@ def completion_nll(
         device (*optional*): where to put the batches; defaults to the model's device.
     """
     device = device or next(model.parameters()).device
+    scorer = CompletionLogits(model) if isinstance(model, PluginModel) else model
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_mask=loss_positions(batch["labels"])).logits
+        logits = scorer(batch["input_ids"], batch["attention_mask"], loss_positions(batch["labels"]))
         nll = source.nll(logits, batch, alpha)
         total, count = total + nll.double().sum().item(), count + nll.numel()
     return total, count

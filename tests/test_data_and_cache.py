@@ -85,8 +85,7 @@ def test_cache_with_whole_vocabulary_equals_live_and_resumes(encoded, tmp_path):
     cache_dir = write_base_cache(base, encoded, tmp_path / "cache", k=96, batch_size=6, examples_per_shard=16, pad_token_id=PAD)
     cached, live = CachedBaseLogits(cache_dir, encoded), LiveBaseModel(base)
     batch = collate(encoded[10:18], PAD)
-    logits = plugin(batch["input_ids"], attention_mask=batch["attention_mask"],
-                    logits_mask=loss_positions(batch["labels"])).logits
+    logits = plugin.completion_logits(batch["input_ids"], batch["attention_mask"], loss_positions(batch["labels"]))
     torch.testing.assert_close(cached.nll(logits, batch, 1.0), live.nll(logits, batch, 1.0), atol=5e-3, rtol=0)
 
     # resuming rewrites only what is missing

@@ -7,9 +7,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    AutoConfig, AutoModel, Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, GraniteConfig,
+    GraniteForCausalLM,
+)
 
 from hf_plugin import PluginConfig, PluginModel, binding_kwargs, tokenizer_fingerprint
+from hf_plugin.base_logits import LiveBaseModel, loss_positions
+from hf_plugin.modeling_plugin import CompletionLogits
 
 from conftest import PAD, VOCAB, make_base, make_plugin, make_tokenizer
 
@@ -180,14 +185,86 @@ def test_logits_to_keep_returns_last_positions_only():
         plugin(ids, logits_to_keep=1, base_logits=torch.randn(2, 6, VOCAB))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_logits_mask_selects_positions(arch):
-    plugin = make_plugin(arch)
-    ids = torch.randint(3, VOCAB, (3, 7))
-    mask = torch.rand(3, 7) > 0.5
+def make_postprocessing_plugin(arch: str) -> PluginModel:
+    """A tiny reweighter whose backbone post-processes its logits: Gemma-2 soft-caps them, Granite scales them."""
+    torch.manual_seed(2)
+    sizes = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, max_position_embeddings=128)
+    if arch == "gemma2":
+        backbone = Gemma2ForCausalLM(Gemma2Config(**sizes, head_dim=16, final_logit_softcapping=5.0,
+                                                  attn_implementation="eager"))
+    else:
+        backbone = GraniteForCausalLM(GraniteConfig(**sizes, logits_scaling=4.0))
+    plugin = PluginModel.from_causal_lm(backbone)
+    with torch.no_grad():  # logits large enough for the head's post-processing to matter
+        plugin.get_output_embeddings().weight.mul_(20.0)
+    return plugin.eval()
+
+
+def padded_batch_and_positions():
+    """Right-padded rows of different lengths, and an irregular set of positions to score in each."""
+    torch.manual_seed(3)
+    ids = torch.randint(3, VOCAB, (3, 9))
     attention = torch.ones_like(ids)
-    attention[1, :2] = 0
-    selected = plugin(ids, attention_mask=attention, logits_mask=mask).logits
-    torch.testing.assert_close(selected, plugin(ids, attention_mask=attention).logits[mask], atol=1e-5, rtol=0)
+    attention[0, 6:] = 0
+    attention[2, 4:] = 0
+    positions = (torch.rand(3, 9) > 0.4) & attention.bool()
+    positions[1, :5] = False
+    return ids, attention, positions
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "gemma2", "granite"])
+def test_completion_logits_equal_the_forward_at_the_selected_positions(arch):
+    plugin = make_plugin(arch) if arch in ARCHS else make_postprocessing_plugin(arch)
+    ids, attention, positions = padded_batch_and_positions()
+    with torch.no_grad():
+        selected = plugin.completion_logits(ids, attention, positions)
+        full = plugin(ids, attention_mask=attention).logits
+    assert selected.shape == (int(positions.sum()), VOCAB)
+    torch.testing.assert_close(selected, full[positions], atol=1e-5, rtol=0)
+    torch.testing.assert_close(CompletionLogits(plugin)(ids, attention, positions), selected)
     with pytest.raises(ValueError, match="logits_mask"):
-        plugin(ids, logits_mask=mask, labels=ids)
+        plugin.completion_logits(ids, attention, positions[:, :-1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "granite"])
+def test_training_loss_equals_the_generation_path_for_post_processing_backbones(arch):
+    plugin = make_plugin(arch) if arch == "llama" else make_postprocessing_plugin(arch)
+    base = make_base("llama")
+    ids, attention, positions = padded_batch_and_positions()
+    labels = ids.masked_fill(~torch.nn.functional.pad(positions[:, :-1], (1, 0)), -100)
+    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    with torch.no_grad():
+        trained = LiveBaseModel(base).nll(plugin.completion_logits(ids, attention, loss_positions(labels)), batch, 0.7)
+        combined = plugin(ids, attention_mask=attention, base_logits=base(ids, attention_mask=attention).logits,
+                          alpha=0.7).logits
+    targets = labels[:, 1:][labels[:, 1:] != -100]
+    generated = -combined[:, :-1][labels[:, 1:] != -100].gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(trained, generated, atol=1e-4, rtol=0)
+
+
+def test_from_pretrained_passes_attention_and_dtype_to_the_backbone(tmp_path):
+    make_plugin("llama").save_pretrained(tmp_path)
+    loaded = PluginModel.from_pretrained(tmp_path, attn_implementation="eager", dtype=torch.bfloat16)
+    assert loaded.backbone.config._attn_implementation == "eager"
+    assert loaded.backbone.config.dtype == torch.bfloat16
+    assert {p.dtype for p in loaded.backbone.parameters()} == {torch.bfloat16}
+    built = PluginModel(PluginConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, attn_implementation="eager"))
+    assert built.backbone.config._attn_implementation == "eager"
+
+
+def test_rope_parameters_are_written_and_legacy_rope_theta_is_read(tmp_path):
+    torch.manual_seed(0)
+    plugin = PluginModel(PluginConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 500.0})).eval()
+    plugin.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_parameters"]["rope_theta"] == 500.0 and "rope_theta" not in written
+    # A config written by hf-plugin 0.1 carries the legacy key instead.
+    del written["rope_parameters"]
+    (tmp_path / "config.json").write_text(json.dumps({**written, "rope_theta": 500.0}))
+    old = PluginModel.from_pretrained(tmp_path)
+    assert old.backbone.config.rope_parameters["rope_theta"] == 500.0
+    ids = torch.randint(3, VOCAB, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(old(ids).logits, plugin(ids).logits, atol=0, rtol=0)

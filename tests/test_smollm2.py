@@ -82,8 +82,8 @@ def test_top64_cache_bounds_the_full_logit_nll_on_smollm2(smollm2, plugin, tmp_p
     fresh = PluginModel(PluginConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128)).eval()
     for reweighter, mean_gap in ((fresh, 0.15), (plugin, None)):  # a freshly initialised one (0.07 seen), a peaky one
         with torch.no_grad():
-            logits = reweighter(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                logits_mask=loss_positions(batch["labels"])).logits
+            logits = reweighter.completion_logits(batch["input_ids"], batch["attention_mask"],
+                                                  loss_positions(batch["labels"]))
             exact = LiveBaseModel(base).nll(logits, batch, 1.0)
             bound = cache.nll(logits, batch, 1.0)
             base_alone = LiveBaseModel(base).nll(logits, batch, 0.0)
