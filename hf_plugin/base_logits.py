@@ -11,14 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .combine import align_vocab, combine_logits, combine_topk_nll
+from .compatibility import binding_kwargs
 from .data import EncodedExample, collate
 
 
@@ -74,6 +78,43 @@ class LiveBaseModel:
         return -combine_logits(base, reweighter, alpha).gather(-1, targets[:, None]).squeeze(-1)
 
 
+# Index fields that tie a cache to its data, its layout and its base model: a directory whose cache differs in
+# any of them holds another cache, and its shards must not be reused.
+IDENTITY_FIELDS = (
+    "examples_fingerprint", "num_examples", "k", "examples_per_shard", "shards", "vocab_size",
+    "base_model_name_or_path", "base_model_revision", "base_model_file", "tokenizer_fingerprint",
+)
+MANIFEST_FILE = "manifest.json"
+SHARD_PATTERN = "shard-*.safetensors"
+# Log-probs are stored in float16: allow its rounding above 0 in the plausibility checks.
+LOGPROB_TOLERANCE = 1e-2
+
+
+def _write_json(path: Path, content: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(content, indent=2))
+    os.replace(temporary, path)
+
+
+def _differences(found: dict, expected: dict) -> list[str]:
+    """The identity fields of `expected` that `found` (a manifest or index) does not share."""
+    return [f"{key} {found.get(key)!r} != {expected[key]!r}" for key in IDENTITY_FIELDS
+            if key != "shards" and key in expected and found.get(key) != expected[key]]
+
+
+def _stale_cache_error(directory: Path, differences: list[str]) -> ValueError:
+    return ValueError(
+        f"{directory} holds a base-logit cache of other data or another base ({'; '.join(differences)}); "
+        "write the cache to a fresh directory, or overwrite it (overwrite=True, `--overwrite-cache`)."
+    )
+
+
+def check_top_k(k: int, vocab_size: int) -> None:
+    """Raises unless `1 <= k <= vocab_size` (a cache of top-0 log-probs, or of more tokens than exist, is useless)."""
+    if not isinstance(k, int) or not 1 <= k <= vocab_size:
+        raise ValueError(f"k (--top-k) must be between 1 and the vocabulary size {vocab_size}, got {k!r}.")
+
+
 @torch.no_grad()
 def write_base_cache(
     model: PreTrainedModel,
@@ -83,58 +124,105 @@ def write_base_cache(
     batch_size: int = 8,
     examples_per_shard: int = 512,
     pad_token_id: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
     metadata: dict | None = None,
+    accelerator=None,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Runs the base model once over `examples` and writes its top-k log-probs at every completion position.
 
-    Shards of `examples_per_shard` consecutive examples are written atomically (a temporary name, then a rename),
-    so an interrupted run is resumed by calling this again: finished shards are skipped. With several processes,
-    process `rank` of `world_size` writes every `world_size`-th shard; rank 0 writes the index once all shards
-    exist (call it on every process, then synchronise, then read).
+    A manifest naming the data (`examples_fingerprint`), `k`, the shard layout and the base model is written
+    before any shard, and each shard records the fingerprint and its number in its safetensors metadata. Shards
+    of `examples_per_shard` consecutive examples are written atomically (a temporary name, then a rename), so an
+    interrupted run is resumed by calling this again with the same arguments: finished shards are kept. A
+    directory holding a cache of other data, another `k` or another base raises, unless `overwrite=True`, which
+    deletes that cache first.
+
+    With several processes, call it on every process: process `i` of `n` writes every `n`-th shard, the main
+    process waits for all of them and writes the index (`index.json`, the manifest marked complete), and every
+    process returns once the index exists.
 
     Args:
         model (`PreTrainedModel`): the frozen base model.
         examples (`Sequence[EncodedExample]`): the tokenised data, in the order training will index it.
         directory (`str` or `Path`): where the cache goes.
-        k (`int`, *optional*, defaults to 64): how many top tokens to keep per position.
+        k (`int`, *optional*, defaults to 64): how many top tokens to keep per position (1 to the vocabulary size).
         batch_size (`int`, *optional*, defaults to 8): base-model batch size.
         examples_per_shard (`int`, *optional*, defaults to 512): examples per file.
         pad_token_id (`int`, *optional*, defaults to 0): id used to pad batches.
-        rank, world_size (`int`, *optional*): this process and the number of processes.
-        metadata (`dict`, *optional*): recorded in the index (e.g. base model name, tokenizer fingerprint).
+        metadata (`dict`, *optional*): recorded in the index and compared on resume (e.g. `base_model_name_or_path`,
+            `base_model_revision`, `base_model_file`, `tokenizer_fingerprint`); never a local path.
+        accelerator (`accelerate.Accelerator` or `accelerate.PartialState`, *optional*): the processes sharing the
+            work; defaults to `PartialState()` (one process unless launched distributed).
+        overwrite (`bool`, *optional*, defaults to `False`): delete a cache of other data found in `directory`.
+        progress (`bool`, *optional*, defaults to `True`): show a progress bar (positions per second) on the main
+            process.
 
     Returns:
         `Path`: the cache directory.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    check_top_k(k, vocab_size)
+    state = accelerator if accelerator is not None else PartialState()
     shards = [list(range(start, min(start + examples_per_shard, len(examples))))
               for start in range(0, len(examples), examples_per_shard)]
     names = [f"shard-{number:05d}.safetensors" for number in range(len(shards))]
-    for number in range(rank, len(shards), world_size):
-        path = directory / names[number]
-        if path.exists():
-            continue
-        tensors = _shard_tensors(model, [examples[i] for i in shards[number]], k, batch_size, pad_token_id)
-        temporary = path.with_suffix(".tmp")
-        save_file(tensors, str(temporary))
-        os.replace(temporary, path)
-    if rank == 0 and all((directory / name).exists() for name in names):
-        index = {
-            "k": k, "vocab_size": model.get_output_embeddings().weight.shape[0], "num_examples": len(examples),
-            "examples_per_shard": examples_per_shard, "shards": names,
-            "examples_fingerprint": examples_fingerprint(examples), **(metadata or {}),
-        }
-        temporary = directory / (INDEX_FILE + ".tmp")
-        temporary.write_text(json.dumps(index, indent=2))
-        os.replace(temporary, directory / INDEX_FILE)
+    fingerprint = examples_fingerprint(examples)
+    manifest = {
+        "k": k, "vocab_size": vocab_size, "num_examples": len(examples), "examples_per_shard": examples_per_shard,
+        "shards": names, "examples_fingerprint": fingerprint, **(metadata or {}),
+    }
+    _claim_directory(directory, manifest, overwrite, state)
+    mine = [number for number in range(state.process_index, len(shards), state.num_processes)
+            if not _shard_is_written(directory / names[number], fingerprint, number)]
+    positions = sum(_completion_counts([examples[i] for n in mine for i in shards[n]]))
+    with tqdm(total=positions, unit="pos", unit_scale=True, desc=f"Base-logit cache {directory.name}",
+              disable=not (progress and state.is_main_process)) as bar:
+        for number in mine:
+            tensors = _shard_tensors(model.eval(), [examples[i] for i in shards[number]], k, batch_size, pad_token_id, bar)
+            temporary = (directory / names[number]).with_suffix(".tmp")
+            save_file(tensors, str(temporary), metadata={"examples_fingerprint": fingerprint, "shard": str(number)})
+            os.replace(temporary, directory / names[number])
+    state.wait_for_everyone()  # the index needs every process's shards
+    if state.is_main_process:
+        _write_json(directory / INDEX_FILE, manifest)
+    state.wait_for_everyone()
     return directory
 
 
-def _shard_tensors(model, examples, k, batch_size, pad_token_id) -> dict[str, torch.Tensor]:
+def _claim_directory(directory: Path, manifest: dict, overwrite: bool, state) -> None:
+    """Refuses (or, with `overwrite`, clears) a directory holding a cache of other data, then writes the manifest."""
+    found = directory / MANIFEST_FILE
+    stale = any(directory.glob(SHARD_PATTERN)) or (directory / INDEX_FILE).exists()
+    differences = _differences(json.loads(found.read_text()), manifest) if found.exists() else (
+        ["shards or an index without a manifest"] if stale else [])
+    if differences and not overwrite:
+        raise _stale_cache_error(directory, differences)
+    if state.is_main_process and (differences or not found.exists()):
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in [*directory.glob(SHARD_PATTERN), directory / INDEX_FILE]:
+            path.unlink(missing_ok=True)
+        _write_json(found, manifest)
+    state.wait_for_everyone()  # no shard before the manifest that names its data
+
+
+def _shard_is_written(path: Path, fingerprint: str, number: int) -> bool:
+    if not path.exists():
+        return False
+    with safe_open(str(path), framework="pt") as handle:
+        found = handle.metadata() or {}
+    if found.get("examples_fingerprint") != fingerprint or found.get("shard") != str(number):
+        raise ValueError(f"{path} was written for other data ({found or 'no fingerprint'}); delete it or the cache.")
+    return True
+
+
+def _completion_counts(examples: Sequence[EncodedExample]) -> list[int]:
+    """Completion positions of each example, as `completion_positions` counts them in a batch."""
+    return [sum(label != -100 for label in example.labels[1:]) for example in examples]
+
+
+def _shard_tensors(model, examples, k, batch_size, pad_token_id, bar) -> dict[str, torch.Tensor]:
     ids, values, label_values, counts = [], [], [], []
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad_token_id)
@@ -148,6 +236,7 @@ def _shard_tensors(model, examples, k, batch_size, pad_token_id) -> dict[str, to
         values.append(top_values.to(torch.float16))
         label_values.append(log_probs.gather(-1, targets[:, None]).squeeze(-1))
         counts.append(positions.sum(dim=1))
+        bar.update(len(targets))
     counts = torch.cat(counts)
     return {
         "topk_ids": torch.cat(ids), "topk_logprobs": torch.cat(values), "label_logprobs": torch.cat(label_values),
@@ -155,8 +244,101 @@ def _shard_tensors(model, examples, k, batch_size, pad_token_id) -> dict[str, to
     }
 
 
+def _check_shard(path: Path, tensors: dict[str, torch.Tensor], expected_counts: list[int], vocab_size: int) -> None:
+    """Cheap plausibility checks of one shard, naming it: log-probs of a distribution, offsets of this data."""
+    top, label = tensors["topk_logprobs"].float(), tensors["label_logprobs"].float()
+    counts = tensors["offsets"].diff().tolist()
+    problems = {
+        "non-finite log-probs": not (torch.isfinite(top).all() and torch.isfinite(label).all()),
+        "positive log-probs": bool((top > LOGPROB_TOLERANCE).any() or (label > LOGPROB_TOLERANCE).any()),
+        "top-k log-probs not sorted in descending order": bool((top.diff(dim=-1) > LOGPROB_TOLERANCE).any()),
+        "top-k mass above 1": bool((top.logsumexp(-1) > LOGPROB_TOLERANCE).any()),
+        "token ids outside the vocabulary": bool(((tensors["topk_ids"] < 0) | (tensors["topk_ids"] >= vocab_size)).any()),
+        "offsets that do not match the data's completion positions": (
+            counts != expected_counts or int(tensors["offsets"][0]) != 0 or int(tensors["offsets"][-1]) != len(top)),
+    }
+    found = [problem for problem, present in problems.items() if present]
+    if found:
+        raise ValueError(f"Corrupt base-logit cache shard {path}: {', '.join(found)}; write the cache again "
+                         "(a fresh directory, or overwrite=True / `--overwrite-cache`).")
+
+
+def cached_base_sources(
+    load_base: Callable[[], PreTrainedModel],
+    tokenizer: PreTrainedTokenizerBase,
+    splits: dict[str, Sequence[EncodedExample]],
+    cache_dir: str | Path,
+    k: int = 64,
+    batch_size: int = 8,
+    revision: str | None = None,
+    base_model_id: str | None = None,
+    accelerator=None,
+    overwrite: bool = False,
+) -> tuple[dict[str, CachedBaseLogits], dict]:
+    """Base-logit caches of several splits, written first where missing, and the binding of a new reweighter.
+
+    `cache_dir/<split>` holds each split's cache. The base model is loaded (by calling `load_base`) only when a
+    cache must be written; otherwise the binding is read from the caches, which record the base they came from.
+
+    Args:
+        load_base (`Callable[[], PreTrainedModel]`): returns the frozen base model; called at most once.
+        tokenizer (`PreTrainedTokenizerBase`): the tokenizer that encoded the splits.
+        splits (`dict[str, Sequence[EncodedExample]]`): the tokenised data of each split, e.g. `train`, `validation`.
+        cache_dir (`str` or `Path`): the folder of the caches.
+        k (`int`, *optional*, defaults to 64): top tokens kept per position, 1 to `len(tokenizer)`.
+        batch_size (`int`, *optional*, defaults to 8): base-model batch size while writing.
+        revision (`str`, *optional*): the base model's revision on the Hub, recorded.
+        base_model_id (`str`, *optional*): the base model's Hub id when it is loaded from a local folder or file.
+        accelerator (`accelerate.Accelerator`, *optional*): the processes sharing the cache pass (see
+            `write_base_cache`); the base model is moved to its device.
+        overwrite (`bool`, *optional*, defaults to `False`): replace caches of other data found in `cache_dir`.
+
+    Returns:
+        `tuple[dict[str, CachedBaseLogits], dict]`: the cache of each split, and `PluginConfig` keyword arguments
+        binding a reweighter to the base model and tokenizer (see `hf_plugin.binding_kwargs`).
+    """
+    check_top_k(k, len(tokenizer))
+    directories = {name: Path(cache_dir) / name for name in splits}
+    to_write = []
+    for name, examples in splits.items():
+        # A complete cache is read with its own k; an unfinished one is resumed only with the same k.
+        complete = (directories[name] / INDEX_FILE).exists()
+        found = directories[name] / (INDEX_FILE if complete else MANIFEST_FILE)
+        expected = {"examples_fingerprint": examples_fingerprint(examples), "num_examples": len(examples),
+                    **({} if complete else {"k": k})}
+        differences = _differences(json.loads(found.read_text()), expected) if found.exists() else []
+        if differences and not overwrite:  # said before the base model is loaded
+            raise _stale_cache_error(directories[name], differences)
+        if differences or not complete:
+            to_write.append(name)
+    if to_write:
+        base = load_base()
+        if accelerator is not None:
+            base.to(accelerator.device)
+        binding = binding_kwargs(base, tokenizer, revision=revision, base_model_id=base_model_id)
+        metadata = {key: binding[key] for key in ("base_model_name_or_path", "base_model_revision", "base_model_file",
+                                                  "tokenizer_fingerprint")}
+        for name in to_write:
+            write_base_cache(base, splits[name], directories[name], k=k, batch_size=batch_size,
+                             pad_token_id=tokenizer.pad_token_id, metadata=metadata, accelerator=accelerator,
+                             overwrite=overwrite)
+    sources = {name: CachedBaseLogits(directories[name], examples) for name, examples in splits.items()}
+    index = next(iter(sources.values())).index
+    binding = binding_kwargs(tokenizer=tokenizer)
+    if index.get("tokenizer_fingerprint", binding["tokenizer_fingerprint"]) != binding["tokenizer_fingerprint"]:
+        raise ValueError(f"The cache in {Path(cache_dir)} was written with tokenizer {index['tokenizer_fingerprint']}, "
+                         f"not the tokenizer given ({binding['tokenizer_fingerprint']}).")
+    binding.update(base_vocab_size=index["vocab_size"], base_model_name_or_path=index.get("base_model_name_or_path"),
+                   base_model_revision=index.get("base_model_revision"), base_model_file=index.get("base_model_file"))
+    return sources, binding
+
+
 class CachedBaseLogits:
     """Reads a cache written by `write_base_cache`; never loads the base model.
+
+    Every shard is checked against the data (its fingerprint and completion positions) and for plausibility
+    (finite, sorted log-probs of at most probability 1), so a stale or corrupt cache raises instead of training on
+    wrong log-probs.
 
     Args:
         directory (`str` or `Path`): the cache.
@@ -169,18 +351,27 @@ class CachedBaseLogits:
         if not index_path.exists():
             raise FileNotFoundError(f"{directory} holds no complete base-logit cache (no {INDEX_FILE}); write it first.")
         self.index = json.loads(index_path.read_text())
-        if self.index["examples_fingerprint"] != examples_fingerprint(examples):
+        fingerprint = examples_fingerprint(examples)
+        if self.index["examples_fingerprint"] != fingerprint:
             raise ValueError(
                 f"The cache in {directory} was built from other data or another tokenization "
-                f"({self.index['examples_fingerprint']} vs {examples_fingerprint(examples)}); rebuild it."
+                f"({self.index['examples_fingerprint']} vs {fingerprint}); write it again for this data, in a fresh "
+                "directory or with overwrite=True (`--overwrite-cache`)."
             )
-        shards = [load_file(str(directory / name)) for name in self.index["shards"]]
+        self.vocab_size = self.index["vocab_size"]
+        counts = _completion_counts(examples)
+        per_shard = self.index["examples_per_shard"]
+        shards = []
+        for number, name in enumerate(self.index["shards"]):
+            path = directory / name
+            if not _shard_is_written(path, fingerprint, number):
+                raise FileNotFoundError(f"The base-logit cache shard {path} is missing; write the cache again.")
+            shards.append(load_file(str(path)))
+            _check_shard(path, shards[-1], counts[number * per_shard : (number + 1) * per_shard], self.vocab_size)
         self.topk_ids = torch.cat([s["topk_ids"] for s in shards])
         self.topk_logprobs = torch.cat([s["topk_logprobs"] for s in shards])
         self.label_logprobs = torch.cat([s["label_logprobs"] for s in shards])
-        counts = torch.cat([s["offsets"].diff() for s in shards])
-        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).tolist()
-        self.vocab_size = self.index["vocab_size"]
+        self.offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
 
     def nll(self, reweighter_logits: torch.Tensor, batch: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
         """Per-position NLL of the completion tokens under the top-k combination (arguments as `LiveBaseModel.nll`)."""
@@ -188,7 +379,8 @@ class CachedBaseLogits:
         rows = torch.cat(rows)
         positions = completion_positions(batch["labels"])
         if int(positions.sum()) != len(rows):
-            raise ValueError("The batch does not match the cache's completion positions; rebuild the cache.")
+            raise ValueError("The batch does not match the cache's completion positions: the batch is not from the "
+                             "examples the cache was checked against.")
         device = reweighter_logits.device
         reweighter = align_vocab(reweighter_logits, self.vocab_size)
         return combine_topk_nll(

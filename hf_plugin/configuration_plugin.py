@@ -23,7 +23,7 @@ _REQUIRED_FIELDS = (
 _TRANSFORMERS_KEYS = {
     "model_type", "auto_map", "_name_or_path", "name_or_path", "torch_dtype", "attn_implementation",
     "output_attentions", "experts_implementation", "use_cache", "tie_word_embeddings", "pad_token_id",
-    "bos_token_id", "eos_token_id", "quantization_config",
+    "bos_token_id", "eos_token_id", "quantization_config", "_commit_hash",
 }
 
 
@@ -78,6 +78,7 @@ class PluginConfig(PretrainedConfig):
             Strength of the reweighter in `p ∝ p_base · r^alpha`; 0 is the base alone, 1 the paper's product.
         base_model_name_or_path (`str`, *optional*): Hub id or path of the base model it was trained against.
         base_model_revision (`str`, *optional*): revision (branch, tag or commit) of that base model.
+        base_model_file (`str`, *optional*): file name of that base model's weights when it was a single GGUF file.
         base_vocab_size (`int`, *optional*): width of that base model's logits.
         tokenizer_fingerprint (`str`, *optional*):
             `hf_plugin.tokenizer_fingerprint` of the tokenizer it was trained with.
@@ -113,6 +114,7 @@ class PluginConfig(PretrainedConfig):
         alpha: float = 1.0,
         base_model_name_or_path: str | None = None,
         base_model_revision: str | None = None,
+        base_model_file: str | None = None,
         base_vocab_size: int | None = None,
         tokenizer_fingerprint: str | None = None,
         tokenizer_vocab_size: int | None = None,
@@ -166,6 +168,7 @@ class PluginConfig(PretrainedConfig):
         self.backbone = backbone
         self.alpha = float(alpha)
         self.base_model_name_or_path = base_model_name_or_path
+        self.base_model_file = base_model_file
         self.base_model_revision = base_model_revision
         self.base_vocab_size = base_vocab_size
         self.tokenizer_fingerprint = tokenizer_fingerprint

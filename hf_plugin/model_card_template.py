@@ -1,4 +1,10 @@
----
+"""The model-card template of a reweighter (Jinja, rendered by `hf_plugin.hub.render_model_card`).
+
+A Python module rather than a data file, so that the remote-code copy of the modeling code (see
+`hf_plugin.hub.write_remote_code`) carries it and can save a reweighter without hf-plugin installed.
+"""
+
+REWEIGHTER_CARD_TEMPLATE = """---
 {{ card_data }}
 ---
 
@@ -17,6 +23,7 @@ The base model is only read through its next-token logits; its weights are never
 | | |
 | --- | --- |
 | base model | `{{ base_model }}` |
+| base model file | {{ base_model_file }} |
 | base model revision | {{ base_model_revision }} |
 | base vocabulary width | {{ base_vocab_size }} |
 | tokenizer fingerprint | `{{ tokenizer_fingerprint }}` |
@@ -46,11 +53,7 @@ attention head(s), MLP {{ intermediate_size }}, at most {{ max_position_embeddin
 ## Usage
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from hf_plugin import PluginLogitsProcessor, PluginModel
-
-base = AutoModelForCausalLM.from_pretrained("{{ base_model }}"{{ revision_argument }})
-tokenizer = AutoTokenizer.from_pretrained("{{ base_model }}"{{ revision_argument }}, padding_side="left")
+{{ base_loading }}
 plugin = PluginModel.from_pretrained("{{ repo_id }}")
 
 inputs = tokenizer(["Your prompt"], return_tensors="pt", padding=True)
@@ -60,3 +63,4 @@ print(tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special
 ```
 
 `alpha=0` gives the base model alone, `alpha=1` the trained product, larger values a sharper reweighting.
+"""

@@ -1,1 +1,0 @@
-"""Model-card templates of hf-plugin, installed as the package data `hf_plugin.model_cards`."""
