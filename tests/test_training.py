@@ -203,5 +203,5 @@ def test_cli_errors_are_clear(setup, tmp_path):
         main(base + ["--data", str(tmp_path / "missing.csv")])
     with pytest.raises(SystemExit, match=r"no column\(s\) \['prompt'\]"):
         main(base + ["--data", str(setup / "train.csv")])
-    with pytest.raises(SystemExit, match="cannot load base model"):
+    with pytest.raises(SystemExit, match=r"--plugin .*: The reweighter's config"):  # checked before the base
         main(["evaluate", "--base", str(tmp_path / "nothing"), "--plugin", str(tmp_path), "--data", str(setup / "train.csv")])
