@@ -137,7 +137,7 @@ def train_one(name: str, binding: dict, train_examples, heldout_examples, train_
     started = time.perf_counter()
     model = train(new_reweighter(binding), train_examples, heldout_examples, train_source,
                   TrainingArguments(output_dir=str(output), epochs=epochs, batch_size=16, learning_rate=learning_rate,
-                                    patience=patience, seed=0),
+                                    patience=patience, seed=0, overwrite_output_dir=True),
                   validation_source=heldout_source, tokenizer=tokenizer)
     seconds = time.perf_counter() - started
     history = json.loads((output / "metrics.json").read_text())["history"]

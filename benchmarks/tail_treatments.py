@@ -197,7 +197,7 @@ def main() -> None:
         output_dir = work / f"tail-{treatment}"
         train(plugin, train_examples, validation_examples, sources[0],
               TrainingArguments(output_dir=str(output_dir), epochs=args.epochs, batch_size=16, learning_rate=1e-3,
-                                patience=0, seed=0),
+                                patience=0, seed=0, overwrite_output_dir=True),
               validation_source=sources[1], tokenizer=tokenizer)
         seconds = time.perf_counter() - started
         trained = PluginModel.from_pretrained(output_dir).eval()

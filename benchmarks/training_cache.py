@@ -80,7 +80,8 @@ def run_mode(args) -> dict:
         torch.manual_seed(args.seed)
         plugin = PluginModel(PluginConfig(vocab_size=binding["base_vocab_size"], max_position_embeddings=256, **binding))
         training_args = TrainingArguments(output_dir=str(work / args.mode), epochs=args.epochs, batch_size=16,
-                                          learning_rate=1e-3, patience=args.patience, seed=args.seed)
+                                          learning_rate=1e-3, patience=args.patience, seed=args.seed,
+                                          overwrite_output_dir=True)
         train(plugin, train_examples, validation_examples, train_source, training_args,
               validation_source=validation_source, tokenizer=tokenizer)
         history = json.loads((work / args.mode / "metrics.json").read_text())["history"]

@@ -22,7 +22,7 @@ from .loading import load_base_model, load_tokenizer, offline_smollm2
 from .logits_process import PluginLogitsProcessor
 from .metrics import corpus_metrics, format_table, read_predictions, read_references
 from .modeling_plugin import PluginModel
-from .training import TrainingArguments, completion_nll, train
+from .training import TrainingArguments, check_output_dir, check_resume, completion_nll, latest_checkpoint, train
 
 
 def _default_base() -> str | None:
@@ -246,10 +246,25 @@ def cache(args: argparse.Namespace) -> None:
 
 def train_command(args: argparse.Namespace) -> None:
     """Trains a reweighter and saves the best epoch's weights in --output-dir."""
+    # Arguments and output folders first, before the data, a cache pass or the base model (`main` turns their
+    # ValueError into a one-line error).
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, checkpoint_dir=args.checkpoint_dir, overwrite_output_dir=args.overwrite,
+        epochs=args.epochs, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+        patience=args.patience, save_steps=args.save_steps, seed=args.seed, mixed_precision=args.mixed_precision,
+        log_with=args.log_with, keep_checkpoints_after_run=args.keep_checkpoints,
+    )
+    check_output_dir(training_args, resume=args.resume)
+    if args.resume and latest_checkpoint(training_args.checkpoint_dir) is None:
+        raise SystemExit(f"error: --resume given but {training_args.checkpoint_dir} holds no checkpoint")
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.log_with, cpu=args.cpu,
                               project_dir=args.output_dir)
     tokenizer = _load_tokenizer(args)
     train_examples, validation_examples = _read_splits(args, tokenizer)
+    if args.resume:  # the arguments and data the checkpoint belongs to, before the base model is loaded
+        check_resume(training_args, train_examples, validation_examples, num_processes=accelerator.num_processes)
     train_source, validation_source, binding = _base_sources(args, tokenizer, train_examples, validation_examples, accelerator)
     torch.manual_seed(args.seed)
     if args.init_from:
@@ -261,16 +276,13 @@ def train_command(args: argparse.Namespace) -> None:
             num_attention_heads=args.num_heads, intermediate_size=args.intermediate_size,
             max_position_embeddings=max(args.max_length, 256), alpha=args.alpha, **binding,
         ))
-    training_args = TrainingArguments(
-        output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
-        patience=args.patience, save_steps=args.save_steps, seed=args.seed, mixed_precision=args.mixed_precision,
-        log_with=args.log_with,
-    )
     card = {"datasets": [args.dataset_id]} if args.dataset_id else None
-    train(plugin, train_examples, validation_examples, train_source, training_args, validation_source=validation_source,
-          tokenizer=tokenizer, resume=args.resume, model_card=card, accelerator=accelerator)
+    try:  # train() checks the reweighter's architecture against the checkpoint's before any step
+        train(plugin, train_examples, validation_examples, train_source, training_args,
+              validation_source=validation_source, tokenizer=tokenizer, resume=args.resume, model_card=card,
+              accelerator=accelerator)
+    except FloatingPointError as error:
+        raise SystemExit(f"error: {error}") from error
     if accelerator.is_main_process:
         print(f"Saved the reweighter to {args.output_dir}")
 
@@ -478,8 +490,16 @@ def _add_architecture_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_training_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--output-dir", required=True,
+                   help="where the reweighter goes: only what save_pretrained writes there is ever pushed")
+    p.add_argument("--checkpoint-dir",
+                   help="where checkpoints go while training (default: <output-dir>.checkpoints, beside it)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --checkpoint-dir (same arguments and data only)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again even if --output-dir holds a reweighter or --checkpoint-dir checkpoints")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep --checkpoint-dir after the run finishes (default: removed)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16, help="per process")
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)

@@ -94,7 +94,8 @@ def run_demo(base, tokenizer, output_dir: str | Path, train_size: int = 400, tes
     config = PluginConfig(vocab_size=base.get_output_embeddings().weight.shape[0], hidden_size=256,
                           intermediate_size=1024, max_position_embeddings=128, **binding_kwargs(base, tokenizer))
     args = TrainingArguments(output_dir=str(output_dir / "reweighter"), epochs=epochs, batch_size=16,
-                             learning_rate=2e-3, weight_decay=0.1, patience=2, seed=seed)
+                             learning_rate=2e-3, weight_decay=0.1, patience=2, seed=seed,
+                             overwrite_output_dir=True)  # the demo redoes everything on each run
     plugin = train(PluginModel(config), train_examples, validation_examples, sources[0], args,
                    validation_source=sources[1], tokenizer=tokenizer)
     train_seconds = time.perf_counter() - started - cache_seconds

@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from transformers.utils import logging
 
 from .configuration_plugin import PluginConfig
 from .loading import SMOLLM2_GGUF
 from .model_card_template import REWEIGHTER_CARD_TEMPLATE
+
+
+logger = logging.get_logger(__name__)
 
 
 CARD_FILE = "README.md"
@@ -27,6 +31,14 @@ STORED_SECTIONS = ("training", "metrics", "evaluation", "repo_id", "num_paramete
 FRONT_MATTER_SECTIONS = ("datasets", "license")
 TAGS = ["hf-plugin", "logits-reweighting", "reweighter", "text-generation"]
 REMOTE_CODE_ENTRY_POINTS = {"AutoConfig": "configuration_plugin.PluginConfig", "AutoModel": "modeling_plugin.PluginModel"}
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+_WEIGHTS_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+# What `save_pretrained` (with a tokenizer) can write, the remote code aside: the only files a push uploads.
+SAVED_FILES = ("config.json", "generation_config.json", CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "vocab.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 # An `owner/name` repository id; a bare name is taken for a local folder (see `hf_plugin.binding_kwargs`).
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
@@ -211,6 +223,18 @@ def write_remote_code(directory: str | Path) -> list[str]:
     return sorted(f"{module}.py" for module in needed)
 
 
+def saved_files(directory: str | Path) -> list[str]:
+    """The files of `directory` that `PluginModel.save_pretrained` writes (the remote code aside), by name.
+
+    This is an allow-list: a `.env`, checkpoints, logs or a cache placed in the folder are never among them.
+    """
+    directory = Path(directory)
+    return sorted(
+        path.name for path in directory.iterdir()
+        if path.is_file() and (path.name in SAVED_FILES or path.name in TOKENIZER_FILES or _WEIGHTS_SHARD.match(path.name))
+    )
+
+
 def push_folder(
     directory: str | Path,
     repo_id: str,
@@ -223,7 +247,11 @@ def push_folder(
 ) -> CommitInfo:
     """Uploads a folder written by `PluginModel.save_pretrained`, with its card's usage snippet naming `repo_id`.
 
-    The folder itself is left unchanged: the card is re-rendered in a temporary copy that is then uploaded.
+    Only the files `save_pretrained` writes are uploaded (see `saved_files`): `config.json`, the weights
+    (`model.safetensors`, or its shards and index), `README.md`, `generation_config.json` and the tokenizer's
+    files, plus the modeling code with `with_code`. Anything else in the folder (a `.env`, checkpoints, logs, a
+    cache) is left out, and one warning names it. The folder itself is left unchanged: the card is re-rendered
+    in a temporary copy of those files, which is then uploaded.
 
     Args:
         directory (`str` or `Path`): the saved reweighter.
@@ -238,19 +266,30 @@ def push_folder(
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} holds no config.json; is it a folder written by save_pretrained?")
+    if not (directory / WEIGHTS_FILE).is_file() and not (directory / WEIGHTS_INDEX_FILE).is_file():
+        raise FileNotFoundError(f"{directory} holds no {WEIGHTS_FILE}; is it a folder written by save_pretrained?")
+    names = saved_files(directory)
+    left_out = sorted(f"{p.name}/" if p.is_dir() else p.name for p in directory.iterdir() if p.name not in names)
+    if left_out:
+        logger.warning(f"Not uploading what save_pretrained does not write in {directory}: {', '.join(left_out)}")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as staging:
-        shutil.copytree(directory, staging, dirs_exist_ok=True)
+        for name in names:
+            shutil.copyfile(directory / name, Path(staging) / name)
         update_model_card(staging, repo_id=repo_id)
+        names = {*names, CARD_FILE}
         if with_code:
-            write_remote_code(staging)
-        operations = [
-            CommitOperationAdd(path_in_repo=path.relative_to(staging).as_posix(), path_or_fileobj=str(path))
-            for path in sorted(Path(staging).rglob("*")) if path.is_file()
-        ]
+            names.update(write_remote_code(staging))
+        else:  # a folder saved with its code: without the code, an `auto_map` would point at missing files
+            config_path = Path(staging) / "config.json"
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            if config.pop("auto_map", None) is not None:
+                config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(staging) / name))
+                      for name in sorted(names)]
         return api.create_commit(
             repo_id=repo_id, operations=operations, revision=revision, create_pr=create_pr,
             commit_message=commit_message or "Upload reweighter with hf-plugin",

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 from transformers.utils import logging
 
-from .base_logits import loss_positions
+from .base_logits import examples_fingerprint, loss_positions
 from .data import EncodedExample, collate
+from .hub import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, saved_files
 from .modeling_plugin import CompletionLogits, PluginModel
 
 
@@ -30,6 +31,13 @@ logger = logging.get_logger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 BEST_DIR = "best"
+RUN_FILE = "run.json"
+CHECKPOINT_DIR_SUFFIX = ".checkpoints"
+# Files a training run writes in `output_dir` besides the saved reweighter.
+TRAINING_OUTPUTS = ("training_args.json", "metrics.json", "log.jsonl", "loss_curve.png")
+# Arguments that do not change the trained weights: a resumed run may change them.
+BOOKKEEPING_ARGUMENTS = ("output_dir", "checkpoint_dir", "overwrite_output_dir", "log_with", "save_steps",
+                         "eval_batch_size", "keep_checkpoints", "keep_checkpoints_after_run")
 
 
 @dataclass
@@ -37,7 +45,12 @@ class TrainingArguments:
     """Hyper-parameters and bookkeeping of `train`.
 
     Args:
-        output_dir (`str`): where checkpoints, logs and the final reweighter go.
+        output_dir (`str`): where the final reweighter, its card and the logs go. Only what `save_pretrained` writes
+            there is ever pushed (`hf_plugin.hub.push_folder`); training state lives in `checkpoint_dir`.
+        checkpoint_dir (`str`, *optional*): where checkpoints and the best epoch's weights (`best/`) go while
+            training; defaults to `<output_dir>.checkpoints`, beside `output_dir` and never inside it.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`): allow a new run where `output_dir` already
+            holds a reweighter or `checkpoint_dir` holds checkpoints; their old outputs are removed first.
         epochs (`int`, *optional*, defaults to 4): passes over the training data.
         batch_size (`int`, *optional*, defaults to 16): examples per process per micro-batch.
         gradient_accumulation_steps (`int`, *optional*, defaults to 1): micro-batches per optimizer step.
@@ -50,14 +63,20 @@ class TrainingArguments:
         save_steps (`int`, *optional*, defaults to 0): also checkpoint every this many optimizer steps (0: only
             at the end of each epoch).
         eval_batch_size (`int`, *optional*, defaults to 32): validation batch size.
-        seed (`int`, *optional*, defaults to 0): seed of the initial weights' RNG and of the data order.
+        seed (`int`, *optional*, defaults to 0): seed of the training data order. The reweighter's initial weights
+            are whatever `train` is given: seed torch before building it (the CLI does, with the same seed).
         mixed_precision (`str`, *optional*, defaults to `"no"`): `"no"`, `"fp16"` or `"bf16"`.
         log_with (`str`, *optional*): an Accelerate tracker (e.g. `"tensorboard"`), besides the JSON-lines log.
         alpha (`float`, *optional*): strength used in the loss; defaults to the reweighter's `config.alpha`.
-        keep_checkpoints (`int`, *optional*, defaults to 2): how many of the newest checkpoints to keep.
+        keep_checkpoints (`int`, *optional*, defaults to 1): how many of the newest checkpoints to keep while
+            training; at least 1, since resuming needs the latest.
+        keep_checkpoints_after_run (`bool`, *optional*, defaults to `False`): keep `checkpoint_dir` after a run that
+            finished; by default it is removed (a checkpoint holds the optimizer state, about 3x the weights).
     """
 
     output_dir: str
+    checkpoint_dir: str | None = None
+    overwrite_output_dir: bool = False
     epochs: int = 4
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
@@ -72,14 +91,36 @@ class TrainingArguments:
     mixed_precision: str = "no"
     log_with: str | None = None
     alpha: float | None = None
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 1
+    keep_checkpoints_after_run: bool = False
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_batch_size", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
-        if self.learning_rate <= 0 or not 0 <= self.warmup_ratio < 1:
-            raise ValueError("`learning_rate` must be positive and `warmup_ratio` in [0, 1).")
+        for name in ("weight_decay", "max_grad_norm", "patience", "save_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be at least 0, got {getattr(self, name)}.")
+        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
+            raise ValueError(f"`learning_rate` must be a positive number, got {self.learning_rate}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}.")
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            raise ValueError(f"`alpha` must be a finite number, got {self.alpha}.")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"`mixed_precision` must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
+        output = Path(self.output_dir)
+        if self.checkpoint_dir is None:
+            # Beside the output folder, never inside it (resolved, so that "." or "runs/" get a sibling too).
+            resolved = output.resolve()
+            self.checkpoint_dir = str(resolved.with_name(resolved.name + CHECKPOINT_DIR_SUFFIX))
+        if Path(self.checkpoint_dir).resolve().is_relative_to(output.resolve()):
+            raise ValueError(f"`checkpoint_dir` {self.checkpoint_dir} is inside `output_dir` {self.output_dir}: training "
+                             "state must stay out of the folder that gets shared.")
+
+    def run_defining(self) -> dict:
+        """The arguments that decide the trained weights (not paths, logging or checkpoint bookkeeping)."""
+        return {key: value for key, value in asdict(self).items() if key not in BOOKKEEPING_ARGUMENTS}
 
 
 @dataclass
@@ -92,13 +133,110 @@ class TrainerState:
     best_validation_nll: float = math.inf
     best_epoch: int = -1
     epochs_without_improvement: int = 0
+    base_validation_nll: float | None = None
     history: list[dict] = field(default_factory=list)
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint in `output_dir` (temporary, unfinished ones are ignored)."""
-    candidates = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return max(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+def _checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    """The complete checkpoints in `checkpoint_dir`, oldest first (temporary, unfinished ones are ignored)."""
+    candidates = [p for p in Path(checkpoint_dir).glob(f"{CHECKPOINT_PREFIX}*")
+                  if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in `checkpoint_dir` (temporary, unfinished ones are ignored)."""
+    return (_checkpoints(checkpoint_dir) or [None])[-1]
+
+
+# Config fields that do not describe the reweighter (versions, names, defaults of `PretrainedConfig`).
+_VOLATILE_CONFIG_FIELDS = ("hf_plugin_version", "transformers_version", "_name_or_path", "architectures", "dtype")
+
+
+def run_record(args: TrainingArguments, train_examples: Sequence[EncodedExample],
+               validation_examples: Sequence[EncodedExample], config=None, num_processes: int = 1) -> dict:
+    """What defines a run, saved with each checkpoint: the arguments that decide the weights, the number of
+    processes, the fingerprints of both splits and the reweighter's config (flattened one level, as `a.b`)."""
+    record = {**args.run_defining(), "processes": num_processes,
+              "training data": examples_fingerprint(train_examples),
+              "validation data": examples_fingerprint(validation_examples)}
+    if config is not None:
+        for key, value in json.loads(config.to_json_string(use_diff=False)).items():
+            if key in _VOLATILE_CONFIG_FIELDS:
+                continue
+            if isinstance(value, dict):
+                record.update({f"reweighter {key}.{k}": v for k, v in value.items() if k not in _VOLATILE_CONFIG_FIELDS})
+            else:
+                record[f"reweighter {key}"] = value
+    return record
+
+
+def check_resume(args: TrainingArguments, train_examples: Sequence[EncodedExample],
+                 validation_examples: Sequence[EncodedExample], config=None, num_processes: int = 1) -> Path:
+    """The checkpoint to resume from, after checking that it belongs to this run.
+
+    Args:
+        args (`TrainingArguments`): this run's arguments; the checkpoints are looked for in `args.checkpoint_dir`.
+        train_examples, validation_examples (`Sequence[EncodedExample]`): this run's data.
+        config (`PluginConfig`, *optional*): this run's reweighter config, compared when given.
+        num_processes (`int`, *optional*, defaults to 1): this run's number of processes.
+
+    Raises:
+        `FileNotFoundError`: there is no checkpoint to resume from.
+        `ValueError`: the checkpoint was written by a run with other arguments, data or architecture; the message
+            names what differs.
+    """
+    checkpoint = latest_checkpoint(args.checkpoint_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"Cannot resume: {args.checkpoint_dir} holds no checkpoint.")
+    recorded_path = checkpoint / RUN_FILE
+    if not recorded_path.is_file():
+        raise ValueError(f"Cannot resume from {checkpoint}: it does not record the run it belongs to ({RUN_FILE}).")
+    recorded = json.loads(recorded_path.read_text())
+    current = run_record(args, train_examples, validation_examples, config, num_processes)
+    if config is None:  # only what can be compared before the reweighter exists
+        recorded = {key: value for key, value in recorded.items() if not key.startswith("reweighter ")}
+    differences = [f"{key} {recorded.get(key)} in the checkpoint, {current.get(key)} now"
+                   for key in dict.fromkeys([*recorded, *current]) if recorded.get(key) != current.get(key)]
+    if differences:
+        raise ValueError(f"Cannot resume from {checkpoint}, it belongs to another run: {'; '.join(differences)}.")
+    return checkpoint
+
+
+def check_output_dir(args: TrainingArguments, resume: bool = False) -> None:
+    """Refuses to start a new run over the outputs of another unless `args.overwrite_output_dir` is set.
+
+    Raises:
+        `ValueError`: `output_dir` holds a reweighter or `checkpoint_dir` holds checkpoints, and neither `resume`
+            nor `args.overwrite_output_dir` was given.
+    """
+    if resume or args.overwrite_output_dir:
+        return
+    reweighter = [name for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE, "config.json")
+                  if (Path(args.output_dir) / name).exists()]
+    if reweighter:
+        raise ValueError(f"{args.output_dir} already holds a reweighter ({reweighter[0]}); pass --overwrite "
+                         "(`overwrite_output_dir=True`) to replace it, or choose another output directory.")
+    if _checkpoints(args.checkpoint_dir) or (Path(args.checkpoint_dir) / BEST_DIR).exists():
+        raise ValueError(f"{args.checkpoint_dir} holds the checkpoints of another run; pass --resume to continue it or "
+                         "--overwrite (`overwrite_output_dir=True`) to start again.")
+
+
+def _remove_old_outputs(args: TrainingArguments) -> None:
+    """Removes what an earlier run wrote in `output_dir` and `checkpoint_dir` (and nothing else)."""
+    output_dir = Path(args.output_dir)
+    if output_dir.is_dir():
+        for name in [*saved_files(output_dir), *TRAINING_OUTPUTS]:
+            (output_dir / name).unlink(missing_ok=True)
+    _remove_checkpoints(Path(args.checkpoint_dir))
+
+
+def _remove_checkpoints(checkpoint_dir: Path) -> None:
+    """Removes the checkpoints and `best/` (finished or not), then `checkpoint_dir` itself if nothing else is left."""
+    for path in [*checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*"), *checkpoint_dir.glob(f"{BEST_DIR}*")]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if checkpoint_dir.is_dir() and not any(checkpoint_dir.iterdir()):
+        checkpoint_dir.rmdir()
 
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -111,14 +249,15 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]
 
 class _Trainer:
     def __init__(self, plugin, train_examples, validation_examples, train_source, validation_source, args,
-                 pad_token_id, accelerator):
+                 pad_token_id, accelerator, run_record):
         self.args = args
         self.accelerator = accelerator
         self.train_source = train_source
         self.validation_source = validation_source
         self.alpha = plugin.config.alpha if args.alpha is None else args.alpha
         self.pad_token_id = pad_token_id
-        self.output_dir = Path(args.output_dir)
+        self.output_dir, self.checkpoint_dir = Path(args.output_dir), Path(args.checkpoint_dir)
+        self.run_record = run_record
         self.generator = torch.Generator()
         sampler = RandomSampler(train_examples, generator=self.generator)
         loader = DataLoader(list(train_examples), batch_size=args.batch_size, sampler=sampler,
@@ -141,12 +280,15 @@ class _Trainer:
         accelerator.register_for_checkpointing(self.scheduler)
         self.state = TrainerState()
 
-    def run(self, resume: bool) -> TrainerState:
+    def run(self, checkpoint: Path | None) -> TrainerState:
+        """Trains from the start, or from `checkpoint` (checked by `check_resume`)."""
         args, accelerator = self.args, self.accelerator
-        if resume and (checkpoint := latest_checkpoint(self.output_dir)) is not None:
+        if checkpoint is not None:
             accelerator.load_state(str(checkpoint))
             self.state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
             logger.info(f"Resumed from {checkpoint} (step {self.state.global_step}).")
+        if self.state.base_validation_nll is None:  # once per run: what the validation NLL is to be compared with
+            self.state.base_validation_nll = self.evaluate(alpha=0.0)
         progress = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not accelerator.is_main_process,
                         desc="training")
         while self.state.epoch < args.epochs:
@@ -187,6 +329,12 @@ class _Trainer:
                     loss = nll.sum() * accelerator.num_processes / total_tokens
                 accelerator.backward(loss)
                 loss_sum += nll.detach().sum()
+            step_loss = accelerator.reduce(loss_sum, "sum").item() / total_tokens
+            if not math.isfinite(step_loss):  # every process sees the same reduced loss, so all stop here together
+                raise FloatingPointError(
+                    f"The training loss is {step_loss} at optimizer step {self.state.global_step + 1} (epoch "
+                    f"{self.state.epoch + 1}): the run diverged (try a lower learning rate); no model was saved."
+                )
             if args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
             self.optimizer.step()
@@ -195,7 +343,6 @@ class _Trainer:
             self.state.global_step += 1
             self.state.batches_done_in_epoch += len(group)
             tokens_seen += total_tokens
-            step_loss = accelerator.reduce(loss_sum, "sum").item() / total_tokens
             record = {"step": self.state.global_step, "epoch": self.state.epoch, "loss": step_loss,
                       "learning_rate": self.scheduler.get_last_lr()[0],
                       "tokens_per_second": tokens_seen / (time.perf_counter() - started)}
@@ -210,6 +357,9 @@ class _Trainer:
         train_seconds = time.perf_counter() - self.epoch_started
         nll = self.evaluate()
         state = self.state
+        if not math.isfinite(nll):
+            raise FloatingPointError(f"The validation NLL is {nll} after epoch {state.epoch + 1}: the run diverged (try a "
+                                     "lower learning rate); no model was saved.")
         improved = nll < state.best_validation_nll
         if improved:
             state.best_validation_nll, state.best_epoch, state.epochs_without_improvement = nll, state.epoch, 0
@@ -217,18 +367,23 @@ class _Trainer:
         else:
             state.epochs_without_improvement += 1
         entry = {"epoch": state.epoch, "step": state.global_step, "validation_nll": nll,
-                 "validation_perplexity": math.exp(min(nll, 50.0)), "best": improved, "train_seconds": train_seconds}
+                 "validation_perplexity": math.exp(min(nll, 50.0)), "base_validation_nll": state.base_validation_nll,
+                 "best": improved, "train_seconds": train_seconds}
         state.history.append(entry)
         self._log(entry)
+        if self.accelerator.is_main_process:
+            tqdm.write(f"epoch {state.epoch + 1}/{self.args.epochs}: validation NLL/token {nll:.4f} (base model alone "
+                       f"{state.base_validation_nll:.4f}){', best so far' if improved else ''}")
         state.epoch += 1
         state.batches_done_in_epoch = 0
         self._checkpoint()
         return bool(self.args.patience) and state.epochs_without_improvement >= self.args.patience
 
-    def evaluate(self) -> float:
-        """Mean NLL per completion token on the validation examples, over all processes."""
+    def evaluate(self, alpha: float | None = None) -> float:
+        """Mean NLL per completion token on the validation examples, over all processes (`alpha=0.0`: the base's)."""
         self.model.eval()
-        total, count = completion_nll(self.model, self.validation, self.validation_source, self.alpha,
+        alpha = self.alpha if alpha is None else alpha
+        total, count = completion_nll(self.model, self.validation, self.validation_source, alpha,
                                       self.pad_token_id, self.args.eval_batch_size, self.accelerator.device)
         self.model.train()
         sums = self.accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=self.accelerator.device))
@@ -237,7 +392,7 @@ class _Trainer:
     def _save_best(self) -> None:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            final, temporary = self.output_dir / BEST_DIR, self.output_dir / (BEST_DIR + ".tmp")
+            final, temporary = self.checkpoint_dir / BEST_DIR, self.checkpoint_dir / (BEST_DIR + ".tmp")
             shutil.rmtree(temporary, ignore_errors=True)
             self.accelerator.unwrap_model(self.model).plugin.save_pretrained(temporary)
             shutil.rmtree(final, ignore_errors=True)
@@ -247,7 +402,7 @@ class _Trainer:
     def _checkpoint(self) -> None:
         """Writes the full training state under a temporary name, then renames it: a killed save is never taken
         for a complete checkpoint."""
-        final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.state.global_step:08d}"
+        final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.state.global_step:08d}"
         temporary = final.with_name(final.name + ".tmp")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
@@ -257,10 +412,10 @@ class _Trainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             (temporary / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
+            (temporary / RUN_FILE).write_text(json.dumps(self.run_record, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(temporary, final)
-            checkpoints = sorted(p for p in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*[0-9]") if p.is_dir())
-            for old in checkpoints[: -self.args.keep_checkpoints]:
+            for old in _checkpoints(self.checkpoint_dir)[: -self.args.keep_checkpoints]:  # keep_checkpoints >= 1
                 shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
 
@@ -325,33 +480,51 @@ def train(
         args (`TrainingArguments`): hyper-parameters.
         validation_source (*optional*): the same for validation; defaults to `train_source`.
         tokenizer (`PreTrainedTokenizerBase`, *optional*): saved next to the reweighter.
-        resume (`bool`, *optional*, defaults to `False`): continue from the latest checkpoint in `output_dir`.
+        resume (`bool`, *optional*, defaults to `False`): continue from the latest checkpoint in
+            `args.checkpoint_dir`; it must belong to this run (same arguments, data and architecture, see
+            `check_resume`). Without it, an `output_dir` holding a reweighter or a `checkpoint_dir` holding
+            checkpoints is refused unless `args.overwrite_output_dir`, and their old outputs are then removed.
         model_card (`dict`, *optional*): extra model-card sections (e.g. `datasets`, `license`).
         accelerator (`Accelerator`, *optional*): defaults to one built from `args`.
 
     Returns:
         `PluginModel`: the best reweighter (lowest validation NLL), also saved in `args.output_dir` with its
-        tokenizer, card, `training_args.json`, `metrics.json`, `log.jsonl` and `loss_curve.png`.
+        tokenizer, card, `training_args.json`, `metrics.json` (with the base model's own validation NLL),
+        `log.jsonl` and `loss_curve.png`. The checkpoints are then removed unless `args.keep_checkpoints_after_run`.
+
+    Raises:
+        `FloatingPointError`: the training loss or the validation NLL is not finite; nothing is saved.
     """
     if not validation_examples:
         raise ValueError("A validation split is needed: early stopping and the saved model are chosen on it.")
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir, checkpoint_dir = Path(args.output_dir), Path(args.checkpoint_dir)
+    check_output_dir(args, resume)
     accelerator = accelerator or Accelerator(mixed_precision=args.mixed_precision, log_with=args.log_with,
                                              project_dir=str(output_dir))
+    record = run_record(args, train_examples, validation_examples, plugin.config, accelerator.num_processes)
+    checkpoint = (check_resume(args, train_examples, validation_examples, plugin.config, accelerator.num_processes)
+                  if resume else None)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if not resume:  # a new run: nothing of an earlier one is reported, nor appended to
+            _remove_old_outputs(args)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     if args.log_with:
         accelerator.init_trackers("hf-plugin", config={k: v for k, v in asdict(args).items() if v is not None})
     pad_token_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     trainer = _Trainer(plugin, train_examples, validation_examples, train_source, validation_source or train_source,
-                       args, pad_token_id, accelerator)
-    state = trainer.run(resume)
+                       args, pad_token_id, accelerator, record)
+    state = trainer.run(checkpoint)
     accelerator.wait_for_everyone()
-    best = PluginModel.from_pretrained(output_dir / BEST_DIR)
+    best = PluginModel.from_pretrained(checkpoint_dir / BEST_DIR)
     if accelerator.is_main_process:
         metrics = {"validation NLL/token": state.best_validation_nll,
                    "validation perplexity": math.exp(min(state.best_validation_nll, 50.0)),
+                   "base validation NLL/token": state.base_validation_nll,
                    "best epoch": state.best_epoch + 1, "epochs run": state.epoch, "optimizer steps": state.global_step}
-        training = {k: v for k, v in asdict(args).items() if k not in ("output_dir", "log_with") and v is not None}
+        training = {k: v for k, v in args.run_defining().items() if v is not None}
         training.update({"training examples": len(train_examples), "validation examples": len(validation_examples),
                          "processes": accelerator.num_processes})
         best.save_pretrained(output_dir, tokenizer=tokenizer,
@@ -359,6 +532,9 @@ def train(
         (output_dir / "training_args.json").write_text(json.dumps(asdict(args), indent=2))
         (output_dir / "metrics.json").write_text(json.dumps({**metrics, "history": state.history}, indent=2))
         plot_loss_curve(output_dir / "log.jsonl", output_dir / "loss_curve.png")
+    accelerator.wait_for_everyone()  # every process has loaded `best/`
+    if accelerator.is_main_process and not args.keep_checkpoints_after_run:
+        _remove_checkpoints(checkpoint_dir)  # the run finished: what only resuming needed goes
     accelerator.end_training()
     return best
 
@@ -370,16 +546,19 @@ def plot_loss_curve(log_path: Path, image_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, validation = {}, {}
+    steps, validation, base = {}, {}, None
     for line in log_path.read_text().splitlines():
         record = json.loads(line)
         if "loss" in record:
             steps[record["step"]] = record["loss"]
         elif "validation_nll" in record:
             validation[record["step"]] = record["validation_nll"]
+            base = record.get("base_validation_nll", base)
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.plot(list(steps), list(steps.values()), label="training loss (NLL/token)", linewidth=1)
     axis.plot(list(validation), list(validation.values()), "o-", label="validation NLL/token")
+    if base is not None:
+        axis.axhline(base, color="grey", linestyle="--", label="base model alone, validation")
     axis.set_xlabel("optimizer step")
     axis.legend()
     figure.tight_layout()

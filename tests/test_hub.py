@@ -18,7 +18,7 @@ from huggingface_hub import HfApi
 from transformers import AutoModel
 
 from hf_plugin import PluginLogitsProcessor, PluginModel, binding_kwargs
-from hf_plugin.hub import update_model_card
+from hf_plugin.hub import push_folder, update_model_card
 
 from conftest import VOCAB, make_base, make_plugin, make_tokenizer
 
@@ -147,6 +147,52 @@ def test_revision_is_honoured(tokenizer, tmp_path):
     old, new = bound_plugin(tokenizer), make_plugin("llama", seed=9)
     for name, plugin in (("old", old), ("new", new)):
         plugin.save_pretrained(tmp_path / name)
+def test_push_uploads_only_what_save_pretrained_writes(tokenizer, tmp_path, intercepted_hub, caplog):
+    from hf_plugin.cli import main
+
+    folder = tmp_path / "run"
+    bound_plugin(tokenizer).save_pretrained(folder, tokenizer=tokenizer, model_card={"metrics": METRICS})
+    saved = {p.name for p in folder.iterdir()}
+    # What a training run, a user or a cache may leave beside the reweighter: none of it is shared.
+    (folder / ".env").write_text("HF_TOKEN=hf_secret\n")
+    (folder / "checkpoint-00000010").mkdir()
+    (folder / "checkpoint-00000010" / "random_states_0.pkl").write_bytes(b"pickle")
+    (folder / "best").mkdir()
+    shutil.copy(folder / "model.safetensors", folder / "best" / "model.safetensors")
+    (folder / "log.jsonl").write_text('{"step": 1}\n')
+    (folder / "cache" / "train").mkdir(parents=True)
+    (folder / "cache" / "train" / "index.json").write_text("{}")
+    with caplog.at_level(logging.WARNING):
+        main(["push", str(folder), "someone/r"])
+    PluginModel.from_pretrained(folder).push_to_hub("someone/r", tokenizer=tokenizer)
+    for commit in intercepted_hub:
+        assert set(commit["files"]) == saved, set(commit["files"]) ^ saved
+    (warning,) = [r.getMessage() for r in caplog.records if "Not uploading" in r.getMessage()]
+    assert all(name in warning for name in (".env", "best/", "cache/", "checkpoint-00000010/", "log.jsonl"))
+
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no model.safetensors"):
+        push_folder(folder, "someone/r")
+    assert len(intercepted_hub) == 2
+
+
+def test_push_code_only_with_code_and_sharded_weights(tokenizer, tmp_path, intercepted_hub):
+    plugin = bound_plugin(tokenizer)
+    plugin.save_pretrained(tmp_path / "coded", with_code=True)
+    push_folder(tmp_path / "coded", "someone/r")  # saved with its code, pushed without: no code, no auto_map
+    plugin.push_to_hub("someone/r", with_code=True)
+    without, with_code = (commit["files"] for commit in intercepted_hub)
+    assert not any(name.endswith(".py") for name in without) and "auto_map" not in json.loads(without["config.json"])
+    assert {"modeling_plugin.py", "configuration_plugin.py"} <= set(with_code)
+    assert "auto_map" in json.loads(with_code["config.json"])
+
+    plugin.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    shards = {p.name for p in (tmp_path / "sharded").glob("model-*-of-*.safetensors")}
+    assert len(shards) > 1
+    push_folder(tmp_path / "sharded", "someone/r")
+    assert set(intercepted_hub[-1]["files"]) == {"config.json", "README.md", "model.safetensors.index.json", *shards}
+
+
     files = lambda name: {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
     snapshot(tmp_path / "cache", "someone/r", files("old"), "a" * 40, ["v1"])
     snapshot(tmp_path / "cache", "someone/r", files("new"), "b" * 40, ["main"])

@@ -17,9 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from hf_plugin import PluginModel
+from hf_plugin.base_logits import LiveBaseModel
 from hf_plugin.cli import main
+from hf_plugin.data import Example, encode_examples
+from hf_plugin.training import TrainingArguments, train
 
-from conftest import make_base, make_tokenizer
+from conftest import make_base, make_plugin, make_tokenizer
 
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -136,7 +139,8 @@ def test_resume_after_sigkill_ends_with_the_same_weights(setup, tmp_path):
     killed_dir = tmp_path / "killed"
     victim = run_cli(common(setup, killed_dir, *arguments))
     deadline = time.time() + 120
-    while not any(int(p.name.split("-")[1]) >= 120 for p in killed_dir.glob("checkpoint-*[0-9]")):
+    checkpoints = tmp_path / "killed.checkpoints"  # beside the output folder, never inside it
+    while not any(int(p.name.split("-")[1]) >= 120 for p in checkpoints.glob("checkpoint-*[0-9]")):
         assert victim.poll() is None, victim.stdout.read()[-3000:]
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
@@ -205,3 +209,107 @@ def test_cli_errors_are_clear(setup, tmp_path):
         main(base + ["--data", str(setup / "train.csv")])
     with pytest.raises(SystemExit, match=r"--plugin .*: The reweighter's config"):  # checked before the base
         main(["evaluate", "--base", str(tmp_path / "nothing"), "--plugin", str(tmp_path), "--data", str(setup / "train.csv")])
+
+
+def refuse_to_load(monkeypatch, *names: str) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded before the arguments were checked")
+
+    for name in names:
+        monkeypatch.setattr(f"hf_plugin.cli.{name}", refuse)
+
+
+@pytest.mark.parametrize("argument, message", [
+    (["--epochs", "0"], "`epochs` must be at least 1, got 0"),
+    (["--batch-size", "0"], "`batch_size` must be at least 1, got 0"),
+    (["--learning-rate", "-1"], "`learning_rate` must be a positive number, got -1.0"),
+    (["--weight-decay", "-0.1"], "`weight_decay` must be at least 0, got -0.1"),
+    (["--patience", "-1"], "`patience` must be at least 0, got -1"),
+    (["--save-steps", "-5"], "`save_steps` must be at least 0, got -5"),
+    (["--warmup-ratio", "1"], "`warmup_ratio` must be in"),
+])
+def test_bad_training_arguments_fail_before_anything_is_loaded(setup, tmp_path, monkeypatch, argument, message):
+    refuse_to_load(monkeypatch, "load_base_model", "load_tokenizer")
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        main(common(setup, tmp_path / "run", *argument))
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_arguments_checkpoint_dir_and_keep_checkpoints(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path / "run"))
+    assert Path(args.checkpoint_dir) == (tmp_path / "run.checkpoints").resolve() and args.keep_checkpoints == 1
+    assert "checkpoint_dir" not in args.run_defining() and args.run_defining()["learning_rate"] == 1e-3
+    with pytest.raises(ValueError, match="`keep_checkpoints` must be at least 1, got 0"):  # resume needs one
+        TrainingArguments(output_dir=str(tmp_path / "run"), keep_checkpoints=0)
+    with pytest.raises(ValueError, match="is inside `output_dir`"):
+        TrainingArguments(output_dir=str(tmp_path / "run"), checkpoint_dir=str(tmp_path / "run" / "checkpoints"))
+
+
+def test_keep_checkpoints_keeps_the_newest_ones(tmp_path):
+    tokenizer = make_tokenizer()
+    examples = encode_examples(tokenizer, [Example(p, c, row) for row, (p, c) in enumerate(task_rows(16))], max_length=32)
+    source = LiveBaseModel(make_base("llama"))
+    common_args = dict(epochs=2, batch_size=4, save_steps=1, patience=0, keep_checkpoints_after_run=True)
+    for keep in (1, 3):
+        args = TrainingArguments(output_dir=str(tmp_path / f"keep{keep}"), keep_checkpoints=keep, **common_args)
+        train(make_plugin("llama"), examples[:12], examples[12:], source, args, tokenizer=tokenizer)
+        names = sorted(p.name for p in Path(args.checkpoint_dir).iterdir())
+        # 3 steps an epoch, 2 epochs: checkpoints at every step, the newest `keep` of them stay, and `best/`
+        assert names == ["best"] + [f"checkpoint-{step:08d}" for step in range(7 - keep, 7)], names
+
+
+def test_finished_run_reports_base_nll_removes_checkpoints_and_a_used_folder_needs_overwrite(
+        setup, tmp_path, monkeypatch, capsys):
+    out, checkpoints = tmp_path / "run", tmp_path / "run.checkpoints"
+    main(common(setup, out, "--epochs", "2", "--batch-size", "4", "--patience", "0"))
+    assert not checkpoints.exists() and not any(p.is_dir() for p in out.iterdir())  # nothing left but the outputs
+    printed = capsys.readouterr().out
+    assert "epoch 1/2: validation NLL/token" in printed and "epoch 2/2: validation NLL/token" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    base_nll = metrics["base validation NLL/token"]
+    assert base_nll > metrics["validation NLL/token"] + 0.5 and f"(base model alone {base_nll:.4f})" in printed
+    assert all(r["base_validation_nll"] == base_nll for r in log_of(out) if "validation_nll" in r)
+    assert "| base validation NLL/token |" in (out / "README.md").read_text()
+
+    refuse_to_load(monkeypatch, "load_base_model", "load_tokenizer")
+    with pytest.raises(SystemExit, match=r"run already holds a reweighter \(model.safetensors\); pass --overwrite"):
+        main(common(setup, out, "--epochs", "1", "--batch-size", "4"))
+    (tmp_path / "killed.checkpoints" / "checkpoint-00000005").mkdir(parents=True)  # what a killed run leaves
+    with pytest.raises(SystemExit, match=r"killed.checkpoints holds the checkpoints of another run; pass --resume"):
+        main(common(setup, tmp_path / "killed", "--epochs", "1", "--batch-size", "4"))
+    monkeypatch.undo()
+
+    main(common(setup, out, "--epochs", "1", "--batch-size", "4", "--overwrite", "--keep-checkpoints"))
+    assert [r["epoch"] for r in log_of(out) if "validation_nll" in r] == [0]  # a new log, not appended to
+    assert json.loads((out / "metrics.json").read_text())["epochs run"] == 1
+    # kept on request; while training only the newest checkpoint (what resume needs) and `best/` exist
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "checkpoint-00000008"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(setup, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    arguments = ["--epochs", "1", "--batch-size", "4"]
+    with pytest.raises(SystemExit, match=r"--resume given but .*run.checkpoints holds no checkpoint"):
+        main(common(setup, out, *arguments, "--resume"))
+    main(common(setup, out, *arguments, "--keep-checkpoints"))
+    write_csv(tmp_path / "other.csv", task_rows(32, offset=50))
+
+    refuse_to_load(monkeypatch, "load_base_model")  # arguments and data are compared before the base model loads
+    with pytest.raises(SystemExit, match=r"learning_rate 0.003 in the checkpoint, 0.001 now\.$"):
+        main(common(setup, out, *arguments, "--resume", "--learning-rate", "1e-3"))
+    with pytest.raises(SystemExit, match=r"training data sha256:\w+ in the checkpoint, sha256:\w+ now\.$"):
+        main(common(setup, out, *arguments, "--resume", "--data", str(tmp_path / "other.csv")))
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match=r"reweighter hidden_size 32 in the checkpoint, 16 now") as error:
+        main(common(setup, out, *arguments, "--resume", "--hidden-size", "16"))
+    assert "\n" not in str(error.value) and "intermediate_size" not in str(error.value)
+    main(common(setup, out, *arguments, "--resume"))  # the same run resumes
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_leaves_no_model(setup, tmp_path):
+    out = tmp_path / "run"
+    main(common(setup, out, "--epochs", "1", "--batch-size", "4"))  # an earlier model in the folder
+    with pytest.raises(SystemExit, match=r"training loss is nan at optimizer step \d+ \(epoch 1\): the run diverged"):
+        main(common(setup, out, "--epochs", "3", "--batch-size", "4", "--learning-rate", "1e30", "--overwrite"))
+    assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
+    assert not any("validation_nll" in r for r in log_of(out))  # the earlier run's log was not appended to
