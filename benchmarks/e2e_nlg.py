@@ -261,8 +261,7 @@ def main() -> None:
         rescore_first(Path(args.data_dir), args.rescore_first)
         return
 
-    from hf_plugin import binding_kwargs
-    from hf_plugin.base_logits import CachedBaseLogits, write_base_cache
+    from hf_plugin.base_logits import cached_base_sources
     from hf_plugin.data import Example, encode_examples, split_by_prompt
     from hf_plugin.loading import load_base_model, offline_smollm2
     from hf_plugin.logits_process import PluginLogitsProcessor
@@ -278,7 +277,6 @@ def main() -> None:
 
     base, tokenizer = load_base_model(offline_smollm2())
     base.eval()
-    binding = binding_kwargs(base, tokenizer)
 
     devel_pairs = read_pairs(data_dir / "devel-fixed.no-ol.csv")
     devel = [Example(TEMPLATE.format(mr=mr), ref, row) for row, (mr, ref) in enumerate(devel_pairs)]
@@ -295,12 +293,10 @@ def main() -> None:
           f"test {len(test)} MRs", flush=True)
 
     started = time.perf_counter()
-    for name, examples in (("train", train_examples), ("heldout", heldout_examples)):
-        write_base_cache(base, examples, work / "cache" / name, k=args.top_k, batch_size=16,
-                         pad_token_id=tokenizer.pad_token_id)
+    caches, binding = cached_base_sources(lambda: base, tokenizer, {"train": train_examples, "heldout": heldout_examples},
+                                          work / "cache", k=args.top_k, batch_size=16)
     cache_seconds = time.perf_counter() - started
-    train_cache = CachedBaseLogits(work / "cache" / "train", train_examples)
-    heldout_cache = CachedBaseLogits(work / "cache" / "heldout", heldout_examples)
+    train_cache, heldout_cache = caches["train"], caches["heldout"]
     print(f"cache pass {cache_seconds:.0f}s", flush=True)
 
     runs: dict[str, dict] = {}

@@ -165,8 +165,8 @@ def main() -> None:
     parser.add_argument("--output", default=str(RESULTS / "tail_treatments.json"))
     args = parser.parse_args()
 
-    from hf_plugin import PluginConfig, PluginModel, binding_kwargs
-    from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel
+    from hf_plugin import PluginConfig, PluginModel
+    from hf_plugin.base_logits import LiveBaseModel, cached_base_sources
     from hf_plugin.loading import load_base_model, offline_smollm2
     from hf_plugin.training import TrainingArguments, completion_nll, train
 
@@ -174,11 +174,13 @@ def main() -> None:
     work = Path(args.work_dir)
     base, _ = load_base_model(offline_smollm2())
     live_nll = json.loads(Path(args.live_results).read_text())["summary"]["validation_nll_live"]
+    caches, binding = cached_base_sources(lambda: base, tokenizer, {"train": train_examples, "validation": validation_examples},
+                                          work / "cache", k=args.top_k, batch_size=16)
     results = {}
     for treatment in args.treatments.split(","):
         sources = []
         for name, examples in (("train", train_examples), ("validation", validation_examples)):
-            cache = CachedBaseLogits(work / "cache" / name, examples)
+            cache = caches[name]
             loss, tail_ids = {"bound": None, "uniform": uniform_tail_nll, "samples": sampled_tail_nll,
                               "zipf": zipf_tail_nll, "background": background_tail_nll}[treatment], None
             if treatment == "samples":
@@ -191,7 +193,6 @@ def main() -> None:
                 loss = functools.partial(background_tail_nll, background=background)
             sources.append(TruncatedCache(cache, args.top_k, loss, tail_ids))
         torch.manual_seed(0)
-        binding = {**binding_kwargs(tokenizer=tokenizer), "base_vocab_size": sources[0].cache.vocab_size}
         plugin = PluginModel(PluginConfig(vocab_size=binding["base_vocab_size"], max_position_embeddings=256, **binding))
         started = time.perf_counter()
         output_dir = work / f"tail-{treatment}"

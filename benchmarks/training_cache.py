@@ -51,18 +51,17 @@ def peak_rss_mb() -> float:
 
 def run_mode(args) -> dict:
     from hf_plugin import PluginConfig, PluginModel, binding_kwargs
-    from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel, write_base_cache
+    from hf_plugin.base_logits import LiveBaseModel, cached_base_sources
     from hf_plugin.loading import load_base_model, offline_smollm2
     from hf_plugin.training import TrainingArguments, train
 
     tokenizer, train_examples, validation_examples = prepare(args)
     work = Path(args.work_dir)
+    splits = {"train": train_examples, "validation": validation_examples}
     if args.mode == "cache":
         base, _ = load_base_model(offline_smollm2())
         started = time.perf_counter()
-        for name, examples in (("train", train_examples), ("validation", validation_examples)):
-            write_base_cache(base, examples, work / "cache" / name, k=args.top_k, batch_size=16,
-                             pad_token_id=tokenizer.pad_token_id)
+        cached_base_sources(lambda: base, tokenizer, splits, work / "cache", k=args.top_k, batch_size=16)
         seconds = time.perf_counter() - started
         files = list((work / "cache").rglob("*.safetensors"))
         tokens = sum(sum(label != -100 for label in e.labels) for e in train_examples + validation_examples)
@@ -74,9 +73,9 @@ def run_mode(args) -> dict:
             binding = binding_kwargs(base, tokenizer)
             train_source = validation_source = LiveBaseModel(base)
         else:
-            train_source = CachedBaseLogits(work / "cache" / "train", train_examples)
-            validation_source = CachedBaseLogits(work / "cache" / "validation", validation_examples)
-            binding = {**binding_kwargs(tokenizer=tokenizer), "base_vocab_size": train_source.vocab_size}
+            sources, binding = cached_base_sources(lambda: load_base_model(offline_smollm2())[0], tokenizer, splits,
+                                                   work / "cache", k=args.top_k, batch_size=16)
+            train_source, validation_source = sources["train"], sources["validation"]
         torch.manual_seed(args.seed)
         plugin = PluginModel(PluginConfig(vocab_size=binding["base_vocab_size"], max_position_embeddings=256, **binding))
         training_args = TrainingArguments(output_dir=str(work / args.mode), epochs=args.epochs, batch_size=16,

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .base_logits import CachedBaseLogits, write_base_cache
-from .compatibility import binding_kwargs
+from .base_logits import cached_base_sources
 from .configuration_plugin import PluginConfig
 from .data import Example, encode_examples
 from .logits_process import PluginLogitsProcessor
@@ -83,21 +82,18 @@ def run_demo(base, tokenizer, output_dir: str | Path, train_size: int = 400, tes
     train_examples = encode_examples(tokenizer, training_pairs, max_length=64)
     validation_examples = encode_examples(tokenizer, validation_pairs, max_length=64)
 
-    sources = []
-    for name, examples in (("train", train_examples), ("validation", validation_examples)):
-        write_base_cache(base, examples, output_dir / "cache" / name, k=64, batch_size=16,
-                         pad_token_id=tokenizer.pad_token_id)
-        sources.append(CachedBaseLogits(output_dir / "cache" / name, examples))
+    sources, binding = cached_base_sources(lambda: base, tokenizer, {"train": train_examples, "validation": validation_examples},
+                                           output_dir / "cache", k=64, batch_size=16)
     cache_seconds = time.perf_counter() - started
 
     torch.manual_seed(seed)
     config = PluginConfig(vocab_size=base.get_output_embeddings().weight.shape[0], hidden_size=256,
-                          intermediate_size=1024, max_position_embeddings=128, **binding_kwargs(base, tokenizer))
+                          intermediate_size=1024, max_position_embeddings=128, **binding)
     args = TrainingArguments(output_dir=str(output_dir / "reweighter"), epochs=epochs, batch_size=16,
                              learning_rate=2e-3, weight_decay=0.1, patience=2, seed=seed,
                              overwrite_output_dir=True)  # the demo redoes everything on each run
-    plugin = train(PluginModel(config), train_examples, validation_examples, sources[0], args,
-                   validation_source=sources[1], tokenizer=tokenizer)
+    plugin = train(PluginModel(config), train_examples, validation_examples, sources["train"], args,
+                   validation_source=sources["validation"], tokenizer=tokenizer)
     train_seconds = time.perf_counter() - started - cache_seconds
 
     prompts = [r.prompt() for r in test_records]

@@ -37,4 +37,7 @@ def test_short_demo_on_smollm2_runs_end_to_end(tmp_path):
     assert set(result["scores"]) == {"base", "base + reweighter"}
     assert result["scores"]["base + reweighter"]["BLEU"] > result["scores"]["base"]["BLEU"]
     assert (tmp_path / "reweighter" / "model.safetensors").exists()
+    written = [tmp_path / "reweighter" / "config.json", tmp_path / "reweighter" / "README.md",
+               tmp_path / "cache" / "train" / "index.json"]
+    assert not any(str(offline_smollm2().parent) in path.read_text() for path in written)
     assert "Reweighter saved to" in format_demo_report(result)

