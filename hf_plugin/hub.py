@@ -41,6 +41,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 # An `owner/name` repository id; a bare name is taken for a local folder (see `hf_plugin.binding_kwargs`).
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_TEMPLATE_MODULE = "model_card_template"
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
 
 
@@ -215,7 +216,11 @@ def write_remote_code(directory: str | Path) -> list[str]:
             needed.add(module)
             queue += _RELATIVE_IMPORT.findall((package / f"{module}.py").read_text(encoding="utf-8"))
     for module in needed:
-        shutil.copyfile(package / f"{module}.py", directory / f"{module}.py")
+        if module == _TEMPLATE_MODULE:  # the copy cannot read package data: inline the template
+            inlined = f'"""The model-card template, inlined."""\n\nREWEIGHTER_CARD_TEMPLATE = {REWEIGHTER_CARD_TEMPLATE!r}\n'
+            (directory / f"{module}.py").write_text(inlined, encoding="utf-8")
+        else:
+            shutil.copyfile(package / f"{module}.py", directory / f"{module}.py")
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["auto_map"] = REMOTE_CODE_ENTRY_POINTS
