@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 from transformers.utils import logging
 
-from .loading import KNOWN_GGUF_MODELS
 
 
 if TYPE_CHECKING:
@@ -24,6 +23,10 @@ if TYPE_CHECKING:
 logger = logging.get_logger(__name__)
 
 _SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# GGUF files whose Hub model is known (their metadata names no repository), for a portable base-model identity.
+KNOWN_GGUF_MODELS = {SMOLLM2_GGUF: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -16,8 +16,8 @@ from typing import Any
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from transformers.utils import logging
 
+from .compatibility import SMOLLM2_GGUF
 from .configuration_plugin import PluginConfig
-from .loading import SMOLLM2_GGUF
 from .model_card_template import REWEIGHTER_CARD_TEMPLATE
 
 

@@ -9,9 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# GGUF files whose Hub model is known (their metadata names no repository), for a portable base-model identity.
-KNOWN_GGUF_MODELS = {SMOLLM2_GGUF: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+from .compatibility import SMOLLM2_GGUF
 
 
 def offline_smollm2() -> Path | None:

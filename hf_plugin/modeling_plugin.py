@@ -21,6 +21,10 @@ from .combine import align_vocab, combine_logits
 from .compatibility import check_base_model, check_vocab_width
 from .configuration_plugin import PluginConfig
 from .hub import CARD_FILE, card_sections, push_folder, render_model_card, write_remote_code
+# Some transformers releases (5.3, 5.8) copy only the direct relative imports of a remote-code model loaded from a
+# folder: every module of the `with_code` copy is therefore imported here (tests/test_hub.py runs on 5.3 in CI).
+from ._version import __version__  # noqa: F401
+from .model_card_template import REWEIGHTER_CARD_TEMPLATE  # noqa: F401
 
 
 def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -147,10 +148,6 @@ def test_push_folder_via_cli_leaves_the_folder_unchanged(tokenizer, tmp_path, in
     assert "auto_map" in json.loads(with_code["files"]["config.json"]) and "auto_map" not in json.loads(before["config.json"])
 
 
-def test_revision_is_honoured(tokenizer, tmp_path):
-    old, new = bound_plugin(tokenizer), make_plugin("llama", seed=9)
-    for name, plugin in (("old", old), ("new", new)):
-        plugin.save_pretrained(tmp_path / name)
 def test_push_uploads_only_what_save_pretrained_writes(tokenizer, tmp_path, intercepted_hub, caplog):
     from hf_plugin.cli import main
 
@@ -197,6 +194,10 @@ def test_push_code_only_with_code_and_sharded_weights(tokenizer, tmp_path, inter
     assert set(intercepted_hub[-1]["files"]) == {"config.json", "README.md", "model.safetensors.index.json", *shards}
 
 
+def test_revision_is_honoured(tokenizer, tmp_path):
+    old, new = bound_plugin(tokenizer), make_plugin("llama", seed=9)
+    for name, plugin in (("old", old), ("new", new)):
+        plugin.save_pretrained(tmp_path / name)
     files = lambda name: {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
     snapshot(tmp_path / "cache", "someone/r", files("old"), "a" * 40, ["v1"])
     snapshot(tmp_path / "cache", "someone/r", files("new"), "b" * 40, ["main"])
@@ -211,6 +212,9 @@ def test_with_code_loads_without_hf_plugin(tokenizer, tmp_path):
     plugin = bound_plugin(tokenizer)
     plugin.save_pretrained(tmp_path / "r", with_code=True)
     assert json.loads((tmp_path / "r" / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_plugin.PluginModel"
+    # Some transformers releases copy only the entry module's direct relative imports: each copied module must be one.
+    direct = set(re.findall(r"^from \.(\w+) import", (tmp_path / "r" / "modeling_plugin.py").read_text(), re.MULTILINE))
+    assert {p.stem for p in (tmp_path / "r").glob("*.py")} - {"modeling_plugin"} == direct
     torch.save(logits_of(plugin), tmp_path / "expected.pt")
     script = (
         "import sys, torch\n"
