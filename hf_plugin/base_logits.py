@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .combine import align_vocab, combine_logits, combine_topk_nll
-from .compatibility import binding_kwargs
+from .compatibility import base_model_identity, binding_kwargs
 from .data import EncodedExample, collate
 
 
@@ -274,6 +274,7 @@ def cached_base_sources(
     base_model_id: str | None = None,
     accelerator=None,
     overwrite: bool = False,
+    base_name_or_path: str | None = None,
 ) -> tuple[dict[str, CachedBaseLogits], dict]:
     """Base-logit caches of several splits, written first where missing, and the binding of a new reweighter.
 
@@ -292,6 +293,8 @@ def cached_base_sources(
         accelerator (`accelerate.Accelerator`, *optional*): the processes sharing the cache pass (see
             `write_base_cache`); the base model is moved to its device.
         overwrite (`bool`, *optional*, defaults to `False`): replace caches of other data found in `cache_dir`.
+        base_name_or_path (`str`, *optional*): what `load_base` loads (a Hub id, folder or `.gguf` file); caches
+            written from another base model are then refused instead of silently binding to that other base.
 
     Returns:
         `tuple[dict[str, CachedBaseLogits], dict]`: the cache of each split, and `PluginConfig` keyword arguments
@@ -306,6 +309,9 @@ def cached_base_sources(
         found = directories[name] / (INDEX_FILE if complete else MANIFEST_FILE)
         expected = {"examples_fingerprint": examples_fingerprint(examples), "num_examples": len(examples),
                     **({} if complete else {"k": k})}
+        if base_name_or_path is not None:
+            identity = base_model_identity(base_name_or_path, base_model_id)
+            expected.update(zip(("base_model_name_or_path", "base_model_file"), identity))
         differences = _differences(json.loads(found.read_text()), expected) if found.exists() else []
         if differences and not overwrite:  # said before the base model is loaded
             raise _stale_cache_error(directories[name], differences)

@@ -232,7 +232,7 @@ def _cached_sources(args, tokenizer, train_examples, validation_examples, accele
     return cached_base_sources(
         lambda: _load_base(args)[0], tokenizer, {"train": train_examples, "validation": validation_examples},
         args.cache, k=args.top_k, batch_size=args.cache_batch_size, revision=args.base_revision,
-        base_model_id=args.base_id, accelerator=accelerator, overwrite=args.overwrite_cache,
+        base_model_id=args.base_id, accelerator=accelerator, overwrite=args.overwrite_cache, base_name_or_path=args.base,
     )
 
 

@@ -182,6 +182,9 @@ def test_cached_base_sources_loads_the_base_only_to_write(encoded, tokenizer, tm
     # other data: refused before the base model is loaded
     with pytest.raises(ValueError, match="validation.*other data"):
         cached_base_sources(load_base, tokenizer, {**splits, "validation": encoded[29:]}, tmp_path / "cache")
+    # another base model than the one the cache was written from: refused, not bound to the cache's base
+    with pytest.raises(ValueError, match="train.*another base.*base_model_name_or_path None != 'org/other-model'"):
+        cached_base_sources(load_base, tokenizer, splits, tmp_path / "cache", base_name_or_path="org/other-model")
     for k in (0, len(tokenizer) + 1):
         with pytest.raises(ValueError, match=f"between 1 and the vocabulary size {len(tokenizer)}, got {k}"):
             cached_base_sources(load_base, tokenizer, splits, tmp_path / f"k{k}", k=k)
