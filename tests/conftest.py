@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -64,6 +66,15 @@ def make_plugin(arch: str, vocab_size: int = VOCAB, seed: int = 1, **config_kwar
     with torch.no_grad():
         plugin.get_output_embeddings().weight.mul_(20.0)
     return plugin.eval()
+
+
+def write_csv(path, rows, header=("mr", "ref")):
+    """Writes `rows` under `header` as a CSV file; returns its path."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
 
 
 @pytest.fixture(scope="session")

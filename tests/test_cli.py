@@ -3,7 +3,6 @@ that come before the base model is loaded."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import hf_plugin.cli
 from hf_plugin.cli import _cut, main
 from hf_plugin.data import read_examples
 
-from conftest import make_base, make_plugin, make_tokenizer
+from conftest import make_base, make_plugin, make_tokenizer, write_csv
 
 
 TEMPLATE = r"Data: {mr}\nSentence:"
@@ -28,14 +27,6 @@ def task_rows(count: int, offset: int = 0, references: int = 2) -> list[tuple[st
         for r in range(references):
             rows.append((f"{a} {b}", f"{WORDS[(i % 17) + 20]} {WORDS[((i * 7) % 19) + 20]} {WORDS[30 + r]}"))
     return rows
-
-
-def write_csv(path: Path, rows) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["mr", "ref"])
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")

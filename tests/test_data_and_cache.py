@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import threading
@@ -17,15 +16,7 @@ from hf_plugin.base_logits import (
 )
 from hf_plugin.data import collate, encode_examples, read_examples, split_by_prompt
 
-from conftest import EOS, PAD, VOCAB, make_base, make_plugin
-
-
-def write_csv(path, rows, header=("mr", "ref")):
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+from conftest import EOS, PAD, VOCAB, make_base, make_plugin, write_csv
 
 
 ROWS = [(f"w{i % 7} w{i % 5}", f"w{i % 11} w{(i * 3) % 13} w{i % 4}") for i in range(40)]

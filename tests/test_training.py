@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from hf_plugin.cli import main
 from hf_plugin.data import Example, encode_examples
 from hf_plugin.training import TrainingArguments, train
 
-from conftest import make_base, make_plugin, make_tokenizer
+from conftest import make_base, make_plugin, make_tokenizer, write_csv
 
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -35,14 +34,6 @@ def task_rows(count: int, offset: int = 0) -> list[tuple[str, str]]:
         a, b = WORDS[i % 17], WORDS[(i * 7) % 19]
         rows.append((f"{a} {b}", f"{WORDS[(i % 17) + 20]} {WORDS[((i * 7) % 19) + 20]} w39"))
     return rows
-
-
-def write_csv(path: Path, rows) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["mr", "ref"])
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")
