@@ -117,6 +117,9 @@ class TrainingArguments:
         if Path(self.checkpoint_dir).resolve().is_relative_to(output.resolve()):
             raise ValueError(f"`checkpoint_dir` {self.checkpoint_dir} is inside `output_dir` {self.output_dir}: training "
                              "state must stay out of the folder that gets shared.")
+        if output.resolve().is_relative_to(Path(self.checkpoint_dir).resolve()):
+            raise ValueError(f"`output_dir` {self.output_dir} is inside `checkpoint_dir` {self.checkpoint_dir}, which is "
+                             "removed after the run: put them side by side.")
 
     def run_defining(self) -> dict:
         """The arguments that decide the trained weights (not paths, logging or checkpoint bookkeeping)."""
@@ -233,8 +236,13 @@ def _remove_old_outputs(args: TrainingArguments) -> None:
 
 def _remove_checkpoints(checkpoint_dir: Path) -> None:
     """Removes the checkpoints and `best/` (finished or not), then `checkpoint_dir` itself if nothing else is left."""
-    for path in [*checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*"), *checkpoint_dir.glob(f"{BEST_DIR}*")]:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    # Only the names `train` writes: a shared --checkpoint-dir may hold a user's `best_model.pt` or `checkpoint-old/`.
+    ours = [path for path in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*")
+            if path.name.removeprefix(CHECKPOINT_PREFIX).removesuffix(".tmp").isdigit()]
+    ours += [checkpoint_dir / BEST_DIR, checkpoint_dir / (BEST_DIR + ".tmp")]
+    for path in ours:
+        if path.is_dir():
+            shutil.rmtree(path)
     if checkpoint_dir.is_dir() and not any(checkpoint_dir.iterdir()):
         checkpoint_dir.rmdir()
 

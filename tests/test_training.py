@@ -234,6 +234,17 @@ def test_training_arguments_checkpoint_dir_and_keep_checkpoints(tmp_path):
         TrainingArguments(output_dir=str(tmp_path / "run"), keep_checkpoints=0)
     with pytest.raises(ValueError, match="is inside `output_dir`"):
         TrainingArguments(output_dir=str(tmp_path / "run"), checkpoint_dir=str(tmp_path / "run" / "checkpoints"))
+    with pytest.raises(ValueError, match="is inside `checkpoint_dir`"):  # removed after the run, with the model
+        TrainingArguments(output_dir=str(tmp_path / "runs" / "best-model"), checkpoint_dir=str(tmp_path / "runs"))
+
+
+def test_a_finished_run_removes_only_its_own_checkpoints(setup, tmp_path):
+    shared = tmp_path / "shared"
+    (shared / "checkpoint-notes").mkdir(parents=True)
+    (shared / "best_model.pt").write_text("the user's")
+    main(common(setup, tmp_path / "run", "--checkpoint-dir", str(shared), "--epochs", "1", "--batch-size", "8"))
+    assert sorted(p.name for p in shared.iterdir()) == ["best_model.pt", "checkpoint-notes"]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
 def test_keep_checkpoints_keeps_the_newest_ones(tmp_path):
