@@ -223,6 +223,12 @@ def check_output_dir(args: TrainingArguments, resume: bool = False) -> None:
     if _checkpoints(args.checkpoint_dir) or (Path(args.checkpoint_dir) / BEST_DIR).exists():
         raise ValueError(f"{args.checkpoint_dir} holds the checkpoints of another run; pass --resume to continue it or "
                          "--overwrite (`overwrite_output_dir=True`) to start again.")
+    output_dir = Path(args.output_dir)
+    replaced = [name for name in TRAINING_OUTPUTS if (output_dir / name).exists()]
+    replaced = (saved_files(output_dir) if output_dir.is_dir() else []) + replaced
+    if replaced:  # e.g. --output-dir . in a project: its README.md would become the model card
+        raise ValueError(f"{args.output_dir} already holds {', '.join(replaced)}, which a run writes; pass --overwrite "
+                         "(`overwrite_output_dir=True`) to replace them, or choose another output directory.")
 
 
 def _remove_old_outputs(args: TrainingArguments) -> None:

@@ -238,6 +238,16 @@ def test_training_arguments_checkpoint_dir_and_keep_checkpoints(tmp_path):
         TrainingArguments(output_dir=str(tmp_path / "runs" / "best-model"), checkpoint_dir=str(tmp_path / "runs"))
 
 
+def test_a_folder_holding_files_a_run_writes_needs_overwrite(setup, tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("# My project")
+    refuse_to_load(monkeypatch, "load_base_model", "load_tokenizer")
+    with pytest.raises(SystemExit, match=r"project already holds README.md, which a run writes; pass --overwrite"):
+        main(common(setup, project, "--epochs", "1"))
+    assert (project / "README.md").read_text() == "# My project"
+
+
 def test_a_finished_run_removes_only_its_own_checkpoints(setup, tmp_path):
     shared = tmp_path / "shared"
     (shared / "checkpoint-notes").mkdir(parents=True)
