@@ -20,7 +20,7 @@ from transformers.utils import cached_file
 from .combine import align_vocab, combine_logits
 from .compatibility import check_base_model, check_vocab_width
 from .configuration_plugin import PluginConfig
-from .hub import CARD_FILE, card_sections, push_folder, render_model_card, write_remote_code
+from .hub import CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, _WEIGHTS_SHARD, card_sections, push_folder, render_model_card, write_remote_code
 # Some transformers releases (5.3, 5.8) copy only the direct relative imports of a remote-code model loaded from a
 # folder: every module of the `with_code` copy is therefore imported here (tests/test_hub.py runs on 5.3 in CI).
 from ._version import __version__  # noqa: F401
@@ -151,6 +151,10 @@ class PluginModel(PluginPreTrainedModel):
         """
         if kwargs.pop("push_to_hub", False):
             raise ValueError("Use `PluginModel.push_to_hub(repo_id)`: it uploads what save_pretrained writes, card included.")
+        if Path(save_directory).is_dir():  # weights of an earlier save (sharded or not) must not be loaded instead
+            for path in Path(save_directory).iterdir():
+                if path.name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE) or _WEIGHTS_SHARD.match(path.name):
+                    path.unlink()
         super().save_pretrained(save_directory, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)

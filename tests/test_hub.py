@@ -194,6 +194,17 @@ def test_push_code_only_with_code_and_sharded_weights(tokenizer, tmp_path, inter
     assert set(intercepted_hub[-1]["files"]) == {"config.json", "README.md", "model.safetensors.index.json", *shards}
 
 
+def test_a_save_over_another_leaves_no_stale_weights(tmp_path):
+    old, new = make_plugin("llama", seed=1), make_plugin("llama", seed=2)
+    old.save_pretrained(tmp_path / "r")
+    new.save_pretrained(tmp_path / "r", max_shard_size="20KB")  # sharded over unsharded: the old file would win
+    assert not (tmp_path / "r" / "model.safetensors").exists()
+    loaded = PluginModel.from_pretrained(tmp_path / "r")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in new.state_dict().items())
+    old.save_pretrained(tmp_path / "r")  # and back: no index pointing at shards that are gone
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
 def test_revision_is_honoured(tokenizer, tmp_path):
     old, new = bound_plugin(tokenizer), make_plugin("llama", seed=9)
     for name, plugin in (("old", old), ("new", new)):
