@@ -80,6 +80,9 @@ def generate(args: argparse.Namespace) -> None:
         raise SystemExit("error: give prompts one way: --prompt, --prompts-file or --data")
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise SystemExit(f"error: --output: folder {Path(args.output).parent} does not exist")
+    if args.output and any(source and Path(source).resolve() == Path(args.output).resolve()
+                           for source in (args.data, args.prompts_file)):
+        raise SystemExit(f"error: --output {args.output} is the input file; it would be overwritten")
     config = _plugin_config(args.plugin) if args.plugin is not None else None
     examples, references = _generation_inputs(args)
     tokenizer = _load_tokenizer(args)

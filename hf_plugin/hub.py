@@ -274,6 +274,11 @@ def push_folder(
     if not (directory / WEIGHTS_FILE).is_file() and not (directory / WEIGHTS_INDEX_FILE).is_file():
         raise FileNotFoundError(f"{directory} holds no {WEIGHTS_FILE}; is it a folder written by save_pretrained?")
     names = saved_files(directory)
+    # A link among them could upload any file of the machine (say a `.env`) under an innocent name.
+    outside = [name for name in names if not (directory / name).resolve().is_relative_to(directory.resolve())]
+    if outside:
+        raise ValueError(f"{directory} links {', '.join(outside)} to files outside it; refusing to upload them (copy the "
+                         "files into the folder if they are meant to be shared).")
     left_out = sorted(f"{p.name}/" if p.is_dir() else p.name for p in directory.iterdir() if p.name not in names)
     if left_out:
         logger.warning(f"Not uploading what save_pretrained does not write in {directory}: {', '.join(left_out)}")

@@ -7,8 +7,13 @@ import math
 import os
 import shutil
 import time
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,6 +37,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 BEST_DIR = "best"
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
 CHECKPOINT_DIR_SUFFIX = ".checkpoints"
 # Files a training run writes in `output_dir` besides the saved reweighter.
 TRAINING_OUTPUTS = ("training_args.json", "metrics.json", "log.jsonl", "loss_curve.png")
@@ -238,6 +244,29 @@ def _remove_old_outputs(args: TrainingArguments) -> None:
         for name in [*saved_files(output_dir), *TRAINING_OUTPUTS]:
             (output_dir / name).unlink(missing_ok=True)
     _remove_checkpoints(Path(args.checkpoint_dir))
+
+
+@contextmanager
+def _run_lock(checkpoint_dir: Path):
+    """Holds an exclusive lock on `checkpoint_dir` while a run uses it: a second run into the same folders fails at
+    once instead of mixing its checkpoints, best weights and log with the first one's. The lock dies with the
+    process, so a killed run never blocks a resumed one."""
+    if fcntl is None:  # no POSIX locks (Windows): runs are not guarded against each other
+        yield
+        return
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    with open(checkpoint_dir / LOCK_FILE, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"Another training run is using {checkpoint_dir}; wait for it to end or choose another "
+                             "--output-dir / --checkpoint-dir.") from None
+        try:
+            yield
+        finally:  # still held: no other run can have taken it; an emptied folder goes too
+            (checkpoint_dir / LOCK_FILE).unlink(missing_ok=True)
+            if not any(checkpoint_dir.iterdir()):
+                checkpoint_dir.rmdir()
 
 
 def _remove_checkpoints(checkpoint_dir: Path) -> None:
@@ -512,43 +541,45 @@ def train(
     if not validation_examples:
         raise ValueError("A validation split is needed: early stopping and the saved model are chosen on it.")
     output_dir, checkpoint_dir = Path(args.output_dir), Path(args.checkpoint_dir)
-    check_output_dir(args, resume)
     accelerator = accelerator or Accelerator(mixed_precision=args.mixed_precision, log_with=args.log_with,
                                              project_dir=str(output_dir))
-    record = run_record(args, train_examples, validation_examples, plugin.config, accelerator.num_processes)
-    checkpoint = (check_resume(args, train_examples, validation_examples, plugin.config, accelerator.num_processes)
-                  if resume else None)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if not resume:  # a new run: nothing of an earlier one is reported, nor appended to
-            _remove_old_outputs(args)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    if args.log_with:
-        accelerator.init_trackers("hf-plugin", config={k: v for k, v in asdict(args).items() if v is not None})
-    pad_token_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    trainer = _Trainer(plugin, train_examples, validation_examples, train_source, validation_source or train_source,
-                       args, pad_token_id, accelerator, record)
-    state = trainer.run(checkpoint)
-    accelerator.wait_for_everyone()
-    best = PluginModel.from_pretrained(checkpoint_dir / BEST_DIR)
-    if accelerator.is_main_process:
-        metrics = {"validation NLL/token": state.best_validation_nll,
-                   "validation perplexity": math.exp(min(state.best_validation_nll, 50.0)),
-                   "base validation NLL/token": state.base_validation_nll,
-                   "best epoch": state.best_epoch + 1, "epochs run": state.epoch, "optimizer steps": state.global_step}
-        training = {k: v for k, v in args.run_defining().items() if v is not None}
-        training.update({"training examples": len(train_examples), "validation examples": len(validation_examples),
-                         "processes": accelerator.num_processes})
-        best.save_pretrained(output_dir, tokenizer=tokenizer,
-                             model_card={"training": training, "metrics": metrics, **(model_card or {})})
-        (output_dir / "training_args.json").write_text(json.dumps(asdict(args), indent=2))
-        (output_dir / "metrics.json").write_text(json.dumps({**metrics, "history": state.history}, indent=2))
-        plot_loss_curve(output_dir / "log.jsonl", output_dir / "loss_curve.png")
-    accelerator.wait_for_everyone()  # every process has loaded `best/`
-    if accelerator.is_main_process and not args.keep_checkpoints_after_run:
-        _remove_checkpoints(checkpoint_dir)  # the run finished: what only resuming needed goes
+    # One run at a time in these folders: the lock is taken before the folders are checked or cleared.
+    with _run_lock(checkpoint_dir) if accelerator.is_main_process else nullcontext():
+        check_output_dir(args, resume)
+        record = run_record(args, train_examples, validation_examples, plugin.config, accelerator.num_processes)
+        checkpoint = (check_resume(args, train_examples, validation_examples, plugin.config, accelerator.num_processes)
+                      if resume else None)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if not resume:  # a new run: nothing of an earlier one is reported, nor appended to
+                _remove_old_outputs(args)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        if args.log_with:
+            accelerator.init_trackers("hf-plugin", config={k: v for k, v in asdict(args).items() if v is not None})
+        pad_token_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+        trainer = _Trainer(plugin, train_examples, validation_examples, train_source, validation_source or train_source,
+                           args, pad_token_id, accelerator, record)
+        state = trainer.run(checkpoint)
+        accelerator.wait_for_everyone()
+        best = PluginModel.from_pretrained(checkpoint_dir / BEST_DIR)
+        if accelerator.is_main_process:
+            metrics = {"validation NLL/token": state.best_validation_nll,
+                       "validation perplexity": math.exp(min(state.best_validation_nll, 50.0)),
+                       "base validation NLL/token": state.base_validation_nll,
+                       "best epoch": state.best_epoch + 1, "epochs run": state.epoch, "optimizer steps": state.global_step}
+            training = {k: v for k, v in args.run_defining().items() if v is not None}
+            training.update({"training examples": len(train_examples), "validation examples": len(validation_examples),
+                             "processes": accelerator.num_processes})
+            best.save_pretrained(output_dir, tokenizer=tokenizer,
+                                 model_card={"training": training, "metrics": metrics, **(model_card or {})})
+            (output_dir / "training_args.json").write_text(json.dumps(asdict(args), indent=2))
+            (output_dir / "metrics.json").write_text(json.dumps({**metrics, "history": state.history}, indent=2))
+            plot_loss_curve(output_dir / "log.jsonl", output_dir / "loss_curve.png")
+        accelerator.wait_for_everyone()  # every process has loaded `best/`
+        if accelerator.is_main_process and not args.keep_checkpoints_after_run:
+            _remove_checkpoints(checkpoint_dir)  # the run finished: what only resuming needed goes
     accelerator.end_training()
     return best
 

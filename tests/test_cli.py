@@ -137,6 +137,7 @@ def test_stop_strings_cut_completions(setup, capsys):
     (["--prompt", "w1", "--num-beams", "0"], "--num-beams must be at least 1, got 0"),
     (["--prompt", "w1", "--prompts-file", "{tmp}/empty.txt"], "give prompts one way"),
     (["--prompt", "w1", "--output", "{tmp}/absent/preds.jsonl"], "--output: folder .*absent does not exist"),
+    (["--data", "{setup}/test.csv", "--template", TEMPLATE, "--output", "{setup}/test.csv"], "is the input file"),
     (["--prompt", "w1", "--prompt", " ".join(["w2"] * 126)],
      r"prompt 2 \('w2 w2 .*'\) has 126 tokens; with --max-new-tokens 3 that passes the reweighter's 128 positions"),
 ])

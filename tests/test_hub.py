@@ -171,6 +171,13 @@ def test_push_uploads_only_what_save_pretrained_writes(tokenizer, tmp_path, inte
     (warning,) = [r.getMessage() for r in caplog.records if "Not uploading" in r.getMessage()]
     assert all(name in warning for name in (".env", "best/", "cache/", "checkpoint-00000010/", "log.jsonl"))
 
+    # an allow-listed name that links to a file outside the folder (here the secret) is refused, nothing is sent
+    (folder / "vocab.txt").symlink_to(tmp_path / "secret")
+    (tmp_path / "secret").write_text("HF_TOKEN=hf_secret\n")
+    with pytest.raises(ValueError, match="links vocab.txt to files outside it"):
+        push_folder(folder, "someone/r")
+    (folder / "vocab.txt").unlink()
+
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="holds no model.safetensors"):
         push_folder(folder, "someone/r")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -296,6 +297,19 @@ def test_finished_run_reports_base_nll_removes_checkpoints_and_a_used_folder_nee
     assert json.loads((out / "metrics.json").read_text())["epochs run"] == 1
     # kept on request; while training only the newest checkpoint (what resume needs) and `best/` exist
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "checkpoint-00000008"]
+
+
+def test_a_second_run_into_the_same_folders_is_refused_while_the_first_runs(setup, tmp_path):
+    out, checkpoints = tmp_path / "run", tmp_path / "run.checkpoints"
+    checkpoints.mkdir()
+    with open(checkpoints / ".lock", "w") as handle:  # what a run in progress holds
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit, match=r"Another training run is using .*run.checkpoints"):
+            main(common(setup, out, "--epochs", "1", "--batch-size", "4"))
+        assert not out.exists()
+    # once it is released (the holder ended or was killed) a run goes ahead and leaves no lock behind
+    main(common(setup, out, "--epochs", "1", "--batch-size", "4", "--keep-checkpoints"))
+    assert (out / "model.safetensors").exists() and not (checkpoints / ".lock").exists()
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(setup, tmp_path, monkeypatch):
