@@ -68,6 +68,16 @@ def make_plugin(arch: str, vocab_size: int = VOCAB, seed: int = 1, **config_kwar
     return plugin.eval()
 
 
+def task_rows(count: int, offset: int = 0, references: int = 1) -> list[tuple[str, str]]:
+    """A learnable task over the words `w0`..`w39`: each prompt with `references` rows (one row each for training),
+    the completion a fixed function of the prompt, its last word telling the references apart."""
+    rows = []
+    for i in range(offset, offset + count):
+        a, b = i % 17, (i * 7) % 19
+        rows += [(f"w{a} w{b}", f"w{a + 20} w{b + 20} w{39 - r}") for r in range(references)]
+    return rows
+
+
 def write_csv(path, rows, header=("mr", "ref")):
     """Writes `rows` under `header` as a CSV file; returns its path."""
     with open(path, "w", newline="") as handle:

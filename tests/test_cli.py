@@ -12,30 +12,17 @@ import hf_plugin.cli
 from hf_plugin.cli import _cut, main
 from hf_plugin.data import read_examples
 
-from conftest import make_base, make_plugin, make_tokenizer, write_csv
+from conftest import make_base, make_plugin, make_tokenizer, task_rows, write_csv
 
 
 TEMPLATE = r"Data: {mr}\nSentence:"
-WORDS = [f"w{i}" for i in range(40)]
-
-
-def task_rows(count: int, offset: int = 0, references: int = 2) -> list[tuple[str, str]]:
-    """Each prompt (`mr`) with `references` rows; the completion is a fixed function of the prompt."""
-    rows = []
-    for i in range(offset, offset + count):
-        a, b = WORDS[i % 17], WORDS[(i * 7) % 19]
-        for r in range(references):
-            rows.append((f"{a} {b}", f"{WORDS[(i % 17) + 20]} {WORDS[((i * 7) % 19) + 20]} {WORDS[30 + r]}"))
-    return rows
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     make_base("llama").save_pretrained(root / "base")
     make_tokenizer().save_pretrained(root / "base")
     make_plugin("llama").save_pretrained(root / "plugin")  # 128 positions
-    write_csv(root / "train.csv", task_rows(16))
+    write_csv(root / "train.csv", task_rows(16, references=2))
     write_csv(root / "test.csv", task_rows(5, offset=100, references=3))
     return root
 

@@ -22,19 +22,7 @@ from hf_plugin.cli import main
 from hf_plugin.data import Example, encode_examples
 from hf_plugin.training import TrainingArguments, train
 
-from conftest import make_base, make_plugin, make_tokenizer, write_csv
-
-
-WORDS = [f"w{i}" for i in range(40)]
-
-
-def task_rows(count: int, offset: int = 0) -> list[tuple[str, str]]:
-    """A learnable task: the completion is a fixed function of the prompt."""
-    rows = []
-    for i in range(offset, offset + count):
-        a, b = WORDS[i % 17], WORDS[(i * 7) % 19]
-        rows.append((f"{a} {b}", f"{WORDS[(i % 17) + 20]} {WORDS[((i * 7) % 19) + 20]} w39"))
-    return rows
+from conftest import make_base, make_plugin, make_tokenizer, task_rows, write_csv
 
 
 @pytest.fixture(scope="module")
