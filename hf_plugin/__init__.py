@@ -6,6 +6,8 @@ from ._version import __version__
 from .combine import align_vocab, combine_logits
 from .compatibility import binding_kwargs, check_base_model, check_tokenizer, check_vocab_width, tokenizer_fingerprint
 from .configuration_plugin import PluginConfig
+from .data import with_demonstrations
+from .initialization import first_layers, uniform_start_
 from .logits_process import CachedModelRunner, PluginLogitsProcessor
 from .modeling_plugin import PluginModel, PluginPreTrainedModel, score_with_reweighters
 
@@ -26,6 +28,9 @@ __all__ = [
     "check_tokenizer",
     "check_vocab_width",
     "combine_logits",
+    "first_layers",
     "score_with_reweighters",
     "tokenizer_fingerprint",
+    "uniform_start_",
+    "with_demonstrations",
 ]

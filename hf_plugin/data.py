@@ -9,7 +9,7 @@ import random
 import re
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -282,6 +282,80 @@ def split_by_prompt(
 
 def _prompt_key(example: Example) -> str:
     return repr(example.messages) if example.messages is not None else example.prompt
+
+
+def demonstration_prompt(
+    prompt: str, demonstrations: Sequence[Example], separator: str = " ", shot_separator: str = "\n\n"
+) -> str:
+    r"""`prompt` preceded by worked demonstrations (a k-shot prompt), each rendered as `encode_examples` joins a pair.
+
+    Each demonstration becomes `demo.prompt + separator + demo.completion + shot_separator` (the completion's
+    leading spaces dropped, as in `encode_examples`), so a prompt built here at use time is exactly a training
+    prompt of `with_demonstrations`.
+
+    Args:
+        prompt (`str`): the input to complete.
+        demonstrations (`Sequence[Example]`): the worked pairs, in order.
+        separator (`str`, *optional*, defaults to `" "`): between a demonstration's prompt and completion (the
+            `separator` of `encode_examples`).
+        shot_separator (`str`, *optional*, defaults to `"\n\n"`): after each demonstration.
+
+    Examples:
+
+    ```python
+    >>> from hf_plugin.data import Example, demonstration_prompt
+    >>> demonstration_prompt("Data: b\nSentence:", [Example("Data: a\nSentence:", "A.", 0)])
+    'Data: a\nSentence: A.\n\nData: b\nSentence:'
+
+    ```
+    """
+    shots = "".join(demo.prompt + separator + demo.completion.lstrip() + shot_separator for demo in demonstrations)
+    return shots + prompt
+
+
+def with_demonstrations(
+    examples: Sequence[Example],
+    pool: Sequence[Example],
+    k: int,
+    seed: int = 0,
+    separator: str = " ",
+    shot_separator: str = "\n\n",
+) -> list[Example]:
+    r"""The examples with `k` demonstrations from `pool` before each prompt: training under k-shot prompts.
+
+    For each example, `k` distinct prompts of `pool` other than the example's own are drawn at random, each with
+    one of its completions, and rendered with `demonstration_prompt`. The draw is seeded per example (by `seed`
+    and the example's position), so it does not depend on the other examples.
+
+    Args:
+        examples (`Sequence[Example]`): the pairs to train on (plain prompts, not chat).
+        pool (`Sequence[Example]`): where demonstrations come from, e.g. the training part itself.
+        k (`int`): demonstrations per prompt; 0 returns copies of the examples.
+        seed (`int`, *optional*, defaults to 0): seed of the draws.
+        separator, shot_separator (`str`, *optional*): as for `demonstration_prompt`.
+
+    Returns:
+        `list[Example]`: the examples, in order, with k-shot prompts.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"The number of demonstrations must be a non-negative integer, got {k!r}.")
+    if any(e.messages is not None for e in (*examples, *pool)):
+        raise ValueError("Demonstrations are rendered into plain prompts; chat-formatted examples are not supported.")
+    by_prompt: dict[str, list[Example]] = {}
+    for demo in pool:
+        by_prompt.setdefault(demo.prompt, []).append(demo)
+    prompts = list(by_prompt)
+    if k and len(prompts) <= k and any(len(set(prompts) - {e.prompt}) < k for e in examples):
+        raise ValueError(f"The pool has {len(prompts)} distinct prompts: too few to draw {k} demonstrations other "
+                         "than each example's own.")
+    shot = []
+    for index, example in enumerate(examples):
+        rng = random.Random(f"{seed}-{index}")
+        # One more than needed, so that the example's own prompt can be dropped and the draw stays uniform.
+        drawn = [p for p in rng.sample(prompts, min(k + 1, len(prompts))) if p != example.prompt][:k] if k else []
+        demos = [rng.choice(by_prompt[p]) for p in drawn]
+        shot.append(replace(example, prompt=demonstration_prompt(example.prompt, demos, separator, shot_separator)))
+    return shot
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, example: Example) -> str:

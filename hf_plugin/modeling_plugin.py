@@ -20,6 +20,7 @@ from transformers.utils import cached_file
 from .combine import align_vocab, combine_logits
 from .compatibility import check_base_model, check_vocab_width
 from .configuration_plugin import PluginConfig
+from .initialization import first_layers
 from .hub import CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, _WEIGHTS_SHARD, card_sections, push_folder, render_model_card, write_remote_code
 # Some transformers releases (5.3, 5.8) copy only the direct relative imports of a remote-code model loaded from a
 # folder: every module of the `with_code` copy is therefore imported here (tests/test_hub.py runs on 5.3 in CI).
@@ -211,6 +212,21 @@ class PluginModel(PluginPreTrainedModel):
         plugin = cls(config)
         plugin.backbone.load_state_dict(model.state_dict())
         return plugin
+
+    @classmethod
+    def from_base_layers(cls, model: PreTrainedModel, num_layers: int, **config_kwargs) -> PluginModel:
+        """Builds a reweighter from a base model's input embeddings, first `num_layers` decoder layers, final norm
+        and output head (see `hf_plugin.first_layers`): possible when the base model's weights are at hand.
+
+        Args:
+            model (`PreTrainedModel`): the (open) base model; left untouched.
+            num_layers (`int`): how many of its decoder layers to copy.
+            config_kwargs: further `PluginConfig` arguments, as for `from_causal_lm`.
+
+        Returns:
+            `PluginModel`: a new reweighter in float32.
+        """
+        return cls.from_causal_lm(first_layers(model, num_layers), **config_kwargs)
 
     def check_compatible(
         self, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, strict: bool = True
