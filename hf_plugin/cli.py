@@ -17,7 +17,8 @@ from .base_logits import LiveBaseModel, cached_base_sources
 from .compatibility import binding_kwargs
 from .configuration_plugin import PluginConfig
 from .hub import push_folder
-from .data import Example, chat_prompt, encode_examples, read_examples, split_by_prompt
+from .data import Example, chat_prompt, encode_examples, read_examples, split_by_prompt, with_demonstrations
+from .initialization import first_layers, uniform_start_
 from .loading import load_base_model, load_tokenizer, offline_smollm2
 from .logits_process import PluginLogitsProcessor
 from .metrics import corpus_metrics, format_table, read_predictions, read_references
@@ -203,6 +204,9 @@ def _read_splits(args: argparse.Namespace, tokenizer):
         else:
             train_pairs, validation_pairs = split_by_prompt(examples, args.validation_fraction, seed=args.seed)
             validation_report = report
+        if args.demonstrations:  # both splits get demonstrations from the training part only
+            train_pairs, validation_pairs = (with_demonstrations(pairs, train_pairs, args.demonstrations, seed=args.seed)
+                                             for pairs in (train_pairs, validation_pairs))
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
     return (_encode(args, tokenizer, train_pairs, report, "training"),
@@ -220,10 +224,11 @@ def _encode(args: argparse.Namespace, tokenizer, pairs, report, split: str):
         raise SystemExit(f"error: {split} split: {error}{hint}") from error
 
 
-def _base_sources(args, tokenizer, train_examples, validation_examples, accelerator):
-    """Live base model, or top-k caches under --cache (written first if missing; then the base is not loaded)."""
+def _base_sources(args, tokenizer, train_examples, validation_examples, accelerator, base=None):
+    """Live base model (`base` if already loaded), or top-k caches under --cache (written first if missing; then
+    the base is not loaded)."""
     if args.cache is None:
-        base, _ = _load_base(args)
+        base = base if base is not None else _load_base(args)[0]
         base.to(accelerator.device)
         binding = binding_kwargs(base, tokenizer, revision=args.base_revision, base_model_id=args.base_id)
         return LiveBaseModel(base), LiveBaseModel(base), binding
@@ -249,6 +254,12 @@ def cache(args: argparse.Namespace) -> None:
 
 def train_command(args: argparse.Namespace) -> None:
     """Trains a reweighter and saves the best epoch's weights in --output-dir."""
+    if args.init_from_base_layers is not None:
+        _check_positive(args, "init_from_base_layers")
+        given = [f"--{name.replace('_', '-')}" for name in sorted(getattr(args, "given", ()))]
+        if args.init_from or given:
+            raise SystemExit(f"error: --init-from-base-layers copies the base model's architecture and weights; drop "
+                             f"{', '.join(given) or '--init-from'}")
     # Arguments and output folders first, before the data, a cache pass or the base model (`main` turns their
     # ValueError into a one-line error).
     training_args = TrainingArguments(
@@ -268,17 +279,26 @@ def train_command(args: argparse.Namespace) -> None:
     train_examples, validation_examples = _read_splits(args, tokenizer)
     if args.resume:  # the arguments and data the checkpoint belongs to, before the base model is loaded
         check_resume(training_args, train_examples, validation_examples, num_processes=accelerator.num_processes)
-    train_source, validation_source, binding = _base_sources(args, tokenizer, train_examples, validation_examples, accelerator)
+    base = base_layers = None
+    if args.init_from_base_layers:  # before a cache pass, so that a layer count the base lacks fails first
+        base, _ = _load_base(args)
+        base_layers = first_layers(base, args.init_from_base_layers)
+    train_source, validation_source, binding = _base_sources(
+        args, tokenizer, train_examples, validation_examples, accelerator, base=base)
     torch.manual_seed(args.seed)
     if args.init_from:
         initial = AutoModelForCausalLM.from_pretrained(args.init_from)
         plugin = PluginModel.from_causal_lm(initial, alpha=args.alpha, **binding)
+    elif base_layers is not None:
+        plugin = PluginModel.from_causal_lm(base_layers, alpha=args.alpha, **binding)
     else:
         plugin = PluginModel(PluginConfig(
             vocab_size=binding["base_vocab_size"], hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
             num_attention_heads=args.num_heads, intermediate_size=args.intermediate_size,
             max_position_embeddings=max(args.max_length, 256), alpha=args.alpha, **binding,
         ))
+    if args.uniform_start:
+        uniform_start_(plugin)
     card = {"datasets": [args.dataset_id]} if args.dataset_id else None
     try:  # train() checks the reweighter's architecture against the checkpoint's before any step
         train(plugin, train_examples, validation_examples, train_source, training_args,
@@ -422,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite-cache", action="store_true",
                        help="replace a cache of other data (or another --top-k or base) found in --cache")
         p.add_argument("--cache-batch-size", type=int, default=8)
+        p.add_argument("--demonstrations", type=int, default=0, metavar="K",
+                       help="train on K-shot prompts: K demonstrations drawn at random from the training part before "
+                            "each prompt (both splits), rendered as at use time (see hf_plugin.data.demonstration_prompt)")
         p.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is available")
         p.set_defaults(run=handler)
         if name == "train":
@@ -484,11 +507,19 @@ def _add_column_arguments(p: argparse.ArgumentParser, generation: bool = False) 
         p.add_argument("--max-length", type=int, default=256, help="longest prompt + completion in tokens")
 
 
+class _Given(argparse.Action):
+    """Stores the value and records in `namespace.given` that the option was given (its default cannot tell)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
+
+
 def _add_architecture_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--num-layers", type=int, default=1)
-    p.add_argument("--num-heads", type=int, default=1)
-    p.add_argument("--intermediate-size", type=int, default=1024)
+    p.add_argument("--hidden-size", type=int, default=256, action=_Given)
+    p.add_argument("--num-layers", type=int, default=1, action=_Given)
+    p.add_argument("--num-heads", type=int, default=1, action=_Given)
+    p.add_argument("--intermediate-size", type=int, default=1024, action=_Given)
     p.add_argument("--alpha", type=float, default=1.0, help="strength recorded in the reweighter's config")
 
 
@@ -516,6 +547,10 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-with", help="an Accelerate tracker, e.g. tensorboard")
     _add_architecture_arguments(p)
     p.add_argument("--init-from", help="start from this pretrained causal LM (same tokenizer) instead of random weights")
+    p.add_argument("--init-from-base-layers", type=int, metavar="K",
+                   help="start from a copy of the base model's embeddings, first K layers, final norm and head")
+    p.add_argument("--uniform-start", action="store_true",
+                   help="zero the reweighter's final norm: its distribution starts uniform, the product equal to the base")
     p.add_argument("--dataset-id", help="Hub id of the training data, for the model card")
 
 

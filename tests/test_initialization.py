@@ -7,10 +7,11 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from hf_plugin import PluginModel, combine_logits, first_layers, uniform_start_, with_demonstrations
+from hf_plugin.cli import main
 from hf_plugin.data import Example, demonstration_prompt, encode_examples
 from hf_plugin.loading import load_base_model, offline_smollm2
 
-from conftest import VOCAB, make_base, make_plugin
+from conftest import VOCAB, make_base, make_plugin, make_tokenizer, task_rows, write_csv
 
 
 ARCHS = ["llama", "gpt2"]
@@ -166,3 +167,56 @@ def test_a_k_shot_training_prompt_encodes_as_the_use_time_prompt(tokenizer):
                    key=lambda e: shot.prompt.index(f"{e.prompt} {e.completion}\n\n"))
     assert len(demos) == 2
     assert prompt_ids == tokenizer(demonstration_prompt("w0", demos))["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    make_base("llama").save_pretrained(root / "base")
+    make_tokenizer().save_pretrained(root / "base")
+    write_csv(root / "train.csv", task_rows(12))
+    write_csv(root / "validation.csv", task_rows(4, offset=100))
+    return root
+
+
+def train_args(root, output, *extra: str) -> list[str]:
+    return ["train", "--base", str(root / "base"), "--data", str(root / "train.csv"),
+            "--validation-data", str(root / "validation.csv"), "--prompt-column", "mr", "--completion-column", "ref",
+            "--output-dir", str(output), "--max-length", "64", "--cpu", *extra]
+
+
+def test_train_options_build_the_reweighter_and_prompts_asked_for(cli_setup, tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("hf_plugin.cli.train", lambda plugin, train_examples, validation_examples, *a, **k:
+                        seen.update(plugin=plugin, train=train_examples, validation=validation_examples))
+    main(train_args(cli_setup, tmp_path / "o", "--init-from-base-layers", "1", "--uniform-start", "--demonstrations", "2"))
+    plugin, base = seen["plugin"], make_base("llama")
+    assert plugin.config.num_hidden_layers == 1 and plugin.config.hidden_size == base.config.hidden_size
+    assert torch.equal(plugin.get_input_embeddings().weight, base.get_input_embeddings().weight)
+    assert torch.equal(plugin.backbone.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    with torch.no_grad():
+        assert (plugin(INPUT_IDS).logits == 0).all()
+    for split, rows in (("train", 12), ("validation", 4)):
+        prompt_lengths = [sum(label == -100 for label in e.labels) for e in seen[split]]
+        assert len(prompt_lengths) == rows and all(length == 2 + 2 * (2 + 3) for length in prompt_lengths)  # own prompt + 2 demos
+
+
+def test_train_options_conflicts_fail_before_anything_is_loaded(cli_setup, tmp_path, monkeypatch):
+    refuse = lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded before the arguments were checked"))
+    for name in ("load_base_model", "load_tokenizer"):
+        monkeypatch.setattr(f"hf_plugin.cli.{name}", refuse)
+    run = lambda *extra: main(train_args(cli_setup, tmp_path / "o", "--init-from-base-layers", "1", *extra))
+    with pytest.raises(SystemExit, match="^error: --init-from-base-layers copies .*; drop --init-from$"):
+        run("--init-from", str(cli_setup / "base"))
+    with pytest.raises(SystemExit, match="; drop --hidden-size, --num-layers$"):
+        run("--num-layers", "1", "--hidden-size", "256")
+    with pytest.raises(SystemExit, match="^error: --init-from-base-layers must be at least 1, got 0"):
+        main(train_args(cli_setup, tmp_path / "o", "--init-from-base-layers", "0"))
+
+
+def test_a_layer_count_the_base_lacks_fails_before_a_cache_pass(cli_setup, tmp_path, monkeypatch):
+    monkeypatch.setattr("hf_plugin.cli.cached_base_sources", lambda *a, **k: pytest.fail("cache pass before the check"))
+    with pytest.raises(SystemExit, match="num_layers must be an integer from 1 to 2"):
+        main(train_args(cli_setup, tmp_path / "o", "--init-from-base-layers", "3", "--cache", str(tmp_path / "c")))
+    with pytest.raises(SystemExit, match="too few to draw 20 demonstrations"):
+        main(train_args(cli_setup, tmp_path / "o", "--demonstrations", "20"))
