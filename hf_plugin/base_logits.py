@@ -2,8 +2,9 @@
 
 Both give the same thing to the training loop: the NLL of the completion tokens under the combination, from
 the reweighter's logits. The cache stores, for every completion position, the base model's top-k token ids and
-log-probs and the log-prob of the true next token, so later epochs never run the base model — and a model
-behind an API, which only returns top-k log-probs, can be used the same way.
+log-probs, the log-prob of the true next token and, optionally, the log-probs of the task vocabulary (the tokens
+the training completions use), so later epochs never run the base model — and a model behind an API, which only
+returns top-k log-probs, can be used the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,6 +39,42 @@ def completion_positions(labels: torch.Tensor) -> torch.Tensor:
 def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     """`completion_positions` as a `(batch, length)` mask, for `PluginModel.completion_logits`."""
     return torch.nn.functional.pad(completion_positions(labels), (0, 1), value=False)
+
+
+# The task vocabulary's default cap: E2E's 4,299 devel completions use 1,185 distinct SmolLM2 tokens, and the most
+# frequent 512 already cover 99.2% of their occurrences; 2,048 float16 log-probs cost 4 KiB per completion token.
+DEFAULT_TASK_VOCAB_SIZE = 2048
+
+
+def task_vocabulary(examples: Sequence[EncodedExample], max_size: int = DEFAULT_TASK_VOCAB_SIZE) -> list[int]:
+    """The token ids the completions of `examples` use (their EOS included), most frequent first, at most `max_size`.
+
+    These are the tokens a reweighter learns to lift; caching the base log-probs of all of them (not only of the
+    base's top-k) lets the cached loss treat them exactly (see `combine_topk_nll`). Ties in frequency go to the
+    smaller id, so the list is a function of the data alone.
+
+    Args:
+        examples (`Sequence[EncodedExample]`): the tokenised training data.
+        max_size (`int`, *optional*, defaults to 2048): the most ids kept (the most frequent ones); at least 1.
+
+    Returns:
+        `list[int]`: the ids, in descending order of frequency.
+
+    Examples:
+
+    ```python
+    >>> from hf_plugin.data import EncodedExample
+    >>> from hf_plugin.base_logits import task_vocabulary
+    >>> examples = [EncodedExample([5, 7, 8, 2], [-100, 7, 8, 2], 0), EncodedExample([5, 8, 2], [-100, 8, 2], 1)]
+    >>> task_vocabulary(examples)
+    [2, 8, 7]
+
+    ```
+    """
+    if not isinstance(max_size, int) or max_size < 1:
+        raise ValueError(f"The task vocabulary's size must be a positive integer, got {max_size!r}.")
+    counts = Counter(label for example in examples for label in example.labels if label != -100)
+    return sorted(counts, key=lambda token: (-counts[token], token))[:max_size]
 
 
 def examples_fingerprint(examples: Sequence[EncodedExample]) -> str:
@@ -83,6 +121,7 @@ class LiveBaseModel:
 IDENTITY_FIELDS = (
     "examples_fingerprint", "num_examples", "k", "examples_per_shard", "shards", "vocab_size",
     "base_model_name_or_path", "base_model_revision", "base_model_file", "tokenizer_fingerprint",
+    "task_vocab_size", "task_vocab_fingerprint",
 )
 MANIFEST_FILE = "manifest.json"
 SHARD_PATTERN = "shard-*.safetensors"
@@ -128,8 +167,11 @@ def write_base_cache(
     accelerator=None,
     overwrite: bool = False,
     progress: bool = True,
+    task_vocab: Sequence[int] | None = None,
 ) -> Path:
     """Runs the base model once over `examples` and writes its top-k log-probs at every completion position.
+
+    With `task_vocab` (see `task_vocabulary`), the base log-probs of those tokens are stored at every position too.
 
     A manifest naming the data (`examples_fingerprint`), `k`, the shard layout and the base model is written
     before any shard, and each shard records the fingerprint and its number in its safetensors metadata. Shards
@@ -157,6 +199,8 @@ def write_base_cache(
         overwrite (`bool`, *optional*, defaults to `False`): delete a cache of other data found in `directory`.
         progress (`bool`, *optional*, defaults to `True`): show a progress bar (positions per second) on the main
             process.
+        task_vocab (`Sequence[int]`, *optional*): token ids whose base log-probs are also stored at every position
+            (2 bytes each per position); the same list for every split of a task (the training split's).
 
     Returns:
         `Path`: the cache directory.
@@ -169,9 +213,10 @@ def write_base_cache(
               for start in range(0, len(examples), examples_per_shard)]
     names = [f"shard-{number:05d}.safetensors" for number in range(len(shards))]
     fingerprint = examples_fingerprint(examples)
+    task_ids = _check_task_vocab(task_vocab, vocab_size)
     manifest = {
         "k": k, "vocab_size": vocab_size, "num_examples": len(examples), "examples_per_shard": examples_per_shard,
-        "shards": names, "examples_fingerprint": fingerprint, **(metadata or {}),
+        "shards": names, "examples_fingerprint": fingerprint, **_task_vocab_fields(task_ids), **(metadata or {}),
     }
     _claim_directory(directory, manifest, overwrite, state)
     mine = [number for number in range(state.process_index, len(shards), state.num_processes)
@@ -180,7 +225,8 @@ def write_base_cache(
     with tqdm(total=positions, unit="pos", unit_scale=True, desc=f"Base-logit cache {directory.name}",
               disable=not (progress and state.is_main_process)) as bar:
         for number in mine:
-            tensors = _shard_tensors(model.eval(), [examples[i] for i in shards[number]], k, batch_size, pad_token_id, bar)
+            tensors = _shard_tensors(model.eval(), [examples[i] for i in shards[number]], k, batch_size, pad_token_id,
+                                     bar, task_ids)
             temporary = (directory / names[number]).with_suffix(".tmp")
             save_file(tensors, str(temporary), metadata={"examples_fingerprint": fingerprint, "shard": str(number)})
             os.replace(temporary, directory / names[number])
@@ -189,6 +235,26 @@ def write_base_cache(
         _write_json(directory / INDEX_FILE, manifest)
     state.wait_for_everyone()
     return directory
+
+
+def _check_task_vocab(task_vocab: Sequence[int] | None, vocab_size: int) -> torch.Tensor | None:
+    if task_vocab is None:
+        return None
+    ids = torch.as_tensor(list(task_vocab), dtype=torch.long)
+    if ids.ndim != 1 or len(ids) == 0:
+        raise ValueError("task_vocab must be a non-empty list of token ids (or None for no task vocabulary).")
+    if bool(((ids < 0) | (ids >= vocab_size)).any()) or len(ids.unique()) != len(ids):
+        raise ValueError(f"task_vocab must hold distinct token ids between 0 and {vocab_size - 1}.")
+    return ids
+
+
+def _task_vocab_fields(task_ids: torch.Tensor | None) -> dict:
+    """Manifest fields of the task vocabulary: its size and a fingerprint (identity), and the ids themselves."""
+    if task_ids is None:
+        return {"task_vocab_size": 0, "task_vocab_fingerprint": None}
+    ids = task_ids.tolist()
+    digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+    return {"task_vocab_size": len(ids), "task_vocab_fingerprint": "sha256:" + digest, "task_vocab": ids}
 
 
 def _claim_directory(directory: Path, manifest: dict, overwrite: bool, state) -> None:
@@ -222,8 +288,8 @@ def _completion_counts(examples: Sequence[EncodedExample]) -> list[int]:
     return [sum(label != -100 for label in example.labels[1:]) for example in examples]
 
 
-def _shard_tensors(model, examples, k, batch_size, pad_token_id, bar) -> dict[str, torch.Tensor]:
-    ids, values, label_values, counts = [], [], [], []
+def _shard_tensors(model, examples, k, batch_size, pad_token_id, bar, task_ids=None) -> dict[str, torch.Tensor]:
+    ids, values, label_values, task_values, counts = [], [], [], [], []
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad_token_id)
         logits = model(input_ids=batch["input_ids"].to(model.device),
@@ -235,20 +301,31 @@ def _shard_tensors(model, examples, k, batch_size, pad_token_id, bar) -> dict[st
         ids.append(top_ids.to(torch.int32))
         values.append(top_values.to(torch.float16))
         label_values.append(log_probs.gather(-1, targets[:, None]).squeeze(-1))
+        if task_ids is not None:
+            task_values.append(log_probs[:, task_ids].to(torch.float16))
         counts.append(positions.sum(dim=1))
         bar.update(len(targets))
     counts = torch.cat(counts)
-    return {
+    tensors = {
         "topk_ids": torch.cat(ids), "topk_logprobs": torch.cat(values), "label_logprobs": torch.cat(label_values),
         "offsets": torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
     }
+    if task_ids is not None:
+        tensors["task_logprobs"] = torch.cat(task_values)
+    return tensors
 
 
-def _check_shard(path: Path, tensors: dict[str, torch.Tensor], expected_counts: list[int], vocab_size: int) -> None:
+def _check_shard(path: Path, tensors: dict[str, torch.Tensor], expected_counts: list[int], vocab_size: int,
+                 task_vocab_size: int = 0) -> None:
     """Cheap plausibility checks of one shard, naming it: log-probs of a distribution, offsets of this data."""
     top, label = tensors["topk_logprobs"].float(), tensors["label_logprobs"].float()
+    task = tensors.get("task_logprobs", torch.zeros(len(top), 0)).float()
     counts = tensors["offsets"].diff().tolist()
     problems = {
+        "task-vocabulary log-probs missing or of the wrong shape": tuple(task.shape) != (len(top), task_vocab_size),
+        "non-finite or positive task-vocabulary log-probs": bool(
+            task.numel() and (not torch.isfinite(task).all() or (task > LOGPROB_TOLERANCE).any())),
+        "task-vocabulary mass above 1": bool(task.numel() and (task.logsumexp(-1) > LOGPROB_TOLERANCE).any()),
         "non-finite log-probs": not (torch.isfinite(top).all() and torch.isfinite(label).all()),
         "positive log-probs": bool((top > LOGPROB_TOLERANCE).any() or (label > LOGPROB_TOLERANCE).any()),
         "top-k log-probs not sorted in descending order": bool((top.diff(dim=-1) > LOGPROB_TOLERANCE).any()),
@@ -275,10 +352,12 @@ def cached_base_sources(
     accelerator=None,
     overwrite: bool = False,
     base_name_or_path: str | None = None,
+    task_vocab_size: int = DEFAULT_TASK_VOCAB_SIZE,
 ) -> tuple[dict[str, CachedBaseLogits], dict]:
     """Base-logit caches of several splits, written first where missing, and the binding of a new reweighter.
 
-    `cache_dir/<split>` holds each split's cache. The base model is loaded (by calling `load_base`) only when a
+    `cache_dir/<split>` holds each split's cache. Every split stores the base log-probs of the same task vocabulary:
+    the tokens of the `train` split's completions (of the first split when there is no `train`). The base model is loaded (by calling `load_base`) only when a
     cache must be written; otherwise the binding is read from the caches, which record the base they came from.
 
     Args:
@@ -295,12 +374,19 @@ def cached_base_sources(
         overwrite (`bool`, *optional*, defaults to `False`): replace caches of other data found in `cache_dir`.
         base_name_or_path (`str`, *optional*): what `load_base` loads (a Hub id, folder or `.gguf` file); caches
             written from another base model are then refused instead of silently binding to that other base.
+        task_vocab_size (`int`, *optional*, defaults to 2048): the most task-vocabulary tokens whose log-probs are
+            cached at every position (see `task_vocabulary`); 0 caches the top-k only. A cache written with another
+            task vocabulary is refused like one of other data.
 
     Returns:
         `tuple[dict[str, CachedBaseLogits], dict]`: the cache of each split, and `PluginConfig` keyword arguments
         binding a reweighter to the base model and tokenizer (see `hf_plugin.binding_kwargs`).
     """
     check_top_k(k, len(tokenizer))
+    if not isinstance(task_vocab_size, int) or task_vocab_size < 0:
+        raise ValueError(f"task_vocab_size (--task-vocab-size) must be 0 (off) or positive, got {task_vocab_size!r}.")
+    task_ids = task_vocabulary(splits.get("train", next(iter(splits.values()))), task_vocab_size) if task_vocab_size else None
+    task_fields = _task_vocab_fields(_check_task_vocab(task_ids, len(tokenizer)))
     directories = {name: Path(cache_dir) / name for name in splits}
     to_write = []
     for name, examples in splits.items():
@@ -308,7 +394,8 @@ def cached_base_sources(
         complete = (directories[name] / INDEX_FILE).exists()
         found = directories[name] / (INDEX_FILE if complete else MANIFEST_FILE)
         expected = {"examples_fingerprint": examples_fingerprint(examples), "num_examples": len(examples),
-                    **({} if complete else {"k": k})}
+                    "task_vocab_size": task_fields["task_vocab_size"],
+                    "task_vocab_fingerprint": task_fields["task_vocab_fingerprint"], **({} if complete else {"k": k})}
         if base_name_or_path is not None:
             identity = base_model_identity(base_name_or_path, base_model_id)
             expected.update(zip(("base_model_name_or_path", "base_model_file"), identity))
@@ -327,7 +414,7 @@ def cached_base_sources(
         for name in to_write:
             write_base_cache(base, splits[name], directories[name], k=k, batch_size=batch_size,
                              pad_token_id=tokenizer.pad_token_id, metadata=metadata, accelerator=accelerator,
-                             overwrite=overwrite)
+                             overwrite=overwrite, task_vocab=task_ids)
     sources = {name: CachedBaseLogits(directories[name], examples) for name, examples in splits.items()}
     index = next(iter(sources.values())).index
     binding = binding_kwargs(tokenizer=tokenizer)
@@ -349,9 +436,11 @@ class CachedBaseLogits:
     Args:
         directory (`str` or `Path`): the cache.
         examples (`Sequence[EncodedExample]`): the same tokenised data the cache was built from (checked).
+        task_vocab_size (`int`, *optional*): use only the most frequent `task_vocab_size` tokens of the cached task
+            vocabulary (0: none, the top-k bound alone); defaults to all of them.
     """
 
-    def __init__(self, directory: str | Path, examples: Sequence[EncodedExample]):
+    def __init__(self, directory: str | Path, examples: Sequence[EncodedExample], task_vocab_size: int | None = None):
         directory = Path(directory)
         index_path = directory / INDEX_FILE
         if not index_path.exists():
@@ -373,10 +462,19 @@ class CachedBaseLogits:
             if not _shard_is_written(path, fingerprint, number):
                 raise FileNotFoundError(f"The base-logit cache shard {path} is missing; write the cache again.")
             shards.append(load_file(str(path)))
-            _check_shard(path, shards[-1], counts[number * per_shard : (number + 1) * per_shard], self.vocab_size)
+            _check_shard(path, shards[-1], counts[number * per_shard : (number + 1) * per_shard], self.vocab_size,
+                         self.index.get("task_vocab_size", 0))
         self.topk_ids = torch.cat([s["topk_ids"] for s in shards])
         self.topk_logprobs = torch.cat([s["topk_logprobs"] for s in shards])
         self.label_logprobs = torch.cat([s["label_logprobs"] for s in shards])
+        stored = self.index.get("task_vocab_size", 0)
+        if task_vocab_size is not None and not 0 <= task_vocab_size <= stored:
+            raise ValueError(f"{directory} caches {stored} task-vocabulary tokens; task_vocab_size must be 0 to {stored}, "
+                             f"got {task_vocab_size}.")
+        used = stored if task_vocab_size is None else task_vocab_size
+        # The ids are stored most frequent first, so a prefix is the smaller task vocabulary.
+        self.task_ids = torch.tensor(self.index.get("task_vocab", [])[:used], dtype=torch.long) if used else None
+        self.task_logprobs = torch.cat([s["task_logprobs"][:, :used] for s in shards]) if used else None
         self.offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
 
     def nll(self, reweighter_logits: torch.Tensor, batch: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
@@ -389,7 +487,9 @@ class CachedBaseLogits:
                              "examples the cache was checked against.")
         device = reweighter_logits.device
         reweighter = align_vocab(reweighter_logits, self.vocab_size)
+        task = {} if self.task_ids is None else {
+            "extra_ids": self.task_ids.to(device), "extra_logprobs": self.task_logprobs[rows].to(device)}
         return combine_topk_nll(
             reweighter, self.topk_ids[rows].to(device), self.topk_logprobs[rows].to(device),
-            batch["labels"][:, 1:][positions].to(device), self.label_logprobs[rows].to(device), alpha,
+            batch["labels"][:, 1:][positions].to(device), self.label_logprobs[rows].to(device), alpha, **task,
         )

@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
-from .base_logits import LiveBaseModel, cached_base_sources
+from .base_logits import DEFAULT_TASK_VOCAB_SIZE, LiveBaseModel, cached_base_sources
 from .compatibility import binding_kwargs
 from .configuration_plugin import PluginConfig
 from .hub import push_folder
@@ -242,6 +242,7 @@ def _cached_sources(args, tokenizer, train_examples, validation_examples, accele
         args.cache, k=args.top_k, batch_size=args.cache_batch_size, revision=args.base_revision,
         base_model_id=args.base_id, accelerator=accelerator, overwrite=args.overwrite_cache, base_name_or_path=args.base,
     )
+        task_vocab_size=args.task_vocab_size,
 
 
 def cache(args: argparse.Namespace) -> None:
@@ -469,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="hf-plugin-demo")
     p.add_argument("--train-size", type=int, default=400)
     p.add_argument("--test-size", type=int, default=40)
+        p.add_argument("--task-vocab-size", type=int, default=DEFAULT_TASK_VOCAB_SIZE,
+                       help="also cache the base log-probs of the N most frequent tokens of the training completions "
+                            "(0: top-k only)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=demo)

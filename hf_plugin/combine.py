@@ -96,18 +96,23 @@ def combine_topk_nll(
     label_logprobs: torch.Tensor,
     alpha: float = 1.0,
     fill: int = 256,
+    extra_ids: torch.Tensor | None = None,
+    extra_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """NLL of `labels` under the combination when the base model is known only through its top-k log-probs.
+    """NLL of `labels` under the combination when the base model is known only through some of its log-probs.
 
-    The top-k form of `combine_logits` for training from a cache (or an API that returns top-k log-probs).
-    Known exactly: the base log-probs of the top-k tokens `S` and of the label `y`. The rest of the base mass,
-    `m = 1 - Σ_{v ∈ S ∪ {y}} p_base(v)`, lies on unknown tokens, each holding at most `c`, the smallest top-k
-    probability (they are outside the top-k). The tail's share of the normaliser, `Σ_{v ∉ S ∪ {y}} p_base(v)
-    r(v)^α`, is therefore at most what pouring `m` in portions of `c` onto the outside tokens the reweighter
-    likes best gives (the first `fill` of them; the rest of `m` at the `fill`-th one's rate). That bound makes
-    the result an upper bound on the true NLL (equal to it when the top-k covers the vocabulary, up to the
-    rounding of stored log-probs), and it stops the reweighter from piling mass on tokens the base ranks low —
-    ignoring the tail lets it do so, and decoding then degenerates (measured in DESIGN.md).
+    The partial form of `combine_logits` for training from a cache (or an API that returns top-k log-probs).
+    Known exactly: the base log-probs of the top-k tokens, of the label `y` and, optionally, of a fixed set of
+    extra tokens (the task vocabulary: the tokens the task's completions use). The rest of the base mass,
+    `m = 1 - Σ_{v known} p_base(v)`, lies on unknown tokens, each holding at most `c`, the smallest top-k
+    probability (they are outside the top-k). The unknown tokens' share of the normaliser, `Σ_{v unknown} p_base(v)
+    r(v)^α`, is therefore at most what pouring `m` in portions of `c` onto the unknown tokens the reweighter likes
+    best gives (the first `fill` of them; the rest of `m` at the `fill`-th one's rate). That bound makes the result
+    an upper bound on the true NLL (equal to it when the known tokens cover the vocabulary, up to the rounding of
+    stored log-probs), and it stops the reweighter from piling mass on tokens the base ranks low — ignoring the
+    unknown mass lets it do so, and decoding then degenerates (measured in DESIGN.md). The more of the tokens the
+    task uses are known, the less the bound costs: with the task vocabulary known, it only constrains tokens the
+    task never uses.
 
     Args:
         reweighter_logits (`torch.Tensor` of shape `(N, vocab_size)`): reweighter logits at N positions.
@@ -116,34 +121,43 @@ def combine_topk_nll(
         labels (`torch.Tensor` of shape `(N,)`): the true next tokens.
         label_logprobs (`torch.Tensor` of shape `(N,)`): their base log-probabilities.
         alpha (`float`, *optional*, defaults to 1.0): strength of the reweighter.
-        fill (`int`, *optional*, defaults to 256): outside tokens given their own portion of the tail mass.
+        fill (`int`, *optional*, defaults to 256): unknown tokens given their own portion of the unknown mass.
+        extra_ids (`torch.Tensor` of shape `(m,)` or `(N, m)`, *optional*): further tokens whose base log-probs
+            are known (e.g. the task vocabulary, the same at every position); they may overlap the top-k.
+        extra_logprobs (`torch.Tensor` of shape `(N, m)`, *optional*): their base log-probabilities.
 
     Returns:
         `torch.Tensor` of shape `(N,)`: the NLL at each position (float32 or wider).
     """
+    if (extra_ids is None) != (extra_logprobs is None):
+        raise ValueError("extra_ids and extra_logprobs go together: pass both or neither.")
     dtype = torch.promote_types(reweighter_logits.dtype, torch.float32)
     reweighter = torch.log_softmax(reweighter_logits.to(dtype), dim=-1)
     topk_ids, labels = topk_ids.long(), labels.long()
-    base_topk, base_label = topk_logprobs.to(dtype), label_logprobs.to(dtype)
-    label_in_topk = (topk_ids == labels[:, None]).any(dim=-1)
-    label_term = base_label + alpha * reweighter.gather(-1, labels[:, None]).squeeze(-1)
-    topk_terms = base_topk + alpha * reweighter.gather(-1, topk_ids)
+    # Dense base log-probs of the known tokens, -inf elsewhere. Written last, the label's exact value wins over
+    # the rounded copy a token may also have in the top-k or the extra tokens.
+    base = torch.full_like(reweighter, float("-inf"))
+    if extra_ids is not None:
+        extra_ids = extra_ids.long().expand(len(labels), -1)
+        base.scatter_(1, extra_ids, extra_logprobs.to(dtype))
+    base.scatter_(1, topk_ids, topk_logprobs.to(dtype))
+    base.scatter_(1, labels[:, None], label_logprobs.to(dtype)[:, None])
+    known = torch.isfinite(base)
+    tail_mass = (1.0 - base.exp().sum(-1)).clamp(min=0.0)
+    cap = topk_logprobs.to(dtype).min(dim=-1).values.exp()
+    outside = reweighter.masked_fill(known, float("-inf")).topk(min(fill, reweighter.shape[-1]), dim=-1).values
+    tail_terms = _tail_bound_terms(outside, tail_mass, cap, alpha)
+    known_terms = (base + alpha * reweighter).masked_fill(~known, float("-inf"))
+    log_normaliser = torch.logsumexp(torch.cat([known_terms, tail_terms], dim=-1), dim=-1)
+    return log_normaliser - known_terms.gather(-1, labels[:, None]).squeeze(-1)
 
-    known_mass = base_topk.exp().sum(-1) + torch.where(label_in_topk, 0.0, base_label.exp())
-    tail_mass = (1.0 - known_mass).clamp(min=0.0)
-    tail_terms = _tail_bound_terms(reweighter, torch.cat([topk_ids, labels[:, None]], dim=-1), tail_mass,
-                                   base_topk.min(dim=-1).values.exp(), alpha, fill)
-    extra_label = torch.where(label_in_topk, float("-inf"), label_term)
-    log_normaliser = torch.logsumexp(torch.cat([topk_terms, extra_label[:, None], tail_terms], dim=-1), dim=-1)
-    return log_normaliser - label_term
 
+def _tail_bound_terms(outside, tail_mass, cap, alpha) -> torch.Tensor:
+    """Log-terms whose sum bounds `Σ_{v unknown} p_base(v) r(v)^α` given `Σ p_base = tail_mass`, `p_base(v) ≤ cap`.
 
-def _tail_bound_terms(reweighter, known_ids, tail_mass, cap, alpha, fill) -> torch.Tensor:
-    """Log-terms whose sum bounds `Σ_{v unknown} p_base(v) r(v)^α` given `Σ p_base = tail_mass`, `p_base(v) ≤ cap`."""
-    width = min(reweighter.shape[-1], known_ids.shape[-1] + fill)
-    values, ids = reweighter.topk(width, dim=-1)
-    is_known = (ids[:, :, None] == known_ids[:, None, :]).any(dim=-1)
-    outside = values.masked_fill(is_known, float("-inf")).topk(min(fill, width), dim=-1).values  # descending
+    `outside` holds the reweighter's log-probs of the unknown tokens it likes best, in descending order (-inf where
+    there are fewer unknown tokens).
+    """
     count = outside.shape[-1]
     poured = torch.arange(count, device=outside.device, dtype=outside.dtype)
     portions = (tail_mass[:, None] - poured * cap[:, None]).clamp(min=0.0).minimum(cap[:, None])

@@ -98,3 +98,27 @@ def test_topk_bound_is_tighter_than_the_max_bound_and_still_above_the_truth():
     max_only = combine_topk_nll(reweighter, ids, values, labels, label_lp, fill=1)  # one portion: close to m·max r
     assert (filled >= exact - 1e-5).all() and (filled <= max_only + 1e-6).all()
     assert (filled - exact).mean() < (max_only - exact).mean()
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_known_task_tokens_tighten_the_bound_and_complete_it(alpha):
+    from hf_plugin.combine import combine_topk_nll
+
+    torch.manual_seed(2)
+    base, reweighter = torch.randn(64, 300) * 3, torch.randn(64, 300) * 2
+    labels = torch.randint(0, 300, (64,))
+    exact = -combine_logits(base, reweighter, alpha).gather(-1, labels[:, None]).squeeze(-1)
+    ids, values, label_lp = _topk_inputs(base, labels, 8)
+    log_probs = base.log_softmax(-1)
+    top_only = combine_topk_nll(reweighter, ids, values, labels, label_lp, alpha)
+    task = torch.randperm(300)[:100]  # overlaps some top-k ids: counted once
+    with_task = combine_topk_nll(reweighter, ids, values, labels, label_lp, alpha, extra_ids=task,
+                                 extra_logprobs=log_probs[:, task])
+    assert (with_task >= exact - 1e-5).all() and (with_task <= top_only + 1e-5).all()
+    assert (with_task - exact).mean() < 0.8 * (top_only - exact).mean()
+    everything = torch.arange(300)
+    complete = combine_topk_nll(reweighter, ids, values, labels, label_lp, alpha, extra_ids=everything,
+                                extra_logprobs=log_probs)
+    torch.testing.assert_close(complete, exact)
+    with pytest.raises(ValueError, match="pass both or neither"):
+        combine_topk_nll(reweighter, ids, values, labels, label_lp, alpha, extra_ids=task)

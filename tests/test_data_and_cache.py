@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hf_plugin.base_logits import (
-    CachedBaseLogits, LiveBaseModel, cached_base_sources, loss_positions, write_base_cache,
+    CachedBaseLogits, LiveBaseModel, cached_base_sources, loss_positions, task_vocabulary, write_base_cache,
 )
 from hf_plugin.data import collate, encode_examples, read_examples, split_by_prompt
 
@@ -94,6 +94,46 @@ def test_cache_with_whole_vocabulary_equals_live_and_resumes(encoded, tmp_path):
     write_base_cache(base, encoded, cache_dir, k=96, batch_size=6, examples_per_shard=16, pad_token_id=PAD)
     assert all(p.stat().st_mtime_ns == stamps[p.name] for p in (shards[0], shards[2]))
     torch.testing.assert_close(CachedBaseLogits(cache_dir, encoded).nll(logits, batch, 1.0), cached.nll(logits, batch, 1.0))
+
+
+def test_task_vocabulary_cache_is_exact_where_the_task_lives(encoded, tmp_path):
+    base, plugin = make_base("llama"), make_plugin("llama")
+    task = task_vocabulary(encoded)
+    assert EOS in task and len(task) < VOCAB
+    # Every label is in the task vocabulary, so with it the loss knows each label's competitors among task tokens.
+    cache_dir = write_base_cache(base, encoded, tmp_path / "c", k=4, examples_per_shard=16, pad_token_id=PAD,
+                                 task_vocab=task)
+    batch = collate(encoded[:12], PAD)
+    logits = plugin.completion_logits(batch["input_ids"], batch["attention_mask"], loss_positions(batch["labels"]))
+    live = LiveBaseModel(base).nll(logits, batch, 1.0)
+    with_task = CachedBaseLogits(cache_dir, encoded).nll(logits, batch, 1.0)
+    top_only = CachedBaseLogits(cache_dir, encoded, task_vocab_size=0).nll(logits, batch, 1.0)
+    assert (with_task >= live - 5e-3).all() and (with_task <= top_only + 5e-3).all()
+    assert (with_task - live).mean() < 0.9 * (top_only - live).mean()  # a random base spreads its mass widely
+    # all ids as the "task vocabulary": the cache knows the whole distribution
+    everything = write_base_cache(base, encoded, tmp_path / "all", k=4, examples_per_shard=16, pad_token_id=PAD,
+                                  task_vocab=list(range(VOCAB)))
+    torch.testing.assert_close(CachedBaseLogits(everything, encoded).nll(logits, batch, 1.0), live, atol=5e-3, rtol=0)
+    with pytest.raises(ValueError, match="task_vocab_size must be 0 to"):
+        CachedBaseLogits(cache_dir, encoded, task_vocab_size=len(task) + 1)
+    for bad in ([], [1, 1], [VOCAB]):
+        with pytest.raises(ValueError, match="task_vocab must"):
+            write_base_cache(base, encoded, tmp_path / "bad", k=4, pad_token_id=PAD, task_vocab=bad)
+    with pytest.raises(ValueError, match="positive integer"):
+        task_vocabulary(encoded, 0)
+    assert task_vocabulary(encoded, 3) == task[:3]
+
+
+def test_cached_base_sources_shares_the_training_task_vocabulary(encoded, tokenizer, tmp_path):
+    splits = {"train": encoded[:30], "validation": encoded[30:]}
+    sources, _ = cached_base_sources(lambda: make_base("llama"), tokenizer, splits, tmp_path / "cache", k=8)
+    assert sources["validation"].task_ids.tolist() == sources["train"].task_ids.tolist() == task_vocabulary(encoded[:30])
+    # a cache without the task vocabulary is another cache: refused, naming the difference, before loading the base
+    cached_base_sources(lambda: make_base("llama"), tokenizer, splits, tmp_path / "plain", k=8, task_vocab_size=0)
+    with pytest.raises(ValueError, match="task_vocab_size 0 != "):
+        cached_base_sources(lambda: pytest.fail("loaded the base"), tokenizer, splits, tmp_path / "plain", k=8)
+    with pytest.raises(ValueError, match="0 \\(off\\) or positive"):
+        cached_base_sources(lambda: make_base("llama"), tokenizer, splits, tmp_path / "x", task_vocab_size=-1)
 
 
 class ThreadProcesses:
@@ -202,6 +242,10 @@ def _tamper_unsorted(tensors):
     tensors["topk_logprobs"][1] = tensors["topk_logprobs"][1].flip(0)
 
 
+def _tamper_task(tensors):
+    tensors["task_logprobs"][0, 1] = 0.7
+
+
 def _tamper_offsets(tensors):
     tensors["offsets"][1:-1] = tensors["offsets"][2:].clone()[: len(tensors["offsets"]) - 2]
 
@@ -209,9 +253,11 @@ def _tamper_offsets(tensors):
 @pytest.mark.parametrize("tamper, problem", [
     (_tamper_positive, "positive log-probs"), (_tamper_nan, "non-finite log-probs"),
     (_tamper_unsorted, "not sorted"), (_tamper_offsets, "offsets that do not match"),
+    (_tamper_task, "positive task-vocabulary log-probs"),
 ])
 def test_corrupt_shard_is_named(encoded, tmp_path, tamper, problem):
-    cache_dir = write_base_cache(make_base("llama"), encoded, tmp_path / "c", k=8, examples_per_shard=16, pad_token_id=PAD)
+    cache_dir = write_base_cache(make_base("llama"), encoded, tmp_path / "c", k=8, examples_per_shard=16, pad_token_id=PAD,
+                                 task_vocab=task_vocabulary(encoded))
     shard = cache_dir / "shard-00001.safetensors"
     with safe_open(str(shard), framework="pt") as handle:
         metadata = handle.metadata()
@@ -240,6 +286,9 @@ def test_cli_refuses_top_k_outside_the_vocabulary_before_the_base(tokenizer, tmp
         with pytest.raises(SystemExit, match=f"--top-k must be between 1 and the vocabulary size {len(tokenizer)}, got {k}"):
             main(["cache", "--base", str(tmp_path / "base"), "--data", str(write_csv(tmp_path / "d.csv", ROWS)),
                   "--prompt-column", "mr", "--completion-column", "ref", "--cache", str(tmp_path / "c"), "--top-k", k])
+    with pytest.raises(SystemExit, match="--task-vocab-size. must be 0 .off. or positive, got -3"):
+        main(["cache", "--base", str(tmp_path / "base"), "--data", str(tmp_path / "d.csv"), "--prompt-column", "mr",
+              "--completion-column", "ref", "--cache", str(tmp_path / "c"), "--task-vocab-size", "-3"])
     assert not (tmp_path / "c").exists()
 
 
