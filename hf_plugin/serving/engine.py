@@ -1,0 +1,315 @@
+"""Generation for the server: one `generate()` call per request, in a bounded pool of worker threads.
+
+Each request gets its own `PluginLogitsProcessor` (a processor holds its reweighter's KV cache, so it is never
+shared between requests), runs alone in its `generate()` call, and therefore gets exactly the answer it would get
+in-process. Tokens reach the request's handler as they are drawn, through a streamer; its text is cut at the
+first stop sequence and held back while it may still become one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (
+    LogitsProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from ..logits_process import PluginLogitsProcessor
+from ..modeling_plugin import PluginModel
+from .protocol import APIError, ServerLimits
+
+
+# Prompt tokens decoded ahead of the completion, so that its first token's text (a leading space, say) comes out
+# as it reads after the prompt.
+_CONTEXT_TOKENS = 4
+
+
+@dataclass
+class ServedModel:
+    """One model id the server answers to: the base alone (`plugin=None`) or the base with one reweighter.
+
+    Args:
+        id (`str`): the model id clients send.
+        plugin (`PluginModel`, *optional*): the reweighter, already checked against the base.
+        max_positions (`int`, *optional*): longest prompt + completion the base and the reweighter can take.
+    """
+
+    id: str
+    plugin: PluginModel | None = None
+    max_positions: int | None = None
+
+
+@dataclass
+class GenerationJob:
+    """A validated request, in token ids: what one `generate()` call needs."""
+
+    model: ServedModel
+    prompt_ids: list[int]
+    max_new_tokens: int
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stops: list[str] = field(default_factory=list)
+    top_logprobs: int | None = None  # None: no log-probs
+    alpha: float | None = None
+
+
+@dataclass
+class TokenLogprob:
+    """A drawn token and its log-probability under the distribution it was drawn from, with the top alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice gained in one step: new text, the log-probs of its tokens, and its finish reason once over."""
+
+    index: int
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    completion_tokens: int
+    cancelled: bool
+
+
+class _ChoiceText:
+    """One row's completion as text: decoded incrementally, cut at the first stop sequence, EOS ends it."""
+
+    def __init__(self, tokenizer, context_ids: list[int], stops: list[str], eos_ids: set[int]):
+        self.tokenizer, self.stops, self.eos_ids = tokenizer, stops, eos_ids
+        self.ids = list(context_ids)
+        self.prefix, self.read = 0, len(self.ids)
+        self.text = ""
+        self.sent = 0
+        self.pending: list[list] = []  # [TokenLogprob, end of its text in self.text or None while undecodable]
+        self.finish_reason: str | None = None
+        self.count = 0
+
+    def add(self, token_id: int, logprob: TokenLogprob | None) -> tuple[str, list[TokenLogprob]] | None:
+        if self.finish_reason is not None:
+            return None  # generate() pads rows that are over
+        self.count += 1
+        if token_id in self.eos_ids:
+            return self.finish("stop")
+        self.ids.append(token_id)
+        if logprob is not None:
+            self.pending.append([logprob, None])
+        self._decode(final=False)
+        start = max(0, self.sent - max(map(len, self.stops), default=0))
+        cuts = [at for at in (self.text.find(stop, start) for stop in self.stops) if at >= 0]
+        if cuts:
+            self.finish_reason = "stop"
+            self.text = self.text[: min(cuts)]
+            return self._flush(len(self.text))
+        held = max((k for stop in self.stops for k in range(1, len(stop)) if self.text.endswith(stop[:k])), default=0)
+        return self._flush(max(self.sent, len(self.text) - held))
+
+    def finish(self, reason: str) -> tuple[str, list[TokenLogprob]] | None:
+        if self.finish_reason is not None:
+            return None
+        self.finish_reason = reason
+        self._decode(final=True)
+        return self._flush(len(self.text))
+
+    def _decode(self, final: bool) -> None:
+        # Decode a window that starts a few tokens back: tokenizers that drop a leading space or merge bytes
+        # across tokens then give the new text exactly; an unfinished character waits for its next bytes.
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        if final or self.read == len(self.ids):
+            for entry in self.pending:
+                entry[1] = len(self.text) if entry[1] is None else entry[1]
+
+    def _flush(self, upto: int) -> tuple[str, list[TokenLogprob]]:
+        delta = self.text[self.sent : upto]
+        self.sent = max(self.sent, upto)
+        ready = [entry for entry in self.pending if entry[1] is not None and entry[1] <= upto]
+        self.pending = [] if self.finish_reason else [entry for entry in self.pending if entry not in ready]
+        return delta, [entry[0] for entry in ready]
+
+
+class _Recorder(LogitsProcessor):
+    """Keeps the log-softmax of the final scores of each step: the distribution the next token is drawn from."""
+
+    def __init__(self):
+        self.steps: deque[torch.Tensor] = deque()
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(torch.log_softmax(scores.float(), dim=-1))
+        return scores
+
+
+class _Cancel(StoppingCriteria):
+    """Stops every row once the request is cancelled (its client left) or all its choices are over.
+
+    Stop sequences end a choice here, from its decoded text, rather than through generate()'s `stop_strings`:
+    `StopStringCriteria` cannot index the vocabulary of tokenizers whose decoding is not plain concatenation
+    (word-level ones), and the text has to be cut at the stop sequence anyway.
+    """
+
+    def __init__(self, cancelled: threading.Event, over: Callable[[], bool]):
+        self.cancelled, self.over = cancelled, over
+
+    def __call__(self, input_ids, scores, **kwargs):
+        stop = self.cancelled.is_set() or self.over()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class _Choices(BaseStreamer):
+    """Receives each step's tokens from `generate()` and turns them into `ChoiceDelta`s for the handler."""
+
+    def __init__(self, tokenizer, job: GenerationJob, rows: int, recorder: _Recorder | None, emit):
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        context = job.prompt_ids[-_CONTEXT_TOKENS:]
+        self.rows = [_ChoiceText(tokenizer, context, job.stops, self.eos_ids) for _ in range(rows)]
+        self.copies = job.n // rows  # greedy n > 1: one row, the same answer n times
+        self.tokenizer, self.recorder, self.emit, self.top = tokenizer, recorder, emit, job.top_logprobs
+        self.prompt_seen = False
+
+    def over(self) -> bool:
+        return all(row.finish_reason is not None for row in self.rows)
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        tokens = value.view(-1).tolist()
+        steps = self.recorder.steps.popleft() if self.recorder is not None else None
+        deltas = []
+        for r, (row, token) in enumerate(zip(self.rows, tokens)):
+            logprob = self._logprob(steps[r], token) if steps is not None and row.finish_reason is None else None
+            deltas += self._deltas(r, row.add(token, logprob), row.finish_reason)
+        if deltas:
+            self.emit(deltas)
+
+    def end(self) -> None:
+        deltas = []
+        for r, row in enumerate(self.rows):
+            deltas += self._deltas(r, row.finish("length"), row.finish_reason)
+        if deltas:
+            self.emit(deltas)
+
+    def _deltas(self, r: int, piece, finish_reason) -> list[ChoiceDelta]:
+        if piece is None or (not piece[0] and not piece[1] and finish_reason is None):
+            return []
+        return [ChoiceDelta(r * self.copies + j, piece[0], piece[1], finish_reason) for j in range(self.copies)]
+
+    def _logprob(self, logprobs: torch.Tensor, token: int) -> TokenLogprob:
+        top = []
+        if self.top:
+            values, ids = logprobs.topk(self.top)
+            top = [(self.tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist()) if v > float("-inf")]
+        return TokenLogprob(token, self.tokenizer.decode([token]), float(logprobs[token]), top)
+
+    def completion_tokens(self) -> int:
+        return sum(row.count for row in self.rows) * self.copies
+
+
+class GenerationEngine:
+    """Runs `GenerationJob`s on a base model in at most `limits.max_concurrent` worker threads.
+
+    Greedy jobs may run side by side; sampled jobs take turns (they draw from torch's global random generator, so
+    that a `seed` gives the same sample whatever else is running).
+
+    Args:
+        base (`PreTrainedModel`): the base model, in eval mode.
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer.
+        limits (`ServerLimits`): the concurrency and queue bounds.
+    """
+
+    def __init__(self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, limits: ServerLimits):
+        self.base, self.tokenizer, self.limits = base, tokenizer, limits
+        self._executor = ThreadPoolExecutor(max_workers=limits.max_concurrent, thread_name_prefix="hf-plugin-generate")
+        self._lock = threading.Lock()
+        self._sampling = threading.Lock()
+        self.admitted = 0
+        self.running = 0
+        self.cancelled = 0
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, job: GenerationJob, emit: Callable[[list[ChoiceDelta]], None],
+               cancelled: threading.Event) -> asyncio.Future:
+        """Queues a job; its future gives a `GenerationResult`. Refused with a 503 when the queue is full."""
+        with self._lock:
+            if self.admitted >= self.limits.max_queued:
+                raise APIError(503, f"The server is busy ({self.admitted} requests admitted); try again later.",
+                               code="server_busy", type="server_error")
+            self.admitted += 1
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._run, job, emit, cancelled)
+        future.add_done_callback(lambda _: self._leave())
+        return future
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.admitted -= 1
+
+    def _run(self, job: GenerationJob, emit, cancelled: threading.Event) -> GenerationResult:
+        if cancelled.is_set():  # the client left while the job waited
+            return GenerationResult(0, True)
+        with self._lock:
+            self.running += 1
+        try:
+            choices = self._generate(job, emit, cancelled)
+        finally:
+            with self._lock:
+                self.running -= 1
+        if cancelled.is_set():
+            with self._lock:
+                self.cancelled += 1
+        return GenerationResult(choices.completion_tokens(), cancelled.is_set())
+
+    def _generate(self, job: GenerationJob, emit, cancelled: threading.Event) -> _Choices:
+        sample = job.temperature > 0
+        rows = job.n if sample else 1
+        processors: list[LogitsProcessor] = []
+        if job.model.plugin is not None:
+            processors.append(PluginLogitsProcessor(job.model.plugin, alpha=job.alpha,
+                                                    pad_token_id=self.tokenizer.pad_token_id))
+        if sample and job.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(job.temperature))
+        if sample and job.top_p < 1.0:
+            processors.append(TopPLogitsWarper(job.top_p))
+        # The recorder comes last, and generate() is told to add no warper of its own after it: it sees exactly the
+        # distribution each token is drawn from.
+        recorder = _Recorder() if job.top_logprobs is not None else None
+        processors += [recorder] if recorder is not None else []
+        choices = _Choices(self.tokenizer, job, rows, recorder, emit)
+        input_ids = torch.tensor([job.prompt_ids], device=self.base.device)
+        with self._sampling if sample else contextlib.nullcontext(), torch.no_grad():
+            if sample and job.seed is not None:
+                torch.manual_seed(job.seed)
+            self.base.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=job.max_new_tokens,
+                do_sample=sample, num_return_sequences=rows, temperature=1.0, top_p=1.0, top_k=0,
+                pad_token_id=self.tokenizer.pad_token_id, logits_processor=processors,
+                stopping_criteria=[_Cancel(cancelled, choices.over)], streamer=choices,
+            )
+        return choices
