@@ -86,10 +86,11 @@ def first_layers(model: PreTrainedModel, num_layers: int) -> PreTrainedModel:
 def _final_norm(backbone: PreTrainedModel) -> torch.nn.Module:
     """The norm applied after the last decoder layer (`model.norm` in LLaMA, `transformer.ln_f` in GPT-2)."""
     children = list(backbone.base_model.named_children())
-    last_layers = max((i for i, (_, module) in enumerate(children) if isinstance(module, torch.nn.ModuleList)), default=None)
-    norms = [module for _, module in children[(last_layers or 0) + 1:]
+    layers = [i for i, (_, module) in enumerate(children) if isinstance(module, torch.nn.ModuleList)]
+    after_layers = children[layers[-1] + 1:] if layers else []
+    norms = [module for _, module in after_layers
              if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None]
-    if last_layers is None or not norms:
+    if not norms:
         raise ValueError(f"Cannot find the final norm of the reweighter's {type(backbone).__name__} (a norm after its "
                          "layers); uniform_start_ needs one.")
     return norms[-1]
