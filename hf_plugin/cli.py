@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from collections.abc import Sequence
@@ -135,14 +136,14 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
-def _plugin_config(plugin: str) -> PluginConfig:
+def _plugin_config(plugin: str, option: str = "--plugin") -> PluginConfig:
     """The reweighter's config, read before the base model is loaded: a missing reweighter fails in a second."""
     try:
         return PluginConfig.from_pretrained(plugin)
     except (OSError, ValueError) as error:
         if not Path(plugin).exists():
-            raise SystemExit(f"error: --plugin {plugin}: no such directory, nor a reweighter on the Hub") from error
-        raise SystemExit(f"error: --plugin {plugin}: {str(error).strip().splitlines()[0]}") from error
+            raise SystemExit(f"error: {option} {plugin}: no such directory, nor a reweighter on the Hub") from error
+        raise SystemExit(f"error: {option} {plugin}: {str(error).strip().splitlines()[0]}") from error
 
 
 def _generation_inputs(args: argparse.Namespace) -> tuple[list[Example], list[list[str]] | None]:
@@ -393,6 +394,33 @@ def push(args: argparse.Namespace) -> None:
     print(f"Pushed {args.directory} to {args.repo_id}: {commit}")
 
 
+def serve(args: argparse.Namespace) -> None:
+    """Serves the base model alone and with each reweighter behind an OpenAI-compatible HTTP API."""
+    try:  # the server's packages are an extra: import them only for this command
+        from .serving import ServerLimits, create_app, run_server
+    except ImportError as error:
+        raise SystemExit(f"error: hf-plugin serve needs the serve extra: pip install 'hf-plugin[serve]' ({error})") from error
+    if not 0 < args.port < 65536:
+        raise SystemExit(f"error: --port must be between 1 and 65535, got {args.port}")
+    limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_n=args.max_n,
+                          max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent,
+                          max_queued=args.max_queued)
+    sources = {}
+    for given in args.reweighter or []:
+        name, _, source = given.rpartition("=")
+        name = name or Path(source.rstrip("/")).name
+        if name in sources:
+            raise SystemExit(f"error: two reweighters named {name!r}; name them with --reweighter NAME=DIR")
+        _plugin_config(source, "--reweighter")
+        sources[name] = source
+    base, tokenizer = _load_base(args)
+    reweighters = {name: PluginModel.from_pretrained(source).eval() for name, source in sources.items()}
+    app = create_app(base, tokenizer, reweighters, base_name=args.base_id, limits=limits,
+                     api_key=args.api_key or os.environ.get("HF_PLUGIN_API_KEY"), strict=not args.force)
+    print(f"Serving {', '.join(app.state.models)} on http://{args.host}:{args.port}/v1", flush=True)
+    run_server(app, host=args.host, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-plugin", description="Adapt a frozen language model with a reweighter.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -486,6 +514,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-code", action="store_true",
                    help="also upload the modeling code, for loading with trust_remote_code=True without hf-plugin")
     p.set_defaults(run=push)
+
+    p = commands.add_parser(
+        "serve", help="serve base + reweighters behind an OpenAI-compatible API",
+        description="Serves the base model (loaded in this process; remote bases are not supported yet) as model id "
+                    "BASE and with each reweighter as BASE+NAME: GET /v1/models, POST /v1/completions and "
+                    "/v1/chat/completions (stream=true for server-sent events). Clients set the reweighting strength "
+                    "with an extra field, alpha. Every reweighter is checked against the base before the server "
+                    "starts; no remote code is ever loaded.")
+    _add_base_argument(p)
+    p.add_argument("--reweighter", action="append", metavar="[NAME=]DIR_OR_HUB_ID",
+                   help="a reweighter to serve as BASE+NAME (repeatable; NAME defaults to the folder or repo name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $HF_PLUGIN_API_KEY, else none)")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens, and the default for chat")
+    p.add_argument("--max-n", type=int, default=8)
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-concurrent", type=int, default=1, help="generations running at the same time")
+    p.add_argument("--max-queued", type=int, default=64, help="requests admitted (running or waiting) before a 503")
+    p.add_argument("--force", action="store_true", help="serve a reweighter even if its tokenizer differs")
+    p.set_defaults(run=serve)
     return parser
 
 
