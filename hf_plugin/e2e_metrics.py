@@ -78,22 +78,23 @@ def e2e_challenge_scores(predictions: Sequence[str], references: Sequence[Sequen
     _check_references(predictions, references)
     package = _pycocoevalcap_folder()
     java = _java()
-    bleu, nist = mteval_bleu_nist(predictions, references)
-    # Two tokenizer runs, references first, as coco-caption does (the tokenizer keeps state across lines).
-    flat = _ptb_tokenize(java, package, [r for group in references for r in group])
-    tokenized_references, start = {}, 0
-    for i, group in enumerate(references):
-        tokenized_references[i], start = flat[start : start + len(group)], start + len(group)
-    tokenized_predictions = {i: [text] for i, text in enumerate(_ptb_tokenize(java, package, predictions))}
-    rouge = importlib.import_module("pycocoevalcap.rouge.rouge").Rouge()
-    cider = importlib.import_module("pycocoevalcap.cider.cider").Cider()
-    return {
-        "BLEU": 100 * bleu,
-        "NIST": nist,
-        "METEOR": 100 * _meteor(java, package, tokenized_references, tokenized_predictions),
-        "ROUGE-L": 100 * float(rouge.compute_score(tokenized_references, tokenized_predictions)[0]),
-        "CIDEr": float(cider.compute_score(tokenized_references, tokenized_predictions)[0]),
-    }
+    with _Meteor(java, package) as meteor:  # the jar loads its paraphrase table while the rest runs
+        bleu, nist = mteval_bleu_nist(predictions, references)
+        # Two tokenizer runs, references first, as coco-caption does (the tokenizer keeps state across lines).
+        flat = _ptb_tokenize(java, package, [r for group in references for r in group])
+        tokenized_references, start = {}, 0
+        for i, group in enumerate(references):
+            tokenized_references[i], start = flat[start : start + len(group)], start + len(group)
+        tokenized_predictions = {i: [text] for i, text in enumerate(_ptb_tokenize(java, package, predictions))}
+        rouge = importlib.import_module("pycocoevalcap.rouge.rouge").Rouge()
+        cider = importlib.import_module("pycocoevalcap.cider.cider").Cider()
+        return {
+            "BLEU": 100 * bleu,
+            "NIST": nist,
+            "METEOR": 100 * meteor.corpus_score(tokenized_references, tokenized_predictions),
+            "ROUGE-L": 100 * float(rouge.compute_score(tokenized_references, tokenized_predictions)[0]),
+            "CIDEr": float(cider.compute_score(tokenized_references, tokenized_predictions)[0]),
+        }
 
 
 def mteval_bleu_nist(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, float]:
@@ -218,36 +219,45 @@ def _ptb_tokenize(java: str, package: Path, texts: Sequence[str]) -> list[str]:
     return [" ".join(w for w in line.rstrip().split(" ") if w not in _PTB_PUNCTUATION) for line in lines[:len(texts)]]
 
 
-def _meteor(java: str, package: Path, references: dict[int, list[str]], predictions: dict[int, list[str]]) -> float:
-    """Corpus METEOR 1.5 (a fraction) from one jar process: statistics per input, then one aggregate over all."""
-    command = [java, "-Xmx2G", "-jar", "meteor-1.5.jar", "-", "-", "-stdio", "-l", "en", "-norm"]
-    with tempfile.TemporaryFile() as errors:
-        process = subprocess.Popen(command, cwd=package / "meteor", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=errors)
+class _Meteor:
+    """One METEOR 1.5 jar process for a whole corpus: statistics per input, then one aggregate over all inputs."""
 
-        def ask(line: str) -> str:
-            process.stdin.write(line.encode("utf-8") + b"\n")
-            process.stdin.flush()
-            return read()
+    def __init__(self, java: str, package: Path):
+        self._errors = tempfile.TemporaryFile()
+        self._process = subprocess.Popen(
+            [java, "-Xmx2G", "-jar", "meteor-1.5.jar", "-", "-", "-stdio", "-l", "en", "-norm"],
+            cwd=package / "meteor", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._errors)
 
-        def read() -> str:
-            answer = process.stdout.readline().decode("utf-8").strip()
-            if not answer:
-                errors.seek(0)
-                raise RuntimeError(f"METEOR 1.5 stopped answering: {errors.read().decode(errors='replace')[-300:]}")
-            return answer
+    def __enter__(self) -> "_Meteor":
+        return self
 
-        try:
-            statistics = []
-            for i, group in references.items():
-                # The hypothesis is cleaned as coco-caption does; "|||" separates fields in METEOR's protocol.
-                hypothesis = predictions[i][0].replace("|||", "").replace("  ", " ")
-                statistics.append(ask(" ||| ".join(["SCORE", *group, hypothesis])))
-            ask(" ||| ".join(["EVAL", *statistics]))  # answered by one score per input, then the corpus score
-            for _ in range(len(statistics) - 1):
-                read()
-            return float(read())
-        finally:
-            process.stdin.close()
-            process.kill()
-            process.wait()
+    def __exit__(self, *exc_info) -> None:
+        self._process.stdin.close()
+        self._process.kill()
+        self._process.wait()
+        self._process.stdout.close()
+        self._errors.close()
+
+    def corpus_score(self, references: dict[int, list[str]], predictions: dict[int, list[str]]) -> float:
+        """Corpus METEOR (a fraction) of tokenised predictions against tokenised references, keyed alike."""
+        statistics = []
+        for i, group in references.items():
+            # The hypothesis is cleaned as coco-caption does; "|||" separates fields in METEOR's protocol.
+            hypothesis = predictions[i][0].replace("|||", "").replace("  ", " ")
+            statistics.append(self._ask(" ||| ".join(["SCORE", *group, hypothesis])))
+        self._ask(" ||| ".join(["EVAL", *statistics]))  # answered by one score per input, then the corpus score
+        for _ in range(len(statistics) - 1):
+            self._read()
+        return float(self._read())
+
+    def _ask(self, line: str) -> str:
+        self._process.stdin.write(line.encode("utf-8") + b"\n")
+        self._process.stdin.flush()
+        return self._read()
+
+    def _read(self) -> str:
+        answer = self._process.stdout.readline().decode("utf-8").strip()
+        if not answer:
+            self._errors.seek(0)
+            raise RuntimeError(f"METEOR 1.5 stopped answering: {self._errors.read().decode(errors='replace')[-300:]}")
+        return answer
