@@ -5,7 +5,8 @@ first MRs of its test list), each against all its references in the cleaned test
 every method three ways: the challenge's script (run from a checkout you give with `--official`, default Perl
 mteval for BLEU/NIST), `e2e_challenge_scores`, and the library's fast built-in metrics (`corpus_metrics`). The
 script prints fractions with 4 decimals, so "reproduced" means within half of its last printed digit: 0.005 on the
-0-100 scale for BLEU, METEOR and ROUGE-L, 0.00005 for NIST and CIDEr.
+0-100 scale for BLEU, METEOR and ROUGE-L, 0.00005 for NIST and CIDEr. Then BLEU and NIST alone on random small
+corpora of awkward tokens, against the script's Perl mteval through its own wrapper.
 
 The checkout needs the three jars pycocoevalcap ships (its repository keeps them out of git history on some
 mirrors; they are byte-identical to pycocoevalcap 1.2's), Java, Perl, and the Python packages its README lists.
@@ -18,10 +19,13 @@ Results: benchmarks/results/e2e_scoring_check.json (and a Markdown table on stdo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib.metadata
+import io
 import json
 import platform
+import random
 import re
 import subprocess
 import sys
@@ -29,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hf_plugin.e2e_metrics import E2E_METRIC_NAMES, e2e_challenge_scores
+from hf_plugin.e2e_metrics import E2E_METRIC_NAMES, e2e_challenge_scores, mteval_bleu_nist
 from hf_plugin.metrics import METRIC_NAMES, corpus_metrics, format_table
 
 
@@ -62,6 +66,36 @@ def official_scores(checkout: Path, predictions: list[str], references: list[lis
     return {name: float(printed[official]) * factor for name, (official, factor) in OFFICIAL_NAMES.items()}
 
 
+# Tokens that exercise mteval's tokenisation: digits with commas, periods and dashes, entities, non-ASCII capitals,
+# and the token "0" (the script weighs an n-gram after it against all reference words).
+TRICKY_WORDS = ["0", "0.5", "1,000", "£20-25", "The", "eagle", "É", "Café", "isn't", "a", "pub", ".", ",", "-", "5-star",
+                "&amp;", "&lt;x&gt;", "(near)", '"Rice"', "3.", ".5", "a.b", "x,y", "ÉCOLE", "riverside", "city-centre",
+                "0 0", "!"]
+
+
+def random_mteval_cases(checkout: Path, count: int, seed: int = 0) -> dict:
+    """Our mteval BLEU/NIST against the challenge's Perl mteval (through its own wrapper) on random small corpora."""
+    sys.path.insert(0, str(checkout))
+    from measure_scores import run_mteval  # the challenge's wrapper: writes .sgm files, runs the Perl script
+
+    rng = random.Random(seed)
+
+    def sentence() -> str:
+        return " ".join(rng.choice(TRICKY_WORDS) for _ in range(rng.randint(1, 12)))
+
+    worst = {"BLEU": 0.0, "NIST": 0.0}
+    for _ in range(count):
+        inputs = rng.randint(1, 5)
+        references = [[sentence() for _ in range(rng.randint(1, 4))] for _ in range(inputs)]
+        predictions = [sentence() for _ in range(inputs)]
+        with contextlib.redirect_stderr(io.StringIO()):
+            official = run_mteval(references, predictions, [""] * inputs)
+        bleu, nist = mteval_bleu_nist(predictions, references)
+        worst["BLEU"] = max(worst["BLEU"], abs(round(bleu, 4) - official["BLEU"]))
+        worst["NIST"] = max(worst["NIST"], abs(round(nist, 4) - official["NIST"]))
+    return {"cases": count, "seed": seed, "largest difference after rounding to the printed 4 decimals": worst}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True, help="folder with test-fixed.csv")
@@ -70,6 +104,7 @@ def main() -> None:
     parser.add_argument("--outputs", type=Path, default=RESULTS / "e2e_nlg.json")
     parser.add_argument("--methods", nargs="+", default=["zero-shot", "ICL-3", "Plugin"])
     parser.add_argument("--mrs", type=int, default=100, help="the first N test MRs of the saved run")
+    parser.add_argument("--random-cases", type=int, default=300, help="random small corpora for BLEU/NIST alone")
     args = parser.parse_args()
 
     saved = json.loads(args.outputs.read_text(encoding="utf-8"))
@@ -103,6 +138,7 @@ def main() -> None:
             "tolerance": TOLERANCE,
         },
         "methods": rows,
+        "mteval_random_cases": random_mteval_cases(args.official, args.random_cases),
     }
     (RESULTS / "e2e_scoring_check.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(markdown(rows))
