@@ -27,11 +27,10 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from .metrics import _check, _max_counts, _ngrams, _nist_length_penalty
+from .metrics import _check, _max_counts, _ngrams, _nist_length_penalty, _reference_ngram_counts
 
 
 E2E_METRIC_NAMES = ("BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr")
@@ -120,13 +119,7 @@ def mteval_bleu_nist(predictions: Sequence[str], references: Sequence[Sequence[s
     _check_references(predictions, references)
     hypotheses = [_mteval_tokens(p) for p in predictions]
     reference_tokens = [[_mteval_tokens(r) for r in group] for group in references]
-    counts: Counter = Counter()
-    reference_words = 0
-    for group in reference_tokens:
-        for tokens in group:
-            reference_words += len(tokens)
-            for n in range(1, 6):
-                counts.update(_ngrams(tokens, n))
+    counts, reference_words = _reference_ngram_counts(reference_tokens, 5)
 
     def information(ngram: tuple[str, ...]) -> float:
         # mteval tests the joined prefix for Perl truth, so a prefix that is the single token "0" counts as none.

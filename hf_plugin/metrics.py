@@ -88,13 +88,7 @@ def nist(predictions: Sequence[str], references: Sequence[Sequence[str]], max_or
     _check(predictions, references)
     hypotheses = [_tokens(p) for p in predictions]
     reference_tokens = [[_tokens(r) for r in group] for group in references]
-    counts: Counter = Counter()
-    reference_words = 0
-    for group in reference_tokens:
-        for tokens in group:
-            reference_words += len(tokens)
-            for n in range(1, max_order + 1):
-                counts.update(_ngrams(tokens, n))
+    counts, reference_words = _reference_ngram_counts(reference_tokens, max_order)
 
     def information(ngram: tuple[str, ...]) -> float:
         prefix = counts[ngram[:-1]] if len(ngram) > 1 else reference_words
@@ -262,6 +256,18 @@ def _content_tokens(text: str) -> list[str]:
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
     return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _reference_ngram_counts(reference_tokens: list[list[list[str]]], max_order: int) -> tuple[Counter, int]:
+    """Counts of every n-gram (n <= max_order) over all reference texts, and their number of words (NIST's input)."""
+    counts: Counter = Counter()
+    words = 0
+    for group in reference_tokens:
+        for tokens in group:
+            words += len(tokens)
+            for n in range(1, max_order + 1):
+                counts.update(_ngrams(tokens, n))
+    return counts, words
 
 
 def _max_counts(counters) -> Counter:
