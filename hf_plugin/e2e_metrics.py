@@ -6,8 +6,8 @@ The challenge (Dušek et al. 2020, github.com/tuetschek/e2e-metrics) scores a sy
   lower-cased (ASCII letters only) and split by the script's own punctuation rules. BLEU takes, per input, the
   reference length closest to the output's (ties to the shorter) and smooths a zero n-gram precision. NIST's length
   penalty compares the output's words with the reference words divided by the mean number of references per
-  input. Both are computed here in Python after that script; with `-p` the challenge's own script uses a
-  Python port whose NIST differs from the Perl one, which this module follows.
+  input. Both are computed here in Python after the Perl script, the challenge's default (its `-p` option runs a
+  Python port instead, whose NIST differs).
 - METEOR 1.5 (English, with its paraphrase table), coco-caption's ROUGE-L (β = 1.2, best precision and best recall
   over the references) and coco-caption's CIDEr (the CIDEr-D formula, idf from the scored references), on text
   lower-cased and tokenised by the Stanford PTB tokenizer with punctuation tokens dropped. These come from the
@@ -40,7 +40,8 @@ _INSTALL = "pip install 'hf-plugin[e2e]'"
 _PERL_SPACE = re.compile("[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _MTEVAL_SYMBOL = re.compile(r"([{-~\[-` -&(-+:-@/])")  # mteval-v13a's punctuation class, range for range
-# Tokens coco-caption's tokenizer wrapper drops after PTB tokenisation.
+# Tokens coco-caption's tokenizer wrapper drops after PTB tokenisation (its bracket names are upper-case, so the
+# lower-cased "-lrb-" the tokenizer writes stays, as in the challenge's scores).
 _PTB_PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
                               "--", "...", ";"])
 
