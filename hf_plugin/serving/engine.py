@@ -183,11 +183,9 @@ class _Cancel(StoppingCriteria):
 class _Choices(BaseStreamer):
     """Receives each step's tokens from `generate()` and turns them into `ChoiceDelta`s for the handler."""
 
-    def __init__(self, tokenizer, job: GenerationJob, rows: int, recorder: _Recorder | None, emit):
-        eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+    def __init__(self, tokenizer, job: GenerationJob, rows: int, recorder: _Recorder | None, emit, eos_ids: set[int]):
         context = job.prompt_ids[-_CONTEXT_TOKENS:]
-        self.rows = [_ChoiceText(tokenizer, context, job.stops, self.eos_ids) for _ in range(rows)]
+        self.rows = [_ChoiceText(tokenizer, context, job.stops, eos_ids) for _ in range(rows)]
         self.copies = job.n // rows  # greedy n > 1: one row, the same answer n times
         self.tokenizer, self.recorder, self.emit, self.top = tokenizer, recorder, emit, job.top_logprobs
         self.prompt_seen = False
@@ -245,6 +243,10 @@ class GenerationEngine:
 
     def __init__(self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, limits: ServerLimits):
         self.base, self.tokenizer, self.limits = base, tokenizer, limits
+        # generate() stops at any of the base's EOS ids (a chat model may have several); each ends a choice.
+        eos = base.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+        self.eos_ids.discard(None)
         self._executor = ThreadPoolExecutor(max_workers=limits.max_concurrent, thread_name_prefix="hf-plugin-generate")
         self._lock = threading.Lock()
         self._sampling = threading.Lock()
@@ -301,7 +303,7 @@ class GenerationEngine:
         # distribution each token is drawn from.
         recorder = _Recorder() if job.top_logprobs is not None else None
         processors += [recorder] if recorder is not None else []
-        choices = _Choices(self.tokenizer, job, rows, recorder, emit)
+        choices = _Choices(self.tokenizer, job, rows, recorder, emit, self.eos_ids)
         input_ids = torch.tensor([job.prompt_ids], device=self.base.device)
         with self._sampling if sample else contextlib.nullcontext(), torch.no_grad():
             if sample and job.seed is not None:

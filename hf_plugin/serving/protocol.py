@@ -164,7 +164,9 @@ def parse_request(model: type[_Request], payload) -> _Request:
             raise APIError(400, f"Unsupported field(s): {', '.join(unknown)}.", param=unknown[0],
                            code="unsupported_field") from None
         problem = problems[0]
-        where = ".".join(str(part) for part in problem["loc"] if not str(part).startswith(("str", "list[", "function")))
+        # Drop the names pydantic gives the members of a union ("str", "list[str]") from the field's path.
+        where = ".".join(str(part) for part in problem["loc"]
+                         if str(part) not in ("str", "int", "float", "bool") and not str(part).startswith(("list[", "function-")))
         raise APIError(400, f"Invalid value for '{where}': {problem['msg']}.", param=where or None,
                        code="invalid_value") from None
     if isinstance(request, ChatCompletionRequest) and request.max_tokens and request.max_completion_tokens:
