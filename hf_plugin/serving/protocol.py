@@ -152,7 +152,26 @@ class ChatCompletionRequest(_Request):
 
 
 def parse_request(model: type[_Request], payload) -> _Request:
-    """Validates a decoded JSON body; any problem becomes one 400 naming the fields."""
+    """Validates a decoded JSON body; any problem becomes one 400 naming the fields.
+
+    Args:
+        model (`type`): `CompletionRequest` or `ChatCompletionRequest`.
+        payload: the decoded JSON body.
+
+    Examples:
+
+    ```python
+    >>> from hf_plugin.serving.protocol import APIError, CompletionRequest, parse_request
+    >>> parse_request(CompletionRequest, {"model": "m", "prompt": "Hi", "max_tokens": 4, "alpha": 0.5}).alpha
+    0.5
+    >>> try:
+    ...     parse_request(CompletionRequest, {"model": "m", "prompt": "Hi", "logit_bias": {"5": 1}})
+    ... except APIError as error:
+    ...     print(error.status, error.body()["error"]["message"])
+    400 Unsupported field(s): logit_bias.
+
+    ```
+    """
     if not isinstance(payload, dict):
         raise APIError(400, "The request body must be a JSON object.")
     try:
