@@ -224,6 +224,8 @@ def main() -> None:
             if alone["latency_p50_s"] and reweighted["latency_p50_s"] else None,
         },
         "reference_generation_s": round(reference_s, 1),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 cwd=Path(__file__).parent).stdout.strip() or None,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
         "note": args.note,
     }
