@@ -242,8 +242,8 @@ def _cached_sources(args, tokenizer, train_examples, validation_examples, accele
         lambda: _load_base(args)[0], tokenizer, {"train": train_examples, "validation": validation_examples},
         args.cache, k=args.top_k, batch_size=args.cache_batch_size, revision=args.base_revision,
         base_model_id=args.base_id, accelerator=accelerator, overwrite=args.overwrite_cache, base_name_or_path=args.base,
-    )
         task_vocab_size=args.task_vocab_size,
+    )
 
 
 def cache(args: argparse.Namespace) -> None:
@@ -470,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-k", type=int, default=64, help="base log-probs kept per position in the cache")
         p.add_argument("--overwrite-cache", action="store_true",
                        help="replace a cache of other data (or another --top-k or base) found in --cache")
+        p.add_argument("--task-vocab-size", type=int, default=DEFAULT_TASK_VOCAB_SIZE,
+                       help="also cache the base log-probs of the N most frequent tokens of the training completions "
+                            "(0: top-k only)")
         p.add_argument("--cache-batch-size", type=int, default=8)
         p.add_argument("--demonstrations", type=int, default=0, metavar="K",
                        help="train on K-shot prompts: K demonstrations drawn at random from the training part before "
@@ -498,9 +501,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="hf-plugin-demo")
     p.add_argument("--train-size", type=int, default=400)
     p.add_argument("--test-size", type=int, default=40)
-        p.add_argument("--task-vocab-size", type=int, default=DEFAULT_TASK_VOCAB_SIZE,
-                       help="also cache the base log-probs of the N most frequent tokens of the training completions "
-                            "(0: top-k only)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=demo)
