@@ -22,7 +22,7 @@ from .data import Example, chat_prompt, encode_examples, read_examples, split_by
 from .initialization import first_layers, uniform_start_
 from .loading import load_base_model, load_tokenizer, offline_smollm2
 from .logits_process import PluginLogitsProcessor
-from .metrics import corpus_metrics, format_table, read_predictions, read_references
+from .metrics import METRIC_NAMES, corpus_metrics, format_table, read_predictions, read_references
 from .modeling_plugin import PluginModel
 from .training import TrainingArguments, check_output_dir, check_resume, completion_nll, latest_checkpoint, train
 
@@ -357,10 +357,15 @@ def evaluate(args: argparse.Namespace) -> None:
 def _evaluate_text(args: argparse.Namespace) -> dict:
     try:
         predictions, references = read_predictions(args.predictions), read_references(args.references)
-        scores = corpus_metrics(predictions, references)
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as error:
+        if args.e2e_challenge:
+            from .e2e_metrics import E2E_METRIC_NAMES, e2e_challenge_scores
+
+            scores, columns = e2e_challenge_scores(predictions, references), E2E_METRIC_NAMES
+        else:
+            scores, columns = corpus_metrics(predictions, references), METRIC_NAMES
+    except (FileNotFoundError, ValueError, TypeError, ImportError, RuntimeError) as error:
         raise SystemExit(f"error: {error}") from error
-    print(format_table({Path(args.predictions).name: scores}))
+    print(format_table({Path(args.predictions).name: scores}, columns))
     return {"predictions": args.predictions, "references": args.references, "inputs": len(predictions),
             "scores": scores}
 
@@ -483,10 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
             _add_training_arguments(p)
 
     p = commands.add_parser(
-        "evaluate", help="BLEU/ROUGE-L/NIST/METEOR/CIDEr-D of predictions, or NLL under base + reweighter vs base alone")
+        "evaluate", help="BLEU/ROUGE-L/NIST/METEOR (exact+stem)/CIDEr-D of predictions (or the E2E challenge's own "
+                         "metrics), or NLL under base + reweighter vs base alone")
     p.add_argument("--predictions", help="generated texts: one per line, or a JSON list")
     p.add_argument("--references", help="references: one per line with a blank line between inputs, a JSON list of "
                                         "lists, or JSON lines of lists")
+    p.add_argument("--e2e-challenge", action="store_true",
+                   help="score as the E2E NLG challenge does (METEOR 1.5 etc.; needs hf-plugin[e2e] and Java)")
     _add_base_argument(p)
     p.add_argument("--plugin", help="directory or Hub id of a reweighter (NLL mode)")
     p.add_argument("--data", help="CSV/TSV/JSON(L)/Parquet file or a datasets name (NLL mode)")

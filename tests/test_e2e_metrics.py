@@ -105,3 +105,21 @@ def test_missing_pycocoevalcap_or_java_names_what_to_install(monkeypatch, tmp_pa
     monkeypatch.setattr(e2e_metrics.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="install a Java runtime"):
         e2e_challenge_scores(["a"], [["a"]])
+
+
+@needs_java
+def test_evaluate_command_scores_as_the_challenge(tmp_path, capsys):
+    pytest.importorskip("pycocoevalcap", reason="the E2E challenge's scores need pip install 'hf-plugin[e2e]'")
+    import json
+
+    from hf_plugin.cli import main
+
+    (tmp_path / "predictions.json").write_text(json.dumps(SAMPLE_PREDICTIONS))
+    (tmp_path / "references.json").write_text(json.dumps(SAMPLE_REFERENCES))
+    main(["evaluate", "--e2e-challenge", "--predictions", str(tmp_path / "predictions.json"), "--references",
+          str(tmp_path / "references.json"), "--output", str(tmp_path / "scores.json")])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header == "| system | " + " | ".join(E2E_METRIC_NAMES) + " |"
+    saved = json.loads((tmp_path / "scores.json").read_text())["scores"]
+    for name in E2E_METRIC_NAMES:
+        assert saved[name] == pytest.approx(OFFICIAL[name], abs=TOLERANCE[name]), name
