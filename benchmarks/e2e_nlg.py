@@ -1,27 +1,37 @@
 """The paper's E2E NLG experiment with a real black box: SmolLM2-135M-Instruct (offline GGUF), on CPU.
 
 Protocol (Hiranandani et al. 2025, adapted): the cleaned E2E validation split is split 60/40 by distinct MR into
-train and held-out parts; methods are compared on the first 500 distinct MRs of the cleaned test split (in file
-order; the list is recorded), each against all of its references. Every method decodes greedily with repetition
-penalty 1.1, at most 64 new tokens, from the same prompt template, and its output is cut at the first newline.
+train and held-out parts. Methods are compared on a seeded random sample of 500 distinct MRs of the cleaned test
+split (the file is sorted by restaurant name, so its first N MRs are a handful of restaurants) and, as a second
+slice, on its first 96 MRs; each output is scored against all references of its MR. Every method decodes
+greedily with repetition penalty 1.1, at most 64 new tokens, and its output is cut at the first newline
+(generation stops there: the text before it is the same as without stopping).
 
-Methods:
+Scores: the E2E challenge's own metrics (`hf_plugin.e2e_metrics`: mteval BLEU and NIST, METEOR 1.5, coco ROUGE-L
+and CIDEr after PTB tokenisation) and the library's fast built-in ones, named for what they are.
+
+Methods (hyper-parameters chosen on the held-out part only; every learned model from the same seed):
   zero-shot             the base alone;
-  ICL-1, ICL-3          the first 1 / 3 distinct train MRs with their first reference as demonstrations;
-  weighted combination  p = w·p_small + (1−w)·p_base, the small model trained through the mixture, w picked on
-                        held-out NLL (exact: only the base's log-prob of the true token enters this loss);
+  ICL-3                 the first 3 distinct train MRs with their first reference as demonstrations;
+  weighted combination  p = w·p_small + (1−w)·p_base, the small model trained through the mixture (w = 0.75, the
+                        held-out choice of the earlier grid {0.25, 0.5, 0.75});
   small model alone     the same architecture trained on the data with no base model;
-  Plugin                the paper's reweighter (1 layer), trained from a top-64 base-logit cache with
-                        hf-plugin; learning rate and epoch picked on the held-out NLL;
-  Plugin + ICL-3        the same reweighter on the ICL-3 prompts.
-The learned methods start from the same seed; a method's train time is its chosen configuration's training run
-(the one-time cache pass, shared by Plugin and the weighted combination, is reported apart).
+  Plugin rows           reweighters trained from the base-logit cache (top-64 + task vocabulary), early stopping
+                        on held-out NLL, the strength α picked on held-out NLL at use time:
+    from scratch          the paper's 1-layer reweighter (learning rate 1e-3, the earlier grid's held-out choice);
+    uniform start         the same with `uniform_start_`: the product starts equal to the base;
+    base's first layers   `PluginModel.from_base_layers(base, K)` (learning rate 3e-4), also with a uniform start;
+    + ICL-3               the from-scratch reweighter used with the ICL-3 prompt;
+    trained with ICL      trained on 3-shot prompts with demonstrations drawn at random from the train part (a
+                          subset: the 3-shot cache pass costs 3-4 times the plain one), used with the ICL-3 prompt.
 
 Usage:
-    python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg            # the full run (about 70 minutes, 2 cores)
-    python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg --quick    # 20 test MRs, small training
-Results: benchmarks/results/e2e_nlg.{md,json}, e2e_nlg_bars.png, e2e_nlg_probabilities.png (--quick writes
-e2e_nlg_quick.* instead).
+    python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg            # the full run (about 2 hours, 2 cores)
+    python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg --quick    # a smoke run: 20+8 MRs, tiny training
+    python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg --score-only   # score the saved outputs again
+A run can be interrupted: trained reweighters and each method's outputs are kept (in --work-dir and the results
+JSON) and reused when it is started again. Results: benchmarks/results/e2e_nlg.{md,json} and e2e_nlg_bars.png
+(--quick writes e2e_nlg_quick.* instead).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import csv
 import json
 import math
 import platform
+import random
 import re
 import subprocess
 import sys
@@ -62,8 +73,18 @@ def group_by_mr(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
 
 
 def icl_prompt(mr: str, demonstrations: list[tuple[str, str]]) -> str:
-    shots = "".join(TEMPLATE.format(mr=d_mr) + " " + d_ref + "\n\n" for d_mr, d_ref in demonstrations)
-    return shots + TEMPLATE.format(mr=mr)
+    from hf_plugin.data import Example, demonstration_prompt
+
+    return demonstration_prompt(TEMPLATE.format(mr=mr), [Example(TEMPLATE.format(mr=m), ref, 0) for m, ref in demonstrations])
+
+
+def test_slices(test_groups: dict[str, list[str]], sample: int, first: int, seed: int) -> tuple[list[str], dict]:
+    """The MRs to generate for (the seeded random sample, then the first ones not in it) and each slice's MRs."""
+    mrs = list(test_groups)
+    random_mrs = [mrs[i] for i in sorted(random.Random(seed).sample(range(len(mrs)), min(sample, len(mrs))))]
+    first_mrs = mrs[:first]
+    union = random_mrs + [mr for mr in first_mrs if mr not in set(random_mrs)]
+    return union, {f"random {len(random_mrs)}": random_mrs, f"first {len(first_mrs)}": first_mrs}
 
 
 # ------------------------------------------------------------------------- the learned methods' losses
@@ -105,6 +126,9 @@ def mixture_processor(small, weight: float, tokenizer):
         def __init__(self):
             self.runner = CachedModelRunner(small)
 
+        def reset(self):  # a new batch of prompts: the cache of the last one is stale
+            self.runner.reset()
+
         @staticmethod
         def attention_mask_of(input_ids):  # prompts are left-padded
             return left_padding_mask(input_ids, tokenizer.pad_token_id)
@@ -129,22 +153,42 @@ def new_reweighter(binding: dict):
     return PluginModel(PluginConfig(vocab_size=binding["base_vocab_size"], max_position_embeddings=512, **binding))
 
 
-def train_one(name: str, binding: dict, train_examples, heldout_examples, train_source, heldout_source, work: Path,
-              tokenizer, epochs: int, learning_rate: float, patience: int) -> dict:
+def train_one(name: str, make_model, train_examples, heldout_examples, train_source, heldout_source, work: Path,
+              tokenizer, epochs: int, learning_rate: float) -> dict:
+    """Trains (or reloads, when an earlier run of this script finished it) one reweighter; early stopping, patience 1."""
+    from hf_plugin import PluginModel
     from hf_plugin.training import TrainingArguments, train
 
     output = work / name
+    record = output / "benchmark_run.json"
+    if record.exists():
+        run = json.loads(record.read_text())
+        print(f"  {name}: reused ({run['seconds']:.0f}s when trained)", flush=True)
+        return {**run, "model": PluginModel.from_pretrained(output).eval()}
     started = time.perf_counter()
-    model = train(new_reweighter(binding), train_examples, heldout_examples, train_source,
+    model = train(make_model(), train_examples, heldout_examples, train_source,
                   TrainingArguments(output_dir=str(output), epochs=epochs, batch_size=16, learning_rate=learning_rate,
-                                    patience=patience, seed=0, overwrite_output_dir=True),
+                                    patience=1, seed=0, overwrite_output_dir=True),
                   validation_source=heldout_source, tokenizer=tokenizer)
     seconds = time.perf_counter() - started
-    history = json.loads((output / "metrics.json").read_text())["history"]
-    print(f"  {name}: held-out NLL by epoch {[round(h['validation_nll'], 4) for h in history]} ({seconds:.0f}s)",
-          flush=True)
-    return {"model": model.eval(), "seconds": seconds, "heldout_nll": min(h["validation_nll"] for h in history),
-            "history": [h["validation_nll"] for h in history], "learning_rate": learning_rate}
+    history = [h["validation_nll"] for h in json.loads((output / "metrics.json").read_text())["history"]]
+    run = {"seconds": seconds, "heldout_nll": min(history), "history": history, "learning_rate": learning_rate,
+           "trainable_parameters": sum(p.numel() for p in model.parameters())}
+    record.write_text(json.dumps(run))
+    print(f"  {name}: held-out NLL by epoch {[round(h, 4) for h in history]} ({seconds:.0f}s)", flush=True)
+    return {**run, "model": model.eval()}
+
+
+def pick_alpha(model, examples, source, alphas, pad_token_id: int) -> tuple[float, dict]:
+    """The strength with the lowest held-out NLL per token (under the cache's bound), and every α's NLL."""
+    from hf_plugin.training import completion_nll
+
+    nlls = {}
+    with torch.no_grad():
+        for alpha in alphas:
+            total, count = completion_nll(model, examples, source, alpha, pad_token_id)
+            nlls[alpha] = total / count
+    return min(nlls, key=nlls.get), nlls
 
 
 # ---------------------------------------------------------------------------------------- generation
@@ -157,7 +201,7 @@ def generate(model, tokenizer, prompts: list[str], processors=(), batch_size: in
         for processor in processors:
             processor.reset()
         tokens = model.generate(**inputs, logits_processor=list(processors), pad_token_id=tokenizer.pad_token_id,
-                                **GENERATION)
+                                stop_strings=["\n"], tokenizer=tokenizer, **GENERATION)
         texts = tokenizer.batch_decode(tokens[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         outputs += [text.strip().split("\n")[0].strip() for text in texts]
     return outputs
@@ -179,67 +223,29 @@ def degeneration(outputs: list[str], mrs: list[str]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------- figures
 
-def bar_chart(rows: dict, path: Path) -> None:
+def bar_chart(result: dict, path: Path) -> None:
+    """Official BLEU, ROUGE-L and METEOR of every method on the random sample."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = result["methods"]
     names = list(rows)
-    metrics = ["BLEU", "ROUGE-L", "METEOR (exact+stem)"]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    slice_name = next(iter(rows[names[0]]["scores"]))
+    metrics = ["BLEU", "ROUGE-L", "METEOR"]
+    fig, ax = plt.subplots(figsize=(11, 4.8))
     width = 0.8 / len(metrics)
     for i, metric in enumerate(metrics):
-        ax.bar([x + i * width for x in range(len(names))], [rows[n]["scores"][metric] for n in names], width,
-               label=metric)
-    ax.set_xticks([x + width for x in range(len(names))], names, rotation=20, ha="right")
+        ax.bar([x + i * width for x in range(len(names))],
+               [rows[n]["scores"][slice_name]["official"][metric] for n in names], width, label=metric)
+    ax.set_xticks([x + width for x in range(len(names))], names, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("score (0-100)")
-    ax.set_title("E2E NLG, SmolLM2-135M-Instruct as the black box")
+    ax.set_title(f"E2E NLG ({slice_name} test MRs, official metrics), SmolLM2-135M-Instruct as the black box")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-@torch.no_grad()
-def probability_figure(base, plugin, tokenizer, prompt: str, path: Path, steps=(0, 1, 2, 3, 4, 5), top: int = 6):
-    """For one test input, base vs base × reweighter probabilities of the top tokens along the Plugin's output."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from hf_plugin import PluginLogitsProcessor
-    from hf_plugin.combine import combine_logits
-
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    generated = base.generate(ids, logits_processor=[PluginLogitsProcessor(plugin, tokenizer=tokenizer)],
-                              pad_token_id=tokenizer.pad_token_id, **GENERATION)
-    base_logits = base(generated).logits[0]
-    reweighter_logits = plugin(generated).logits[0, :, : base_logits.shape[-1]]
-    combined = torch.softmax(combine_logits(base_logits, reweighter_logits, plugin.config.alpha), -1)
-    base_probs = torch.softmax(base_logits.float(), -1)
-    fig, axes = plt.subplots(1, len(steps), figsize=(3 * len(steps), 3.6), sharey=True)
-    record = []
-    for ax, step in zip(axes, steps):
-        position = ids.shape[1] - 1 + step
-        candidates = torch.cat([combined[position].topk(top).indices, base_probs[position].topk(top).indices]).unique()
-        candidates = candidates[combined[position, candidates].argsort(descending=True)][:top]
-        labels = [repr(tokenizer.decode([int(t)]))[1:-1] for t in candidates]
-        xs = range(len(candidates))
-        ax.bar([x - 0.2 for x in xs], base_probs[position, candidates].tolist(), 0.4, label="base")
-        ax.bar([x + 0.2 for x in xs], combined[position, candidates].tolist(), 0.4, label="base × reweighter")
-        ax.set_xticks(list(xs), labels, rotation=60, fontsize=8)
-        ax.set_title(f"step {step + 1}", fontsize=9)
-        record.append({"step": step + 1, "tokens": labels, "base": base_probs[position, candidates].tolist(),
-                       "combined": combined[position, candidates].tolist()})
-    axes[0].set_ylabel("next-token probability")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(prompt.replace("\n", " | "), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return record
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -248,169 +254,208 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="../shared/data/e2e_nlg")
     parser.add_argument("--work-dir", default="/tmp/hf-plugin-e2e")
-    parser.add_argument("--quick", action="store_true", help="20 test MRs, 400 training rows, one epoch")
-    parser.add_argument("--test-mrs", type=int, default=500)
-    parser.add_argument("--epochs", type=int, default=5, help="most epochs per run (early stopping, patience 1)")
-    parser.add_argument("--learning-rates", default="1e-3,3e-3", help="Plugin's learning-rate grid")
-    parser.add_argument("--weights", default="0.25,0.5,0.75", help="the weighted combination's w grid")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 20+8 test MRs, 200 training rows, one epoch")
+    parser.add_argument("--test-mrs", type=int, default=500, help="size of the seeded random sample of test MRs")
+    parser.add_argument("--first-mrs", type=int, default=96, help="size of the second slice: the first test MRs")
+    parser.add_argument("--sample-seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=3, help="most epochs per run (early stopping, patience 1)")
     parser.add_argument("--top-k", type=int, default=64)
-    parser.add_argument("--rescore-first", type=int, metavar="N",
-                        help="no run: score the saved outputs of results/e2e_nlg.json on the first N test MRs only")
+    parser.add_argument("--task-vocab-size", type=int, default=2048)
+    parser.add_argument("--base-layers", type=int, default=2, help="K of the from-the-base's-first-K-layers row")
+    parser.add_argument("--alphas", default="0.25,0.5,0.75,1.0,1.5", help="strengths tried at use time (held-out NLL)")
+    parser.add_argument("--icl-train", type=int, default=1200, help="training pairs of the reweighter trained with ICL")
+    parser.add_argument("--alpha-examples", type=int, default=600, help="held-out pairs used to pick α")
+    parser.add_argument("--score-only", action="store_true", help="no run: score the saved outputs again")
     args = parser.parse_args()
-    if args.rescore_first:
-        rescore_first(Path(args.data_dir), args.rescore_first)
-        return
 
-    from hf_plugin.base_logits import cached_base_sources
-    from hf_plugin.data import Example, encode_examples, split_by_prompt
-    from hf_plugin.loading import load_base_model, offline_smollm2
-    from hf_plugin.logits_process import PluginLogitsProcessor
-    from hf_plugin.metrics import METRIC_NAMES, corpus_metrics
-
-    data_dir = Path(args.data_dir)
     suffix = "_quick" if args.quick else ""
-    work = Path(args.work_dir + suffix)
-    test_mrs = 20 if args.quick else args.test_mrs
-    epochs = 1 if args.quick else args.epochs
-    learning_rates = [float(x) for x in args.learning_rates.split(",")][: 1 if args.quick else None]
-    weights = [float(x) for x in args.weights.split(",")]
+    path = RESULTS / f"e2e_nlg{suffix}.json"
+    data_dir = Path(args.data_dir)
+    test_groups = group_by_mr(read_pairs(data_dir / "test-fixed.csv"))
+    union, slices = test_slices(test_groups, 20 if args.quick else args.test_mrs, 8 if args.quick else args.first_mrs,
+                                args.sample_seed)
+    result = json.loads(path.read_text()) if path.exists() else {}
+    if result.get("meta", {}).get("test_mrs") != union:
+        result = {"methods": {}}  # an earlier protocol's results: nothing to reuse
+    if not args.score_only:
+        run_methods(args, data_dir, union, result, path)
+    score(result, test_groups, slices)
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    path.with_suffix(".md").write_text(markdown(result))
+    bar_chart(result, path.with_name(path.stem + "_bars.png"))
+    print(markdown(result))
 
+
+def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path) -> None:
+    from hf_plugin import PluginLogitsProcessor, PluginModel, uniform_start_
+    from hf_plugin.base_logits import CachedBaseLogits, cached_base_sources
+    from hf_plugin.data import Example, encode_examples, split_by_prompt, with_demonstrations
+    from hf_plugin.loading import load_base_model, offline_smollm2
+
+    work = Path(args.work_dir + ("_quick" if args.quick else ""))
+    epochs = 1 if args.quick else args.epochs
+    alphas = [float(a) for a in args.alphas.split(",")]
     base, tokenizer = load_base_model(offline_smollm2())
     base.eval()
+    pad = tokenizer.pad_token_id
 
     devel_pairs = read_pairs(data_dir / "devel-fixed.no-ol.csv")
     devel = [Example(TEMPLATE.format(mr=mr), ref, row) for row, (mr, ref) in enumerate(devel_pairs)]
     train_pairs, heldout_pairs = split_by_prompt(devel, 0.4, seed=0)
     if args.quick:
-        train_pairs, heldout_pairs = train_pairs[:400], heldout_pairs[:100]
+        train_pairs, heldout_pairs = train_pairs[:200], heldout_pairs[:60]
     train_examples = encode_examples(tokenizer, train_pairs, MAX_LENGTH)
     heldout_examples = encode_examples(tokenizer, heldout_pairs, MAX_LENGTH)
-    test = list(group_by_mr(read_pairs(data_dir / "test-fixed.csv")).items())[:test_mrs]
     mr_of_prompt = {example.prompt: mr for example, (mr, _) in zip(devel, devel_pairs)}
     train_groups = group_by_mr([(mr_of_prompt[p.prompt], p.completion) for p in train_pairs])
     demonstrations = [(mr, refs[0]) for mr, refs in list(train_groups.items())[:3]]
+    # ICL-trained: 3 random demonstrations from the train part before each prompt (held-out: also from the train part).
+    icl_train_pairs = with_demonstrations(train_pairs[: 100 if args.quick else args.icl_train], train_pairs, 3, seed=0)
+    icl_heldout_pairs = with_demonstrations(heldout_pairs[: 30 if args.quick else args.alpha_examples], train_pairs, 3, seed=1)
+    icl_train_examples = encode_examples(tokenizer, icl_train_pairs, 4 * MAX_LENGTH)
+    icl_heldout_examples = encode_examples(tokenizer, icl_heldout_pairs, 4 * MAX_LENGTH)
+    alpha_examples = heldout_examples[: args.alpha_examples]
     print(f"train {len(train_examples)} pairs / {len(train_groups)} MRs, held-out {len(heldout_examples)} pairs, "
-          f"test {len(test)} MRs", flush=True)
+          f"test {len(union)} MRs; ICL-trained: {len(icl_train_examples)} + {len(icl_heldout_examples)} pairs", flush=True)
+
+    result.setdefault("meta", {}).update({
+        "command": " ".join(["python benchmarks/e2e_nlg.py"] + sys.argv[1:]),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
+        "template": TEMPLATE, "decoding": GENERATION, "top_k": args.top_k, "task_vocab_size": args.task_vocab_size,
+        "train_pairs": len(train_examples), "heldout_pairs": len(heldout_examples), "alpha_grid": alphas,
+        "alpha_examples": len(alpha_examples), "icl_train_pairs": len(icl_train_examples), "epochs": epochs,
+        "test_mrs": union, "demonstrations": demonstrations, "base_layers": args.base_layers,
+    })
+    timings = result["meta"].setdefault("cache_seconds", {})
+    plain = [TEMPLATE.format(mr=mr) for mr in union]
+    icl3 = [icl_prompt(mr, demonstrations) for mr in union]
+
+    def record(name: str, run_generation, learned: dict | None = None, **extra) -> None:
+        if name in result["methods"]:
+            print(f"{name}: outputs reused", flush=True)
+            return
+        started = time.perf_counter()
+        outputs = run_generation()
+        seconds = time.perf_counter() - started
+        result["methods"][name] = {
+            "outputs": outputs, "generation_seconds": seconds, "train_seconds": learned["seconds"] if learned else 0.0,
+            "trainable_parameters": learned["trainable_parameters"] if learned else 0,
+            "heldout_nll_by_epoch": learned["history"] if learned else None, **extra}
+        path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")  # an interrupted run keeps this
+        print(f"{name}: generated in {seconds:.0f}s; first output: {outputs[0]}", flush=True)
+
+    def plugin_row(name: str, learned: dict, prompts: list[str], alpha_source, alpha_examples_) -> None:
+        if name in result["methods"]:
+            return record(name, None)
+        alpha, nlls = pick_alpha(learned["model"], alpha_examples_, alpha_source, alphas, pad)
+        print(f"  {name}: held-out NLL by α {json.dumps({a: round(v, 4) for a, v in nlls.items()})}", flush=True)
+        processor = lambda: PluginLogitsProcessor(learned["model"], alpha=alpha, tokenizer=tokenizer)  # noqa: E731
+        record(name, lambda: generate(base, tokenizer, prompts, [processor()]), learned, alpha=alpha,
+               heldout_nll_by_alpha=nlls, learning_rate=learned["learning_rate"])
+
+    def trained(name, make_model, train_source, heldout_source, learning_rate, train_=None, heldout_=None):
+        return train_one(name, make_model, train_ if train_ is not None else train_examples,
+                         heldout_ if heldout_ is not None else heldout_examples, train_source, heldout_source, work,
+                         tokenizer, epochs, learning_rate)
+
+
+    record("zero-shot", lambda: generate(base, tokenizer, plain))
+    record("ICL-3", lambda: generate(base, tokenizer, icl3))
+
+    c_start = time.perf_counter()
+    caches, binding = cached_base_sources(lambda: base, tokenizer, {"train": train_examples, "heldout": heldout_examples},
+                                          work / "cache", k=args.top_k, batch_size=16, task_vocab_size=args.task_vocab_size)
+    timings.setdefault("plain prompts", time.perf_counter() - c_start)
+    alpha_cache = CachedBaseLogits(work / "cache" / "heldout", heldout_examples)
+    result["meta"]["task_vocab_size"] = 0 if caches["train"].task_ids is None else len(caches["train"].task_ids)
+
+    scratch = trained("plugin-scratch", lambda: new_reweighter(binding), caches["train"], caches["heldout"], 1e-3)
+    plugin_row("Plugin, from scratch", scratch, plain, alpha_cache, alpha_examples)
 
     started = time.perf_counter()
-    caches, binding = cached_base_sources(lambda: base, tokenizer, {"train": train_examples, "heldout": heldout_examples},
-                                          work / "cache", k=args.top_k, batch_size=16)
-    cache_seconds = time.perf_counter() - started
-    train_cache, heldout_cache = caches["train"], caches["heldout"]
-    print(f"cache pass {cache_seconds:.0f}s", flush=True)
+    icl_caches, _ = cached_base_sources(lambda: base, tokenizer, {"train": icl_train_examples, "heldout": icl_heldout_examples},
+                                        work / "cache-icl", k=args.top_k, batch_size=8, task_vocab_size=args.task_vocab_size)
+    timings.setdefault("3-shot prompts", time.perf_counter() - started)
+    plugin_row("Plugin, from scratch + ICL-3", scratch, icl3, icl_caches["heldout"], icl_heldout_examples)
+    with_icl = trained("plugin-icl", lambda: new_reweighter(binding), icl_caches["train"], icl_caches["heldout"], 1e-3,
+                       icl_train_examples, icl_heldout_examples)
+    plugin_row("Plugin, trained with ICL + ICL-3", with_icl, icl3, icl_caches["heldout"], icl_heldout_examples)
 
-    runs: dict[str, dict] = {}
-    print("Plugin grid:", flush=True)
-    plugin_runs = [train_one(f"plugin-lr{lr:g}", binding, train_examples, heldout_examples, train_cache, heldout_cache,
-                             work, tokenizer, epochs, lr, patience=1) for lr in learning_rates]
-    runs["Plugin"] = min(plugin_runs, key=lambda r: r["heldout_nll"])
-    print("weighted combination grid:", flush=True)
-    mixture_runs = []
-    for w in weights:
-        run = train_one(f"mixture-w{w:g}", binding, train_examples, heldout_examples, MixtureNLL(train_cache, w),
-                        MixtureNLL(heldout_cache, w), work, tokenizer, epochs, learning_rates[0], patience=1)
-        mixture_runs.append({**run, "weight": w})
-    runs["weighted combination"] = min(mixture_runs, key=lambda r: r["heldout_nll"])
-    print("small model alone:", flush=True)
-    runs["small model alone"] = train_one("alone", binding, train_examples, heldout_examples, AloneNLL(), AloneNLL(),
-                                          work, tokenizer, epochs, learning_rates[0], patience=1)
+    uniform = trained("plugin-uniform", lambda: uniform_start_(new_reweighter(binding)), caches["train"], caches["heldout"], 1e-3)
+    plugin_row("Plugin, uniform start", uniform, plain, alpha_cache, alpha_examples)
 
-    plain = [TEMPLATE.format(mr=mr) for mr, _ in test]
-    icl1 = [icl_prompt(mr, demonstrations[:1]) for mr, _ in test]
-    icl3 = [icl_prompt(mr, demonstrations) for mr, _ in test]
-    plugin = runs["Plugin"]["model"]
-    mixture = runs["weighted combination"]
-    methods = {
-        "zero-shot": lambda: generate(base, tokenizer, plain),
-        "ICL-1": lambda: generate(base, tokenizer, icl1),
-        "ICL-3": lambda: generate(base, tokenizer, icl3),
-        "weighted combination": lambda: generate(base, tokenizer, plain,
-                                                 [mixture_processor(mixture["model"], mixture["weight"], tokenizer)]),
-        "small model alone": lambda: generate(runs["small model alone"]["model"].backbone, tokenizer, plain),
-        "Plugin": lambda: generate(base, tokenizer, plain, [PluginLogitsProcessor(plugin, tokenizer=tokenizer)]),
-        "Plugin + ICL-3": lambda: generate(base, tokenizer, icl3, [PluginLogitsProcessor(plugin, tokenizer=tokenizer)]),
-    }
-    trainable = sum(p.numel() for p in plugin.parameters())
-    references = [refs for _, refs in test]
-    mrs = [mr for mr, _ in test]
-    rows = {}
-    for name, run in methods.items():
-        started = time.perf_counter()
-        outputs = run()
-        seconds = time.perf_counter() - started
-        learned = runs.get(name.replace(" + ICL-3", ""))
-        rows[name] = {"scores": corpus_metrics(outputs, references), "degeneration": degeneration(outputs, mrs),
-                      "generation_seconds": seconds, "train_seconds": learned["seconds"] if learned else 0.0,
-                      "trainable_parameters": trainable if learned else 0, "outputs": outputs}
-        print(f"{name}: {json.dumps(rows[name]['scores'])} ({seconds:.0f}s)", flush=True)
+    def from_layers():
+        torch.manual_seed(0)
+        return PluginModel.from_base_layers(base, args.base_layers, max_position_embeddings=512, **binding)
 
-    suffix_path = RESULTS / f"e2e_nlg{suffix}"
-    bar_chart(rows, suffix_path.with_name(suffix_path.name + "_bars.png"))
-    figure = probability_figure(base, plugin, tokenizer, plain[0],
-                                suffix_path.with_name(suffix_path.name + "_probabilities.png"))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {
-        "meta": {"command": " ".join(["python benchmarks/e2e_nlg.py"] + sys.argv[1:]), "commit": commit,
-                 "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
-                 "template": TEMPLATE, "decoding": GENERATION, "top_k": args.top_k,
-                 "train_pairs": len(train_examples), "heldout_pairs": len(heldout_examples),
-                 "test_mrs": mrs, "demonstrations": demonstrations, "cache_seconds": cache_seconds,
-                 "grids": {"Plugin learning rate": learning_rates, "weighted combination w": weights,
-                           "epochs": f"at most {epochs}, early stopping with patience 1 on held-out NLL"}},
-        "selection": {
-            "Plugin": [{"learning_rate": r["learning_rate"], "heldout_nll_topk_bound": r["history"]} for r in plugin_runs],
-            "weighted combination": [{"w": r["weight"], "heldout_nll": r["history"]} for r in mixture_runs],
-            "small model alone": runs["small model alone"]["history"],
-            "chosen": {"Plugin learning rate": runs["Plugin"]["learning_rate"], "w": mixture["weight"]},
-        },
-        "methods": rows,
-        "probability_figure": {"prompt": plain[0], "steps": figure},
-    }
-    suffix_path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    suffix_path.with_suffix(".md").write_text(markdown(result, METRIC_NAMES))
-    print(markdown(result, METRIC_NAMES))
+    layers = trained(f"plugin-base{args.base_layers}", from_layers, caches["train"], caches["heldout"], 3e-4)
+    plugin_row(f"Plugin, base's first {args.base_layers} layers", layers, plain, alpha_cache, alpha_examples)
+    # The copied layers alone predict far worse than the base (held-out NLL 7.8 against the base's 2.5 after the
+    # --quick run's one epoch): started uniform, the product begins at the base instead.
+    layers_uniform = trained(f"plugin-base{args.base_layers}-uniform", lambda: uniform_start_(from_layers()),
+                             caches["train"], caches["heldout"], 3e-4)
+    plugin_row(f"Plugin, base's first {args.base_layers} layers, uniform start", layers_uniform, plain, alpha_cache,
+               alpha_examples)
+
+    mixture = trained("mixture-w0.75", lambda: new_reweighter(binding), MixtureNLL(caches["train"], 0.75),
+                      MixtureNLL(caches["heldout"], 0.75), 1e-3)
+    record("weighted combination", lambda: generate(base, tokenizer, plain, [mixture_processor(mixture["model"], 0.75, tokenizer)]),
+           mixture, w=0.75)
+    alone = trained("alone", lambda: new_reweighter(binding), AloneNLL(), AloneNLL(), 1e-3)
+    record("small model alone", lambda: generate(alone["model"].backbone, tokenizer, plain), alone)
 
 
-def rescore_first(data_dir: Path, count: int) -> None:
-    """BLEU and ROUGE-L of each method's saved outputs on the first `count` test MRs (added to the JSON)."""
-    from hf_plugin.metrics import bleu, rouge_l
+def score(result: dict, test_groups: dict[str, list[str]], slices: dict[str, list[str]]) -> None:
+    """Every method on every slice: the challenge's metrics, the built-in ones and the degeneration shares."""
+    from hf_plugin.e2e_metrics import e2e_challenge_scores
+    from hf_plugin.metrics import corpus_metrics
 
-    path = RESULTS / "e2e_nlg.json"
-    result = json.loads(path.read_text())
-    groups = group_by_mr(read_pairs(data_dir / "test-fixed.csv"))
-    references = [groups[mr] for mr in result["meta"]["test_mrs"][:count]]
-    subset = {name: {"BLEU": bleu(row["outputs"][:count], references),
-                     "ROUGE-L": rouge_l(row["outputs"][:count], references)}
-              for name, row in result["methods"].items()}
-    result[f"first_{count}_mrs"] = subset
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    for name, scores in subset.items():
-        print(f"{name}: BLEU {scores['BLEU']:.2f}, ROUGE-L {scores['ROUGE-L']:.2f}")
+    position = {mr: i for i, mr in enumerate(result["meta"]["test_mrs"])}
+    for name, row in result["methods"].items():
+        row["scores"] = {}
+        for slice_name, mrs in slices.items():
+            outputs = [row["outputs"][position[mr]] for mr in mrs]
+            references = [test_groups[mr] for mr in mrs]
+            row["scores"][slice_name] = {"official": e2e_challenge_scores(outputs, references),
+                                         "built-in": corpus_metrics(outputs, references),
+                                         "degeneration": degeneration(outputs, mrs)}
+        print(f"scored {name}", flush=True)
 
 
-def markdown(result: dict, metric_names) -> str:
-    meta = result["meta"]
+def markdown(result: dict) -> str:
+    from hf_plugin.e2e_metrics import E2E_METRIC_NAMES
+    from hf_plugin.metrics import METRIC_NAMES
+
+    meta, methods = result["meta"], result["methods"]
     lines = [
-        f"# E2E NLG with SmolLM2-135M-Instruct as the black box ({len(meta['test_mrs'])} test MRs)", "",
+        f"# E2E NLG with SmolLM2-135M-Instruct as the black box", "",
         f"`{meta['command']}` at commit {meta['commit']} ({meta['machine']}, torch {meta['torch']}).",
         f"Greedy, repetition penalty 1.1, at most 64 new tokens, prompt `{meta['template']!r}`, cut at the first "
-        "newline. METEOR is the exact+stem variant (no WordNet synonyms); NIST and CIDEr-D on their own scales.", "",
-        "| method | " + " | ".join(metric_names) + " | train s | generation s | trainable params |",
-        "| --- |" + " ---: |" * (len(metric_names) + 3),
+        f"newline. Trained on {meta['train_pairs']} pairs (held-out: {meta['heldout_pairs']}), base-logit cache top-"
+        f"{meta['top_k']} + a task vocabulary of {meta['task_vocab_size']} tokens; α picked from {meta['alpha_grid']} "
+        f"on {meta['alpha_examples']} held-out pairs.", "",
     ]
-    for name, row in result["methods"].items():
-        scores = " | ".join(f"{row['scores'][m]:.2f}" for m in metric_names)
-        lines.append(f"| {name} | {scores} | {row['train_seconds']:.0f} | {row['generation_seconds']:.0f} | "
-                     f"{row['trainable_parameters']:,} |")
-    lines += ["", f"One-time base-logit cache pass (top-{meta['top_k']}, train + held-out): {meta['cache_seconds']:.0f} s.",
-              f"Chosen on held-out NLL: {json.dumps(result['selection']['chosen'])}; grid {json.dumps(meta['grids'])}.",
-              "", "| method | empty % | repeats a phrase 3+ times % | misses the name slot % |", "| --- | ---: | ---: | ---: |"]
-    for name, row in result["methods"].items():
-        d = row["degeneration"]
-        lines.append(f"| {name} | {d['empty %']:.1f} | {d['repeats phrase 3+ %']:.1f} | {d['misses name %']:.1f} |")
-    first = meta["test_mrs"][0]
-    lines += ["", f"First test MR: `{first}`", ""]
-    lines += [f"- {name}: {row['outputs'][0]}" for name, row in result["methods"].items()]
+    for slice_name in next(iter(methods.values()))["scores"]:
+        lines += [f"## {slice_name} test MRs", "", "Official E2E metrics (`hf_plugin.e2e_metrics`):", "",
+                  "| method | " + " | ".join(E2E_METRIC_NAMES) + " | misses the name % | repeats a phrase % | α | "
+                  "train s | generation s | trainable params |", "| --- |" + " ---: |" * (len(E2E_METRIC_NAMES) + 6)]
+        for name, row in methods.items():
+            scores = row["scores"][slice_name]
+            degeneration_ = scores["degeneration"]
+            lines.append(f"| {name} | " + " | ".join(f"{scores['official'][m]:.2f}" for m in E2E_METRIC_NAMES)
+                         + f" | {degeneration_['misses name %']:.1f} | {degeneration_['repeats phrase 3+ %']:.1f} | "
+                         f"{row.get('alpha', '')} | {row['train_seconds']:.0f} | {row['generation_seconds']:.0f} | "
+                         f"{row['trainable_parameters']:,} |")
+        lines += ["", "Built-in metrics (fast, not the challenge's):", "",
+                  "| method | " + " | ".join(METRIC_NAMES) + " |", "| --- |" + " ---: |" * len(METRIC_NAMES)]
+        for name, row in methods.items():
+            lines.append(f"| {name} | " + " | ".join(f"{row['scores'][slice_name]['built-in'][m]:.2f}" for m in METRIC_NAMES)
+                         + " |")
+        lines.append("")
+    lines += [f"Cache passes (seconds): {json.dumps({k: round(v) for k, v in meta['cache_seconds'].items()})}.", "",
+              f"First test MR of the random sample: `{meta['test_mrs'][0]}`", ""]
+    lines += [f"- {name}: {row['outputs'][0]}" for name, row in methods.items()]
     return "\n".join(lines) + "\n"
 
 
