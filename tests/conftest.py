@@ -90,3 +90,13 @@ def write_csv(path, rows, header=("mr", "ref")):
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()
+
+
+def task_folder(root, train: int, validation: int):
+    """`root` holding a saved tiny LLaMA-style base with its tokenizer (`base/`) and task CSVs of `train` and
+    `validation` rows, as a user's folder for the CLI would."""
+    make_base("llama").save_pretrained(root / "base")
+    make_tokenizer().save_pretrained(root / "base")
+    write_csv(root / "train.csv", task_rows(train))
+    write_csv(root / "validation.csv", task_rows(validation, offset=100))
+    return root

@@ -11,7 +11,7 @@ from hf_plugin.cli import main
 from hf_plugin.data import Example, demonstration_prompt, encode_examples
 from hf_plugin.loading import load_base_model, offline_smollm2
 
-from conftest import VOCAB, make_base, make_plugin, make_tokenizer, task_rows, write_csv
+from conftest import VOCAB, make_base, make_plugin, task_folder
 
 
 ARCHS = ["llama", "gpt2"]
@@ -171,12 +171,7 @@ def test_a_k_shot_training_prompt_encodes_as_the_use_time_prompt(tokenizer):
 
 @pytest.fixture(scope="module")
 def cli_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    make_base("llama").save_pretrained(root / "base")
-    make_tokenizer().save_pretrained(root / "base")
-    write_csv(root / "train.csv", task_rows(12))
-    write_csv(root / "validation.csv", task_rows(4, offset=100))
-    return root
+    return task_folder(tmp_path_factory.mktemp("cli"), 12, 4)
 
 
 def train_args(root, output, *extra: str) -> list[str]:

@@ -22,17 +22,12 @@ from hf_plugin.cli import main
 from hf_plugin.data import Example, encode_examples
 from hf_plugin.training import TrainingArguments, train
 
-from conftest import make_base, make_plugin, make_tokenizer, task_rows, write_csv
+from conftest import make_base, make_plugin, make_tokenizer, task_folder, task_rows, write_csv
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("training")
-    make_base("llama").save_pretrained(root / "base")
-    make_tokenizer().save_pretrained(root / "base")
-    write_csv(root / "train.csv", task_rows(32))
-    write_csv(root / "validation.csv", task_rows(8, offset=100))
-    return root
+    return task_folder(tmp_path_factory.mktemp("training"), 32, 8)
 
 
 def common(setup: Path, output: Path, *extra: str) -> list[str]:
