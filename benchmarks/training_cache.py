@@ -16,6 +16,9 @@ the top-k part of it), peak RSS of each mode, and the validation NLL/token of ea
 Usage:
     python benchmarks/training_cache.py --data-dir ../shared/data/e2e_nlg   # the whole devel split: ~65 min, 2 cores
     python benchmarks/training_cache.py --data-dir ../shared/data/e2e_nlg --limit 1500   # ~35 min
+    # only the task-vocabulary run, the others taken from an earlier results file of the same data and seed:
+    python benchmarks/training_cache.py --data-dir ../shared/data/e2e_nlg --modes cache,cached-task,score \
+        --reuse benchmarks/results/training_cache_full.json
 """
 
 from __future__ import annotations
@@ -167,7 +170,7 @@ def main() -> None:
 
     results = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
     results.pop("summary", None)
-    reused_live_nll = results.get("score", {}).get("validation_nll_full_logits", {}).get("live")
+    reused_nll = results.get("score", {}).get("validation_nll_full_logits", {})
     for mode in args.modes.split(","):
         command = [sys.executable, __file__, "--mode", mode, "--data-dir", args.data_dir, "--work-dir", args.work_dir,
                    "--epochs", str(args.epochs), "--limit", str(args.limit), "--top-k", str(args.top_k), "--seed",
@@ -181,9 +184,8 @@ def main() -> None:
     def median(values):
         return sorted(values)[len(values) // 2]
 
-    nll = results["score"]["validation_nll_full_logits"]
-    if "live" not in nll:  # the live run was reused: its full-logit NLL as scored then
-        nll["live"] = reused_live_nll
+    # Runs reused from --reuse keep their full-logit NLL as scored then.
+    nll = {**reused_nll, **results["score"]["validation_nll_full_logits"]}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     live_epoch = median(results["live"]["epoch_seconds"])
     results["summary"] = {
