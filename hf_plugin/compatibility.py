@@ -47,7 +47,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return "sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
-def check_vocab_width(config: PluginConfig, width: int) -> None:
+def check_vocab_width(config: PluginConfig, width: int, model_name: str = "reweighter") -> None:
     """Raises unless base scores of `width` entries can be combined with this reweighter.
 
     Equal widths always pass. Different widths pass only when they differ by padded rows, i.e. when
@@ -58,6 +58,8 @@ def check_vocab_width(config: PluginConfig, width: int) -> None:
     Args:
         config (`PluginConfig`): the reweighter's configuration.
         width (`int`): number of vocabulary entries in the base model's scores.
+        model_name (`str`, *optional*, defaults to `"reweighter"`): what the model is called in the error message
+            (the same rule binds the other models combined at decoding time: experts, assistants).
     """
     own = config.vocab_size
     if width == own or width == config.base_vocab_size:
@@ -67,9 +69,9 @@ def check_vocab_width(config: PluginConfig, width: int) -> None:
         return
     known = f"; its tokenizer has {real} tokens" if real is not None else ""
     raise ValueError(
-        f"Vocabulary mismatch: the base model's scores have {width} entries but the reweighter has {own} "
-        f"(trained against a base with {config.base_vocab_size}{known}). A reweighter only works with the "
-        "tokenizer it was trained on."
+        f"Vocabulary mismatch: the base model's scores have {width} entries but the {model_name} has {own} "
+        f"(trained against a base with {config.base_vocab_size}{known}). The {model_name} only works with "
+        "the tokenizer it was trained on."
     )
 
 

@@ -232,10 +232,6 @@ class PluginLogitsProcessor(LogitsProcessor):
             raise ValueError(f"Got {len(alphas)} alphas for {len(plugins)} reweighters.")
         if not all(a >= 0.0 for a in alphas):
             raise ValueError(f"`alpha`/`alphas` must be non-negative numbers, got {alphas}.")
-        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] == 0):
-            raise ValueError(
-                f"`attention_mask` must have shape (batch_size, prompt_length), got {tuple(attention_mask.shape)}."
-            )
         for p in plugins:
             if base_model is not None:
                 p.check_compatible(base_model, tokenizer=tokenizer, strict=strict)
@@ -243,12 +239,10 @@ class PluginLogitsProcessor(LogitsProcessor):
                 check_tokenizer(p.config, tokenizer, strict=strict)
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = tokenizer.pad_token_id
+        self.padding = PromptPadding(attention_mask, pad_token_id, owner=type(self).__name__)
         self.runners = [CachedModelRunner(p) for p in plugins]
         self.alphas = alphas
-        self.pad_token_id = pad_token_id
         self.strict = strict
-        self._prompt_mask = None if attention_mask is None else attention_mask.long()
-        self._bound_prompt: torch.Tensor | None = None
         self._checked_width: int | None = None
 
     def reset(self) -> None:
@@ -262,29 +256,73 @@ class PluginLogitsProcessor(LogitsProcessor):
         if width != self._checked_width:
             self._check_width(width)
         reweighter_logits = [
-            align_vocab(runner.next_token_logits(input_ids, self._attention_mask).to(scores.device), width)
+            align_vocab(runner.next_token_logits(input_ids, self.padding).to(scores.device), width)
             for runner in self.runners
         ]
         return combine_logits(scores, reweighter_logits, self.alphas).to(scores.dtype)
 
     def _check_width(self, width: int) -> None:
-        for runner in self.runners:
-            try:
-                check_vocab_width(runner.model.config, width)
-            except ValueError as error:
-                if self.strict:
-                    raise
-                logger.warning(f"{error} Continuing because strict=False.")
+        check_scores_width([runner.model.config for runner in self.runners], width, self.strict)
         self._checked_width = width
 
-    def _attention_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
+
+def check_scores_width(configs: Sequence, width: int, strict: bool = True, model_name: str = "reweighter") -> None:
+    """`check_vocab_width` for every config; with `strict=False` a mismatch only logs a warning."""
+    for config in configs:
+        try:
+            check_vocab_width(config, width, model_name=model_name)
+        except ValueError as error:
+            if strict:
+                raise
+            logger.warning(f"{error} Continuing because strict=False.")
+
+
+class PromptPadding:
+    r"""
+    The attention mask of the sequences `generate()` hands a logits processor, worked out from their ids: what every
+    processor that runs its own models beside `generate()` needs (the processor sees `input_ids`, never the mask).
+
+    With `pad_token_id`, the leading pad tokens of each row are masked, which is exactly what tokenizers' left
+    padding produces, for any prompts. With the prompts' `attention_mask`, the mask is bound to the first prompt
+    batch it is called on; for other prompts later it falls back to `pad_token_id`, or raises if there is none.
+    With neither, no token is padding.
+
+    Args:
+        attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*): the prompts' mask.
+        pad_token_id (`int`, *optional*): the padding token's id.
+        owner (`str`, *optional*, defaults to `"PluginLogitsProcessor"`): named in error messages.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_plugin.logits_process import PromptPadding
+    >>> PromptPadding(pad_token_id=0)(torch.tensor([[0, 0, 5, 0], [4, 5, 6, 7]]))
+    tensor([[0, 0, 1, 1],
+            [1, 1, 1, 1]])
+
+    ```
+    """
+
+    def __init__(self, attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
+                 owner: str = "PluginLogitsProcessor"):
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] == 0):
+            raise ValueError(
+                f"`attention_mask` must have shape (batch_size, prompt_length), got {tuple(attention_mask.shape)}."
+            )
+        self.pad_token_id = pad_token_id
+        self.owner = owner
+        self._prompt_mask = None if attention_mask is None else attention_mask.long()
+        self._bound_prompt: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor) -> torch.Tensor:
         rows, length = input_ids.shape
         if self._prompt_mask is not None:
             batch, prompt_length = self._prompt_mask.shape
             if self._bound_prompt is None:
                 if rows % batch or length < prompt_length:
                     raise ValueError(
-                        f"The attention_mask given to PluginLogitsProcessor has shape {(batch, prompt_length)} but "
+                        f"The attention_mask given to {self.owner} has shape {(batch, prompt_length)} but "
                         f"generate() was called on {rows} rows of {length} tokens. Pass the mask of the prompts given "
                         "to this generate() call."
                     )
@@ -295,7 +333,7 @@ class PluginLogitsProcessor(LogitsProcessor):
                 return torch.cat([mask, mask.new_ones(rows, length - prompt_length)], dim=1)
             if self.pad_token_id is None:
                 raise ValueError(
-                    "PluginLogitsProcessor was built with the attention_mask of other prompts than this generate() "
+                    f"{self.owner} was built with the attention_mask of other prompts than this generate() "
                     "call's. Pass `pad_token_id` (then each call's left padding is found from the ids) or build a "
                     "new processor for each batch of prompts."
                 )
