@@ -133,23 +133,31 @@ def combine_topk_nll(
         raise ValueError("extra_ids and extra_logprobs go together: pass both or neither.")
     dtype = torch.promote_types(reweighter_logits.dtype, torch.float32)
     reweighter = torch.log_softmax(reweighter_logits.to(dtype), dim=-1)
-    topk_ids, labels = topk_ids.long(), labels.long()
-    # Dense base log-probs of the known tokens, -inf elsewhere. Written last, the label's exact value wins over
-    # the rounded copy a token may also have in the top-k or the extra tokens.
-    base = torch.full_like(reweighter, float("-inf"))
+    rows = len(labels)
+    # The known tokens of each row, label first: its exact value wins over the rounded copy a token may also have
+    # in the top-k or the extra tokens. Everything below works on these columns, not on the whole vocabulary.
+    known_ids = [labels.long()[:, None], topk_ids.long()]
+    known_logprobs = [label_logprobs.to(dtype)[:, None], topk_logprobs.to(dtype)]
     if extra_ids is not None:
-        extra_ids = extra_ids.long().expand(len(labels), -1)
-        base.scatter_(1, extra_ids, extra_logprobs.to(dtype))
-    base.scatter_(1, topk_ids, topk_logprobs.to(dtype))
-    base.scatter_(1, labels[:, None], label_logprobs.to(dtype)[:, None])
-    known = torch.isfinite(base)
-    tail_mass = (1.0 - base.exp().sum(-1)).clamp(min=0.0)
+        known_ids.append(extra_ids.long().expand(rows, -1))
+        known_logprobs.append(extra_logprobs.to(dtype))
+    known_ids, known_logprobs = torch.cat(known_ids, dim=-1), torch.cat(known_logprobs, dim=-1)
+    known_logprobs = known_logprobs.masked_fill(_repeated(known_ids), float("-inf"))  # each token counted once
+    tail_mass = (1.0 - known_logprobs.exp().sum(-1)).clamp(min=0.0)
     cap = topk_logprobs.to(dtype).min(dim=-1).values.exp()
-    outside = reweighter.masked_fill(known, float("-inf")).topk(min(fill, reweighter.shape[-1]), dim=-1).values
+    outside = reweighter.scatter(1, known_ids, float("-inf")).topk(min(fill, reweighter.shape[-1]), dim=-1).values
     tail_terms = _tail_bound_terms(outside, tail_mass, cap, alpha)
-    known_terms = (base + alpha * reweighter).masked_fill(~known, float("-inf"))
+    known_terms = known_logprobs + alpha * reweighter.gather(1, known_ids)
     log_normaliser = torch.logsumexp(torch.cat([known_terms, tail_terms], dim=-1), dim=-1)
-    return log_normaliser - known_terms.gather(-1, labels[:, None]).squeeze(-1)
+    return log_normaliser - known_terms[:, 0]
+
+
+def _repeated(ids: torch.Tensor) -> torch.Tensor:
+    """True where a row's id already occurred earlier in that row."""
+    order = torch.sort(ids, dim=-1, stable=True)
+    repeated_sorted = torch.zeros_like(ids, dtype=torch.bool)
+    repeated_sorted[:, 1:] = order.values[:, 1:] == order.values[:, :-1]
+    return torch.zeros_like(repeated_sorted).scatter(1, order.indices, repeated_sorted)
 
 
 def _tail_bound_terms(outside, tail_mass, cap, alpha) -> torch.Tensor:
