@@ -9,6 +9,8 @@ from .configuration_plugin import PluginConfig
 from .data import with_demonstrations
 from .initialization import first_layers, uniform_start_
 from .logits_process import CachedModelRunner, PluginLogitsProcessor
+from .methods import (DynamicLogitFusionLogitsProcessor, LogitDifferenceLogitsProcessor, PromptedModel,
+                      ProxyTuningLogitsProcessor)
 from .modeling_plugin import PluginModel, PluginPreTrainedModel, score_with_reweighters
 
 
@@ -17,10 +19,14 @@ AutoModel.register(PluginConfig, PluginModel, exist_ok=True)
 
 __all__ = [
     "CachedModelRunner",
+    "DynamicLogitFusionLogitsProcessor",
+    "LogitDifferenceLogitsProcessor",
     "PluginConfig",
     "PluginLogitsProcessor",
     "PluginModel",
     "PluginPreTrainedModel",
+    "PromptedModel",
+    "ProxyTuningLogitsProcessor",
     "__version__",
     "align_vocab",
     "binding_kwargs",

@@ -68,10 +68,12 @@ def check_vocab_width(config: PluginConfig, width: int, model_name: str = "rewei
     if real is not None and min(width, own) >= real:
         return
     known = f"; its tokenizer has {real} tokens" if real is not None else ""
+    # A plain causal LM (an expert, an assistant) records no base: say only what is known.
+    trained = (f" (trained against a base with {config.base_vocab_size}{known})" if config.base_vocab_size is not None
+               else f" ({known[2:]})" if known else "")
     raise ValueError(
-        f"Vocabulary mismatch: the base model's scores have {width} entries but the {model_name} has {own} "
-        f"(trained against a base with {config.base_vocab_size}{known}). The {model_name} only works with "
-        "the tokenizer it was trained on."
+        f"Vocabulary mismatch: the base model's scores have {width} entries but the {model_name} has {own}{trained}. "
+        f"The {model_name} only works with the tokenizer it was trained on."
     )
 
 
