@@ -312,6 +312,39 @@ def train_command(args: argparse.Namespace) -> None:
         print(f"Saved the reweighter to {args.output_dir}")
 
 
+def unlearn_command(args: argparse.Namespace) -> None:
+    """Trains ULD's assistant for --base on --forget-data and --retain-data; saves it in --output-dir."""
+    from .unlearning import train_assistant
+
+    _check_positive(args, "num_layers", "lora_rank")
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, checkpoint_dir=args.checkpoint_dir, overwrite_output_dir=args.overwrite,
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, patience=0, seed=args.seed,
+    )
+    check_output_dir(training_args, resume=args.resume)
+    tokenizer = _load_tokenizer(args)
+    columns = dict(prompt_column=args.prompt_column, completion_column=args.completion_column,
+                   template=_unescape(args.template), messages_column=args.messages_column)
+    encoded = {}
+    for split, source in (("forget", args.forget_data), ("retain", args.retain_data)):
+        try:
+            pairs, report = read_examples(source, **columns)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: {split} data: {error}") from error
+        encoded[split] = _encode(args, tokenizer, pairs, report, split)
+    target, _ = _load_base(args)
+    torch.manual_seed(args.seed)
+    try:
+        train_assistant(target, encoded["forget"], encoded["retain"], training_args, num_layers=args.num_layers,
+                        beta=args.beta, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, tokenizer=tokenizer,
+                        base_model_id=args.base_id, resume=args.resume)
+    except FloatingPointError as error:
+        raise SystemExit(f"error: {error}") from error
+    print(f"Saved ULD's assistant to {args.output_dir}; decode with "
+          f"LogitDifferenceLogitsProcessor(PluginModel.from_pretrained({args.output_dir!r}), beta=...)")
+
+
 def _unescape(template: str | None) -> str | None:
     """Lets a shell user write `--template "Data: {mr}\\nSentence:"` for a two-line prompt."""
     return None if template is None else template.replace("\\n", "\n").replace("\\t", "\t")
@@ -486,6 +519,33 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=handler)
         if name == "train":
             _add_training_arguments(p)
+
+    p = commands.add_parser(
+        "unlearn", help="train ULD's assistant (the base's first layers + LoRA) for unlearning at decoding time",
+        description="Trains the assistant of ULD (Ji et al. 2024): a copy of the base model's embeddings, first "
+                    "--num-layers layers, final norm and head, frozen, with LoRA adapters, taught to remember "
+                    "--forget-data and to be uniform on --retain-data (loss NLL(forget) + beta * KL(uniform || "
+                    "assistant)(retain)). It is saved, adapters merged, like a reweighter; decode with "
+                    "hf_plugin.LogitDifferenceLogitsProcessor. Needs peft (pip install 'hf-plugin[uld]').")
+    _add_base_argument(p)
+    p.add_argument("--forget-data", required=True, help="what to unlearn: CSV/TSV/JSON(L)/Parquet file or datasets name")
+    p.add_argument("--retain-data", required=True, help="what to keep, same columns")
+    _add_column_arguments(p)
+    p.add_argument("--num-layers", type=int, required=True, help="base layers copied into the assistant (paper: 8 of 32)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--beta", type=float, default=5.0, help="weight of the retain term (ULD: 5)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--checkpoint-dir", help="default: <output-dir>.checkpoints, beside it")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--warmup-ratio", type=float, default=0.06)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=unlearn_command)
 
     p = commands.add_parser(
         "evaluate", help="BLEU/ROUGE-L/NIST/METEOR (exact+stem)/CIDEr-D of predictions (or the E2E challenge's own "

@@ -12,7 +12,7 @@ try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -292,8 +292,9 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]
 
 class _Trainer:
     def __init__(self, plugin, train_examples, validation_examples, train_source, validation_source, args,
-                 pad_token_id, accelerator, run_record):
+                 pad_token_id, accelerator, run_record, export=None):
         self.args = args
+        self.export = export or (lambda model: model)
         self.accelerator = accelerator
         self.train_source = train_source
         self.validation_source = validation_source
@@ -415,7 +416,9 @@ class _Trainer:
         state.history.append(entry)
         self._log(entry)
         if self.accelerator.is_main_process:
-            tqdm.write(f"epoch {state.epoch + 1}/{self.args.epochs}: validation NLL/token {nll:.4f} (base model alone "
+            # A loss that is not the combination with a base (e.g. `UnlearningLoss`) names what alpha=0 gives instead.
+            reference = getattr(self.validation_source, "reference_name", "base model alone")
+            tqdm.write(f"epoch {state.epoch + 1}/{self.args.epochs}: validation NLL/token {nll:.4f} ({reference} "
                        f"{state.base_validation_nll:.4f}){', best so far' if improved else ''}")
         state.epoch += 1
         state.batches_done_in_epoch = 0
@@ -437,7 +440,7 @@ class _Trainer:
         if self.accelerator.is_main_process:
             final, temporary = self.checkpoint_dir / BEST_DIR, self.checkpoint_dir / (BEST_DIR + ".tmp")
             shutil.rmtree(temporary, ignore_errors=True)
-            self.accelerator.unwrap_model(self.model).plugin.save_pretrained(temporary)
+            self.export(self.accelerator.unwrap_model(self.model).plugin).save_pretrained(temporary)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(temporary, final)
         self.accelerator.wait_for_everyone()
@@ -513,13 +516,16 @@ def train(
     resume: bool = False,
     model_card: dict | None = None,
     accelerator: Accelerator | None = None,
+    export: Callable[[PluginModel], PluginModel] | None = None,
 ) -> PluginModel:
     """Trains `plugin` so that base × reweighter fits the completions; saves the best epoch's reweighter.
 
     Args:
         plugin (`PluginModel`): the reweighter to train (its initial weights are the starting point).
         train_examples, validation_examples (`Sequence[EncodedExample]`): tokenised data (`hf_plugin.data`).
-        train_source: where base log-probs come from: `LiveBaseModel` or `CachedBaseLogits`.
+        train_source: the loss: where base log-probs come from (`LiveBaseModel` or `CachedBaseLogits`), or any
+            object whose `nll(logits, batch, alpha)` returns a loss per completion position from the model's logits
+            there (e.g. `hf_plugin.unlearning.UnlearningLoss`); the step minimises its mean over all positions.
         args (`TrainingArguments`): hyper-parameters.
         validation_source (*optional*): the same for validation; defaults to `train_source`.
         tokenizer (`PreTrainedTokenizerBase`, *optional*): saved next to the reweighter.
@@ -529,6 +535,9 @@ def train(
             checkpoints is refused unless `args.overwrite_output_dir`, and their old outputs are then removed.
         model_card (`dict`, *optional*): extra model-card sections (e.g. `datasets`, `license`).
         accelerator (`Accelerator`, *optional*): defaults to one built from `args`.
+        export (`Callable`, *optional*): the form of the model that is saved (e.g. LoRA adapters merged,
+            `hf_plugin.unlearning.merge_adapters`); it must load with `PluginModel.from_pretrained`. Default: the
+            model itself.
 
     Returns:
         `PluginModel`: the best reweighter (lowest validation NLL), also saved in `args.output_dir` with its
@@ -560,7 +569,7 @@ def train(
             accelerator.init_trackers("hf-plugin", config={k: v for k, v in asdict(args).items() if v is not None})
         pad_token_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
         trainer = _Trainer(plugin, train_examples, validation_examples, train_source, validation_source or train_source,
-                           args, pad_token_id, accelerator, record)
+                           args, pad_token_id, accelerator, record, export)
         state = trainer.run(checkpoint)
         accelerator.wait_for_everyone()
         best = PluginModel.from_pretrained(checkpoint_dir / BEST_DIR)
@@ -572,8 +581,8 @@ def train(
             training = {k: v for k, v in args.run_defining().items() if v is not None}
             training.update({"training examples": len(train_examples), "validation examples": len(validation_examples),
                              "processes": accelerator.num_processes})
-            best.save_pretrained(output_dir, tokenizer=tokenizer,
-                                 model_card={"training": training, "metrics": metrics, **(model_card or {})})
+            card = {**(model_card or {}), "training": {**training, **(model_card or {}).get("training", {})}}
+            best.save_pretrained(output_dir, tokenizer=tokenizer, model_card={"metrics": metrics, **card})
             (output_dir / "training_args.json").write_text(json.dumps(asdict(args), indent=2))
             (output_dir / "metrics.json").write_text(json.dumps({**metrics, "history": state.history}, indent=2))
             plot_loss_curve(output_dir / "log.jsonl", output_dir / "loss_curve.png")
