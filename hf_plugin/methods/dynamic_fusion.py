@@ -79,9 +79,13 @@ def dynamic_fusion_scores(
         steers.append(steer)
         # KL(P̃‖P) = α E_P̃[d] − log Z and KL(P‖P̃) = log Z − α E_P[d], with d the expert's steer and Z the
         # normaliser of P·exp(α d): no difference of -inf log-probs (tokens masked in P) is ever formed.
-        fused = log_p + grid[:, None, None] * steer  # (grid, batch, vocab)
-        log_z = torch.logsumexp(fused, dim=-1)
-        mean_tilde = (torch.softmax(fused, dim=-1) * steer).sum(dim=-1)
+        # One exponential pass over (grid, batch, vocab), in place: the search is memory-bound.
+        fused = torch.addcmul(log_p, grid[:, None, None], steer)
+        peak = fused.amax(dim=-1, keepdim=True)
+        weights = fused.sub_(peak).exp_()
+        total = weights.sum(dim=-1)
+        log_z = peak.squeeze(-1) + total.log()
+        mean_tilde = torch.einsum("gbv,bv->gb", weights, steer) / total
         mean_p = (p * steer).sum(dim=-1)
         forward = grid[:, None] * mean_tilde - log_z
         backward = log_z - grid[:, None] * mean_p
