@@ -7,7 +7,8 @@ import csv
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LogitsProcessor,
+                          PreTrainedTokenizerFast)
 
 from hf_plugin import PluginConfig, PluginModel
 
@@ -46,6 +47,31 @@ def make_base(arch: str, vocab_size: int = VOCAB, seed: int = 0, pad_token_id: i
         raise ValueError(arch)
     model.generation_config.pad_token_id = pad_token_id
     return model.eval()
+
+class Recorder(LogitsProcessor):
+    """Wraps a logits processor and keeps every call's input ids, incoming scores and returned scores."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.calls = []
+
+    def __call__(self, input_ids, scores):
+        out = self.processor(input_ids, scores)
+        self.calls.append((input_ids.clone(), scores.clone(), out.clone()))
+        return out
+
+
+def prompts(tokenizer, texts):
+    """The left-padded ids and attention mask of `texts`."""
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def full_mask(input_ids, prompt_mask):
+    """The mask generate() uses: the prompts' mask (repeated per returned row/beam), then ones."""
+    rows, length = input_ids.shape
+    mask = prompt_mask.repeat_interleave(rows // prompt_mask.shape[0], dim=0)
+    return torch.cat([mask, mask.new_ones(rows, length - mask.shape[1])], dim=1)
 
 
 def make_plugin(arch: str, vocab_size: int = VOCAB, seed: int = 1, **config_kwargs) -> PluginModel:

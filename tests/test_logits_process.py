@@ -6,27 +6,13 @@ import logging
 
 import pytest
 import torch
-from transformers import LogitsProcessor
 
 from hf_plugin import PluginLogitsProcessor, PluginModel, binding_kwargs, score_with_reweighters
 
-from conftest import EOS, PAD, VOCAB, make_base, make_plugin, make_tokenizer
+from conftest import EOS, PAD, VOCAB, Recorder, full_mask, make_base, make_plugin, make_tokenizer, prompts
 
 
 ARCHS = [("llama", "llama"), ("gpt2", "gpt2"), ("llama", "gpt2")]
-
-
-class Recorder(LogitsProcessor):
-    """Wraps a processor and keeps every call's input ids, incoming scores and returned scores."""
-
-    def __init__(self, processor):
-        self.processor = processor
-        self.calls = []
-
-    def __call__(self, input_ids, scores):
-        out = self.processor(input_ids, scores)
-        self.calls.append((input_ids.clone(), scores.clone(), out.clone()))
-        return out
 
 
 def count_reweighter_tokens(plugin: PluginModel) -> list[int]:
@@ -39,13 +25,6 @@ def count_reweighter_tokens(plugin: PluginModel) -> list[int]:
 
     plugin.register_forward_pre_hook(hook, with_kwargs=True)
     return seen
-
-
-def full_mask(input_ids, prompt_mask):
-    """The mask generate() uses: the prompts' mask (repeated per returned row/beam), then ones."""
-    rows, length = input_ids.shape
-    mask = prompt_mask.repeat_interleave(rows // prompt_mask.shape[0], dim=0)
-    return torch.cat([mask, mask.new_ones(rows, length - mask.shape[1])], dim=1)
 
 
 def offline(plugin, input_ids, mask, base_scores_at):
@@ -73,11 +52,6 @@ def assert_finished_sequences_exact(plugin, sequences, calls, prompt_mask):
     combined = offline(plugin, sequences[:, : prompt_length + len(calls) - 1], full_mask(sequences, prompt_mask)[:, : prompt_length + len(calls) - 1], positions)
     for step, (_, _, out) in enumerate(calls):
         torch.testing.assert_close(out, combined[:, prompt_length - 1 + step], atol=1e-4, rtol=0)
-
-
-def prompts(tokenizer, texts):
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    return batch["input_ids"], batch["attention_mask"]
 
 
 MODES = {

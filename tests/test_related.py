@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from transformers import LogitsProcessor
 
 from hf_plugin import (DynamicLogitFusionLogitsProcessor, LogitDifferenceLogitsProcessor, PromptedModel,
                        ProxyTuningLogitsProcessor, binding_kwargs)
@@ -15,20 +14,7 @@ from hf_plugin.methods import (dynamic_fusion_scores, logit_difference_scores, p
                                relative_top_mask, top_p_mask)
 from hf_plugin.modeling_plugin import position_ids_from_attention_mask
 
-from conftest import PAD, VOCAB, make_base, make_plugin, make_tokenizer
-
-
-class Recorder(LogitsProcessor):
-    """Wraps a processor and keeps every call's input ids, incoming scores and returned scores."""
-
-    def __init__(self, processor):
-        self.processor = processor
-        self.calls = []
-
-    def __call__(self, input_ids, scores):
-        out = self.processor(input_ids, scores)
-        self.calls.append((input_ids.clone(), scores.clone(), out.clone()))
-        return out
+from conftest import PAD, VOCAB, Recorder, full_mask, make_base, make_plugin, make_tokenizer, prompts
 
 
 def small(arch, seed, vocab_size=VOCAB):
@@ -45,18 +31,6 @@ def count_tokens(model):
     model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
         (kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape[1]), with_kwargs=True)
     return seen
-
-
-def prompts(tokenizer, texts):
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    return batch["input_ids"], batch["attention_mask"]
-
-
-def full_mask(input_ids, prompt_mask):
-    """The mask generate() uses: the prompts' mask (repeated per returned row/beam), then ones."""
-    rows, length = input_ids.shape
-    mask = prompt_mask.repeat_interleave(rows // prompt_mask.shape[0], dim=0)
-    return torch.cat([mask, mask.new_ones(rows, length - mask.shape[1])], dim=1)
 
 
 def own_sequences(ids, prompt_mask, own):
