@@ -185,7 +185,9 @@ def write_base_cache(
     process returns once the index exists.
 
     Args:
-        model (`PreTrainedModel`): the frozen base model.
+        model (`PreTrainedModel`): the frozen base model, or an object with a `vocab_size` and a
+            `shard_tensors(examples, k, bar)` method computing a shard's tensors itself (a base behind an API, see
+            `hf_plugin.remote.RemoteCacheSource`; no task vocabulary then).
         examples (`Sequence[EncodedExample]`): the tokenised data, in the order training will index it.
         directory (`str` or `Path`): where the cache goes.
         k (`int`, *optional*, defaults to 64): how many top tokens to keep per position (1 to the vocabulary size).
@@ -206,7 +208,9 @@ def write_base_cache(
         `Path`: the cache directory.
     """
     directory = Path(directory)
-    vocab_size = model.get_output_embeddings().weight.shape[0]
+    # A base seen only through its top-k log-probs (`hf_plugin.remote`) computes its own shards.
+    remote = hasattr(model, "shard_tensors")
+    vocab_size = model.vocab_size if remote else model.get_output_embeddings().weight.shape[0]
     check_top_k(k, vocab_size)
     state = accelerator if accelerator is not None else PartialState()
     shards = [list(range(start, min(start + examples_per_shard, len(examples))))
@@ -214,6 +218,8 @@ def write_base_cache(
     names = [f"shard-{number:05d}.safetensors" for number in range(len(shards))]
     fingerprint = examples_fingerprint(examples)
     task_ids = _check_task_vocab(task_vocab, vocab_size)
+    if remote and task_ids is not None:
+        raise ValueError("A base seen only through top-k log-probs has no task-vocabulary log-probs: task_vocab=None.")
     manifest = {
         "k": k, "vocab_size": vocab_size, "num_examples": len(examples), "examples_per_shard": examples_per_shard,
         "shards": names, "examples_fingerprint": fingerprint, **_task_vocab_fields(task_ids), **(metadata or {}),
@@ -225,8 +231,9 @@ def write_base_cache(
     with tqdm(total=positions, unit="pos", unit_scale=True, desc=f"Base-logit cache {directory.name}",
               disable=not (progress and state.is_main_process)) as bar:
         for number in mine:
-            tensors = _shard_tensors(model.eval(), [examples[i] for i in shards[number]], k, batch_size, pad_token_id,
-                                     bar, task_ids)
+            chunk = [examples[i] for i in shards[number]]
+            tensors = (model.shard_tensors(chunk, k, bar) if remote else
+                       _shard_tensors(model.eval(), chunk, k, batch_size, pad_token_id, bar, task_ids))
             temporary = (directory / names[number]).with_suffix(".tmp")
             save_file(tensors, str(temporary), metadata={"examples_fingerprint": fingerprint, "shard": str(number)})
             os.replace(temporary, directory / names[number])
@@ -399,8 +406,14 @@ def cached_base_sources(
         if base_name_or_path is not None:
             identity = base_model_identity(base_name_or_path, base_model_id)
             expected.update(zip(("base_model_name_or_path", "base_model_file"), identity))
-        differences = _differences(json.loads(found.read_text()), expected) if found.exists() else []
+        written = json.loads(found.read_text()) if found.exists() else {}
+        if written.get("remote_base"):  # written through a server: bound by name and tokenizer, not by --base
+            for key in ("base_model_name_or_path", "base_model_file"):
+                expected.pop(key, None)
+        differences = _differences(written, expected) if found.exists() else []
         if differences and not overwrite:  # said before the base model is loaded
+            if written.get("remote_base") and written.get("task_vocab_size") == 0:
+                differences.append("a cache written through a server has no task vocabulary: use --task-vocab-size 0")
             raise _stale_cache_error(directories[name], differences)
         if differences or not complete:
             to_write.append(name)

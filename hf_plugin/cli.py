@@ -250,8 +250,73 @@ def cache(args: argparse.Namespace) -> None:
     """Writes the base-logit caches of the training and validation splits."""
     tokenizer = _load_tokenizer(args)
     train_examples, validation_examples = _read_splits(args, tokenizer)
+    if args.base_url is not None:
+        return _remote_cache(args, tokenizer, {"train": train_examples, "validation": validation_examples})
     _cached_sources(args, tokenizer, train_examples, validation_examples, Accelerator(cpu=args.cpu))
     print(f"Base-logit caches of the training and validation data are in {args.cache}")
+
+
+def _remote_base(args: argparse.Namespace, tokenizer):
+    """The `RemoteBase` of --base-url/--model (the remote extra is imported only here)."""
+    try:
+        from .remote import RemoteBase
+    except ImportError as error:
+        raise SystemExit(f"error: a remote base needs the remote extra: pip install 'hf-plugin[remote]' ({error})") from error
+    if args.model is None:
+        raise SystemExit("error: --base-url needs --model, the name the server serves the base model under")
+    return RemoteBase(args.base_url, args.model, tokenizer, top_k=args.top_k, concurrency=args.concurrency,
+                      timeout=args.timeout, max_retries=args.max_retries, max_requests=args.max_requests,
+                      unknown_labels=getattr(args, "unknown_labels", "error"))
+
+
+def _remote_cache(args: argparse.Namespace, tokenizer, splits) -> None:
+    """Writes the caches through the server: one teacher-forcing request per example, resumable by shard."""
+    from .remote import RemoteBaseError
+    from .remote.cache import write_remote_caches
+
+    if args.task_vocab_size not in (0, DEFAULT_TASK_VOCAB_SIZE):
+        raise SystemExit("error: a server gives top-k log-probs only: --task-vocab-size must be 0 with --base-url")
+    remote = _remote_base(args, tokenizer)
+    print(f"Writing through {args.base_url} ({args.model}): at most {sum(map(len, splits.values()))} requests "
+          "(one per example not cached yet) plus a few to probe the server", flush=True)
+    try:
+        report = write_remote_caches(remote, splits, args.cache, k=args.top_k, base_model_id=args.base_id,
+                                     overwrite=args.overwrite_cache)
+    except RemoteBaseError as error:
+        stats = remote.stats
+        raise SystemExit(f"error: {error} (finished shards are kept: rerun to resume; {stats.requests} requests "
+                         f"sent)") from error
+    print(f"Base-logit caches are in {args.cache}: {report['requests']} requests, {report['tokens_sent']:,} tokens "
+          f"sent, {report['wall_seconds']:.1f} s; {report['bounded_labels']} true-token log-probs replaced by an "
+          f"upper bound, {report['dropped_ambiguous']} ambiguous entries dropped. Train with --cache {args.cache} "
+          "--task-vocab-size 0.")
+
+
+CHECK_TEXTS = ("The capital of France is Paris, and the capital of Italy is Rome.",
+               "Data: name[Aromi], food[Chinese], area[city centre]\nSentence: Aromi serves Chinese food.")
+
+
+def check_server(args: argparse.Namespace) -> None:
+    """Compares the server's top-k log-probs with the in-process --base on a few texts."""
+    from .remote import RemoteBaseError
+    from .remote.check import compare_with_local
+
+    tokenizer = _load_tokenizer(args)
+    remote = _remote_base(args, tokenizer)
+    base, _ = _load_base(args)
+    try:
+        result = compare_with_local(remote, base, [_unescape(text) for text in args.text] if args.text else CHECK_TEXTS)
+    except RemoteBaseError as error:
+        raise SystemExit(f"error: {error}") from error
+    lined_up = result["aligned_offset"] == 0
+    print(f"{result['positions']} positions: largest |log-prob difference| {result['max_abs_diff']:.4f} nat, median "
+          f"{result['median_abs_diff']:.4f}; top-1 token the same at {100 * result['top1_agreement']:.0f}%")
+    print(f"The server's echo is {'shifted by one (corrected by the client)' if result['echo_shift'] else 'aligned'}; "
+          f"positions {'line up' if lined_up else 'do NOT line up (offset %+d)' % result['aligned_offset']}.")
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    if not lined_up:
+        raise SystemExit(1)
 
 
 def train_command(args: argparse.Namespace) -> None:
@@ -517,6 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "each prompt (both splits), rendered as at use time (see hf_plugin.data.demonstration_prompt)")
         p.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is available")
         p.set_defaults(run=handler)
+        if name == "cache":
+            _add_remote_arguments(p)
+            p.add_argument("--unknown-labels", choices=["error", "bound"], default="error",
+                           help="a true token whose log-prob the server's answer does not identify (llama.cpp shows "
+                                "EOS as ''): stop with an error, or store an upper bound on it")
         if name == "train":
             _add_training_arguments(p)
 
@@ -573,6 +643,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=demo)
 
+    p = commands.add_parser("check-server", help="compare a server's top-k log-probs with the in-process --base")
+    _add_base_argument(p)
+    _add_remote_arguments(p)
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--text", action="append", help="a probe text (repeatable; default: two built-in texts)")
+    p.add_argument("--output", help="also write the comparison as JSON")
+    p.set_defaults(run=check_server, unknown_labels="bound")  # true tokens' log-probs are not compared
+
     p = commands.add_parser("push", help="upload a saved reweighter to the Hub, with its model card")
     p.add_argument("directory")
     p.add_argument("repo_id")
@@ -605,6 +683,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="serve a reweighter even if its tokenizer differs")
     p.set_defaults(run=serve)
     return parser
+
+
+def _add_remote_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", help="a base model behind an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 "
+                                      "(API key from $HF_PLUGIN_REMOTE_API_KEY or $OPENAI_API_KEY); --base then names "
+                                      "a local copy of its tokenizer")
+    p.add_argument("--model", help="with --base-url: the model name the server serves")
+    p.add_argument("--concurrency", type=int, default=4, help="with --base-url: requests in flight at once")
+    p.add_argument("--timeout", type=float, default=60.0, help="with --base-url: seconds per request before a retry")
+    p.add_argument("--max-retries", type=int, default=3, help="with --base-url: retries on 429/5xx, with back-off")
+    p.add_argument("--max-requests", type=int, default=None,
+                   help="with --base-url: stop after this many requests (finished shards are kept)")
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
