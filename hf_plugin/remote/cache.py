@@ -78,6 +78,8 @@ def write_remote_caches(
         `dict`: the report: requests, prompt tokens sent, seconds, labels replaced by a bound, ambiguous entries
         dropped.
     """
+    before = dict(vars(remote.stats))
+    start = time.perf_counter()
     remote.probe()
     k = k or remote.top_k
     metadata = {
@@ -85,8 +87,6 @@ def write_remote_caches(
         "base_model_file": None, "tokenizer_fingerprint": tokenizer_fingerprint(remote.tokenizer),
         "remote_base": remote.model, "unknown_labels": remote.unknown_labels,
     }
-    before = dict(vars(remote.stats))
-    start = time.perf_counter()
     for name, examples in splits.items():
         write_base_cache(RemoteCacheSource(remote), examples, Path(cache_dir) / name, k=k,
                          examples_per_shard=examples_per_shard, metadata=metadata, accelerator=PartialState(),

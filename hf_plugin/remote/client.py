@@ -97,6 +97,7 @@ class RemoteBase:
         max_requests (`int`, *optional*): refuse to send more requests than this (a guard against runaway cost).
         unknown_labels (`str`, *optional*, defaults to `"error"`): what teacher forcing does with a true token whose
             log-prob the server's answer does not identify (see `prompt_logprobs`): `"error"` or `"bound"`.
+        probe_text (`str`, *optional*): the text `probe` sends (a dozen or more tokens of the model's vocabulary).
         client (`openai.OpenAI`, *optional*): a ready client (tests use one on an in-process transport).
 
     Examples:
@@ -124,6 +125,7 @@ class RemoteBase:
         max_retries: int = 3,
         max_requests: int | None = None,
         unknown_labels: str = "error",
+        probe_text: str = PROBE_TEXT,
         client=None,
     ):
         if not isinstance(top_k, int) or not 1 <= top_k <= len(tokenizer):
@@ -147,6 +149,7 @@ class RemoteBase:
         self.concurrency = concurrency
         self.max_requests = max_requests
         self.unknown_labels = unknown_labels
+        self.probe_text = probe_text
         self.vocab_size = len(tokenizer)
         self.stats = RequestStats()
         self.capabilities: ServerCapabilities | None = None
@@ -218,7 +221,7 @@ class RemoteBase:
             raise RemoteBaseError(f"{self.base_url} does not serve a model named {self.model!r}; it serves "
                                   f"{', '.join(sorted(models))}.")
         eos = self.tokenizer.eos_token or ""
-        text = PROBE_TEXT + eos
+        text = self.probe_text + eos
         local = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         response = self._complete(text, len(local), max_tokens=1, temperature=0.0, echo=True, logprobs=self.top_k)
         choice = response.choices[0]
@@ -236,10 +239,10 @@ class RemoteBase:
         if seen != expected:
             raise RemoteBaseError(
                 f"The server's tokenizer for {self.model!r} is not the local one ({_tokenizer_name(self.tokenizer)}): "
-                f"{PROBE_TEXT[:20]!r}... tokenizes as {seen[:8]} there and {expected[:8]} here.")
+                f"{self.probe_text[:20]!r}... tokenizes as {seen[:8]} there and {expected[:8]} here.")
         tops = list(logprobs.top_logprobs or [])[: len(local)]
         prompt_logprobs = sum(top is not None for top in tops) >= len(local) - 2
-        shift = self._echo_shift(tops, local) if prompt_logprobs else 0
+        shift = self._echo_shift(tops, local, self.tokenizer.decode(local[:-1])) if prompt_logprobs else 0
         if prompt_logprobs:
             widest = max(len(top) for top in tops if top is not None)
             if widest < self.top_k:
@@ -261,21 +264,24 @@ class RemoteBase:
         except openai.APIStatusError:
             return []  # some servers list no models; the first completion request will say whether the name exists
 
-    def _echo_shift(self, tops, local: list[int]) -> int:
-        """0 if echoed list i predicts token i, 1 if it predicts token i + 1: whichever reading the server's own
-        favourite tokens agree with more often on the counting probe."""
-        hits = [0, 0]
-        for position, top in enumerate(tops):
-            if not top:
-                continue
-            best = self._key_id(max(top, key=top.get))
-            for shift in (0, 1):
-                if position + shift < len(local) and best == local[position + shift]:
-                    hits[shift] += 1
-        if max(hits) < len(local) // 3 or hits[0] == hits[1]:
-            raise RemoteBaseError(f"Cannot tell which token {self.base_url}'s echoed log-probs belong to (probe "
-                                  f"agreement {hits}); compare it with a local copy: hf-plugin check-server.")
-        return int(hits[1] > hits[0])
+    def _echo_shift(self, tops, local: list[int], prefix: str) -> int:
+        """0 if echoed list i is the distribution of token i, 1 if it is that of token i + 1: whichever of the two
+        candidate lists equals the distribution the server gives for the token after `prefix` (the first
+        `len(local) - 1` tokens) when generating, which every server tested reports aligned."""
+        generated = self._complete(prefix, len(local) - 1, max_tokens=1, temperature=0.0, logprobs=1)
+        top = (generated.choices[0].logprobs.top_logprobs or [None])[0] if generated.choices[0].logprobs else None
+        if not top:
+            raise RemoteBaseError(f"{self.base_url} returned no log-probs for a generated token.")
+        key, value = max(top.items(), key=lambda item: item[1])
+        matches = []
+        for shift in (0, 1):
+            echoed = tops[len(local) - 1 - shift] if len(tops) >= len(local) - shift else None
+            if echoed and key in echoed and abs(echoed[key] - value) < 1e-2 and max(echoed, key=echoed.get) == key:
+                matches.append(shift)
+        if len(matches) != 1:
+            raise RemoteBaseError(f"Cannot tell which token {self.base_url}'s echoed log-probs belong to; compare it "
+                                  "with a local copy of the model: hf-plugin check-server.")
+        return matches[0]
 
     def _accepts_ids(self, local: list[int]) -> bool:
         try:
@@ -398,13 +404,17 @@ class RemoteBase:
 
         Returns:
             `list[tuple[int, list[int], list[float]]]`: per generated token, its id and the top-k ids and log-probs
-            of the distribution it was drawn from (best first). Stops early at the server's EOS, or at a token the
-            local tokenizer cannot identify (an ambiguous string).
+            of the distribution it was drawn from (best first). Stops early at a token the local tokenizer cannot
+            identify (an ambiguous string).
         """
         capabilities = self.probe()
         k = k or self.top_k
         asked = k if capabilities.token_ids else k + STRING_MARGIN
-        response = self._complete(self._prompt(ids), len(ids), max_tokens=max_tokens, temperature=0.0, logprobs=asked)
+        # A server stops at EOS without reporting its distribution: the draft never picks EOS (the reported
+        # log-probs are the raw ones, EOS included), and the caller still may.
+        bias = {} if self.tokenizer.eos_token_id is None else {"logit_bias": {str(self.tokenizer.eos_token_id): -100}}
+        response = self._complete(self._prompt(ids), len(ids), max_tokens=max_tokens, temperature=0.0, logprobs=asked,
+                                  **bias)
         logprobs = response.choices[0].logprobs
         if logprobs is None or not logprobs.top_logprobs:
             raise RemoteBaseError(f"{self.base_url} returned no log-probs for the generated tokens.")
