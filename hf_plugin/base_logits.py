@@ -121,7 +121,7 @@ class LiveBaseModel:
 IDENTITY_FIELDS = (
     "examples_fingerprint", "num_examples", "k", "examples_per_shard", "shards", "vocab_size",
     "base_model_name_or_path", "base_model_revision", "base_model_file", "tokenizer_fingerprint",
-    "task_vocab_size", "task_vocab_fingerprint",
+    "task_vocab_size", "task_vocab_fingerprint", "remote_base", "unknown_labels",
 )
 MANIFEST_FILE = "manifest.json"
 SHARD_PATTERN = "shard-*.safetensors"
@@ -408,6 +408,9 @@ def cached_base_sources(
             expected.update(zip(("base_model_name_or_path", "base_model_file"), identity))
         written = json.loads(found.read_text()) if found.exists() else {}
         if written.get("remote_base"):  # written through a server: bound by name and tokenizer, not by --base
+            if not complete:  # the in-process base must not finish it
+                raise ValueError(f"{directories[name]} holds an unfinished cache written through a server (model "
+                                 f"{written['remote_base']!r}): finish it with hf-plugin cache --base-url.")
             for key in ("base_model_name_or_path", "base_model_file"):
                 expected.pop(key, None)
         differences = _differences(written, expected) if found.exists() else []

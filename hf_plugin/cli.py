@@ -277,7 +277,7 @@ def _remote_cache(args: argparse.Namespace, tokenizer, splits) -> None:
     if args.task_vocab_size not in (0, DEFAULT_TASK_VOCAB_SIZE):
         raise SystemExit("error: a server gives top-k log-probs only: --task-vocab-size must be 0 with --base-url")
     remote = _remote_base(args, tokenizer)
-    print(f"Writing through {args.base_url} ({args.model}): at most {sum(map(len, splits.values()))} requests "
+    print(f"Writing through {remote.base_url} ({args.model}): at most {sum(map(len, splits.values()))} requests "
           "(one per example not cached yet) plus a few to probe the server", flush=True)
     try:
         report = write_remote_caches(remote, splits, args.cache, k=args.top_k, base_model_id=args.base_id,
@@ -694,7 +694,8 @@ def _add_remote_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="with --base-url: seconds per request before a retry")
     p.add_argument("--max-retries", type=int, default=3, help="with --base-url: retries on 429/5xx, with back-off")
     p.add_argument("--max-requests", type=int, default=None,
-                   help="with --base-url: stop after this many requests (finished shards are kept)")
+                   help="with --base-url: send at most this many requests, stopping before a shard that would "
+                        "pass it (finished shards are kept; retries of a failed request are not counted)")
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:

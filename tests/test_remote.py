@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx2
 import pytest
 import torch
 from openai import OpenAI
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor
 
-from hf_plugin import PluginLogitsProcessor
+import hf_plugin.cli
+from hf_plugin import PluginLogitsProcessor, PluginModel
 from hf_plugin.base_logits import CachedBaseLogits, write_base_cache
 from hf_plugin.data import EncodedExample
 from hf_plugin.loading import load_base_model, offline_smollm2
@@ -29,7 +34,9 @@ from hf_plugin.remote.cache import write_remote_caches
 from hf_plugin.remote.check import compare_with_local
 from hf_plugin.remote.generation import RemoteCausalLM
 
-from conftest import EOS, PAD, VOCAB, make_base, make_plugin, make_tokenizer
+from hf_plugin.cli import main
+
+from conftest import EOS, PAD, VOCAB, make_base, make_plugin, make_tokenizer, task_folder
 
 
 # -- the stand-in server -----------------------------------------------------------------------------------------
@@ -45,18 +52,25 @@ class StandIn:
         self.fail_after = None  # answer 503 to every completion after this many
         self.rate_limited = 0  # answer 429 to the next this many completions
         self.no_logprobs = False
+        self.shift = 0  # 1: echoed list i is the distribution after token i (llama-cpp-python); 2: off by two
+        self.shift_from = 0  # the shift starts at this completion (another backend behind the same URL)
+        self.delay = None  # callable(prompt ids) -> seconds to wait before answering
+        self.tamper = None  # callable(logprobs dict, echo) changing an answer's log-probs in place
         self.completions = 0
+        self.lock = threading.Lock()
 
     def __call__(self, request: httpx2.Request) -> httpx2.Response:
         if self.key and request.headers.get("authorization") != f"Bearer {self.key}":
             return httpx2.Response(401, json={"error": {"message": "bad key"}})
         if request.url.path.endswith("/models"):
             return httpx2.Response(200, json={"object": "list", "data": [{"id": self.name, "object": "model"}]})
-        self.completions += 1
+        with self.lock:
+            self.completions += 1
+            number = self.completions
         if self.rate_limited:
             self.rate_limited -= 1
             return httpx2.Response(429, json={"error": {"message": "slow down"}}, headers={"retry-after": "0"})
-        if self.fail_after is not None and self.completions > self.fail_after:
+        if self.fail_after is not None and number > self.fail_after:
             return httpx2.Response(503, json={"error": {"message": "overloaded"}})
         body = json.loads(request.content)
         k = body.get("logprobs")
@@ -65,11 +79,18 @@ class StandIn:
         prompt = body["prompt"]
         if isinstance(prompt, str):
             prompt = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if self.delay is not None:
+            time.sleep(self.delay(prompt))
         banned = [int(token) for token in body.get("logit_bias", {})]
-        return httpx2.Response(200, json=self.complete(prompt, body.get("max_tokens", 16), body.get("echo"), k, banned))
+        shift = self.shift if number >= self.shift_from else 0
+        answer = self.complete(prompt, body.get("max_tokens", 16), body.get("echo"), k, banned, shift)
+        if self.tamper is not None and answer["choices"][0]["logprobs"] is not None:
+            self.tamper(answer["choices"][0]["logprobs"], bool(body.get("echo")))
+        # json.dumps writes NaN as NaN (no JSON, yet what some servers send); httpx2's json= refuses it.
+        return httpx2.Response(200, content=json.dumps(answer).encode(), headers={"content-type": "application/json"})
 
     @torch.no_grad()
-    def complete(self, ids, max_tokens, echo, k, banned):
+    def complete(self, ids, max_tokens, echo, k, banned, shift=0):
         def top(row):
             values, tokens = row.topk(k)
             return {f"token_id:{t}": float(v) for t, v in zip(tokens.tolist(), values.tolist())}
@@ -88,9 +109,11 @@ class StandIn:
         if k is not None and not self.no_logprobs:
             if echo:
                 logp = torch.log_softmax(self.model(torch.tensor([ids])).logits[0].double(), -1)
-                echoed = [None] + [top(logp[i - 1]) for i in range(1, len(ids))]
+                echoed = [top(logp[i - 1 + shift]) if 0 <= i - 1 + shift < len(ids) else None for i in range(len(ids))]
                 tokens = [f"token_id:{t}" for t in ids] + tokens
-                token_logprobs = [None] + [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))] + token_logprobs
+                # The true token's log-prob read from the same (possibly shifted) row as the list: a consistent lie.
+                token_logprobs = [float(logp[i - 1 + shift, ids[i]]) if 0 <= i - 1 + shift < len(ids) else None
+                                  for i in range(len(ids))] + token_logprobs
                 tops = echoed + tops
             logprobs = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
                         "text_offset": [0] * len(tokens)}
@@ -266,6 +289,248 @@ def test_unreachable_server_and_timeout(tokenizer):
                             timeout=0.5)
         with pytest.raises(RemoteBaseError, match="did not answer within the timeout|Cannot reach"):
             remote.probe()
+
+
+# -- stand-in: hostile answers, secrets, concurrency -------------------------------------------------------------
+
+
+def _each_top(logprobs, change):
+    logprobs["top_logprobs"] = [None if top is None else change(top) for top in logprobs["top_logprobs"]]
+
+
+HOSTILE = {
+    "positive": (lambda lp, echo: _each_top(lp, lambda top: {**top, next(iter(top)): 0.5}), "not a log-prob"),
+    "nan": (lambda lp, echo: _each_top(lp, lambda top: {**top, next(iter(top)): math.nan}), "not a log-prob"),
+    "not a number": (lambda lp, echo: _each_top(lp, lambda top: {**top, next(iter(top)): "high"}), "not a log-prob"),
+    "unknown id": (lambda lp, echo: _each_top(lp, lambda top: {**top, f"token_id:{VOCAB + 7}": -9.0}),
+                   "outside the local tokenizer's 96 tokens"),
+    "fewer than k": (lambda lp, echo: _each_top(lp, lambda top: dict(list(top.items())[:4])), "fewer than k=5"),
+    "one position short": (lambda lp, echo: lp.update(tokens=lp["tokens"][:-2], top_logprobs=lp["top_logprobs"][:-2]),
+                           "echoed other tokens than the 10 sent|does not line up"),
+    "lists off by one": (lambda lp, echo: lp.update(top_logprobs=lp["top_logprobs"][1:] + [None]),
+                         "not aligned as the probe found|does not line up"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(HOSTILE))
+def test_a_hostile_answer_is_a_clear_error_naming_the_server(tiny, tokenizer, fault):
+    """Teacher forcing and drafting both refuse an answer that is not k log-probs per position sent."""
+    _, server = tiny
+    remote = stand_in_base(server, tokenizer, top_k=5)
+    # A text the model finds likely, as real data is: its tokens are in the top-k, where misplaced lists show.
+    ids = [5, 6, 7, 8] + [token for token, _, _ in remote.draft([5, 6, 7, 8], 6)]
+    server.tamper, expected = HOSTILE[fault]
+    with pytest.raises(RemoteBaseError, match=expected) as teacher_forcing:
+        remote.prompt_logprobs(ids)
+    if fault in ("one position short", "lists off by one"):  # a draft may stop early: a list fewer than tokens
+        server.tamper = lambda lp, echo: lp.update(top_logprobs=lp["top_logprobs"][1:])
+    with pytest.raises(RemoteBaseError, match=expected) as drafting:
+        remote.draft(ids, 4)
+    assert "http://stand-in/v1" in str(teacher_forcing.value) and "http://stand-in/v1" in str(drafting.value)
+
+
+def test_unsorted_lists_are_sorted_not_refused(tiny, tokenizer):
+    _, server = tiny
+    remote = stand_in_base(server, tokenizer, top_k=5)
+    ids = examples(1)[0].input_ids
+    expected = remote.prompt_logprobs(ids)
+    server.tamper = lambda lp, echo: _each_top(lp, lambda top: dict(reversed(list(top.items()))))
+    found = remote.prompt_logprobs(ids)
+    assert torch.equal(found.topk_ids, expected.topk_ids) and torch.equal(found.topk_logprobs, expected.topk_logprobs)
+    assert remote.draft(ids, 3) == stand_in_base(StandIn(server.model), tokenizer, top_k=5).draft(ids, 3)
+
+
+def test_credentials_in_the_url_are_never_shown(tokenizer):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    remote = RemoteBase(f"http://user:url-secret@127.0.0.1:{port}/v1?api-key=query-secret#f", "tiny", tokenizer,
+                        max_retries=0, timeout=2)
+    assert remote.base_url == f"http://127.0.0.1:{port}/v1"
+    with pytest.raises(RemoteBaseError, match="Cannot reach") as error:
+        remote.probe()
+    assert "secret" not in str(error.value)
+
+
+def test_concurrent_requests_keep_examples_and_rows_in_order(tiny, tokenizer, tmp_path):
+    """Answers arriving in another order than asked (later examples answered first) change nothing."""
+    model, server = tiny
+    data = examples(8, seed=3)
+    server.delay = lambda prompt: 0.01 * (len(prompt) % 4) + 0.02 * (prompt[-1] % 3)
+    write_base_cache(model, data, tmp_path / "local", k=5, progress=False)
+    write_remote_caches(stand_in_base(server, tokenizer, top_k=5, concurrency=4), {"train": data}, tmp_path / "remote",
+                        progress=False)
+    local, remote_cache = CachedBaseLogits(tmp_path / "local", data), CachedBaseLogits(tmp_path / "remote/train", data)
+    assert torch.equal(local.topk_ids, remote_cache.topk_ids)
+    torch.testing.assert_close(local.label_logprobs, remote_cache.label_logprobs, atol=1e-5, rtol=0)
+    prompts = torch.tensor([[0, 0, 5, 6], [8, 9, 10, 11], [0, 12, 13, 14], [20, 21, 22, 23]])
+    outputs = [RemoteCausalLM(stand_in_base(server, tokenizer, top_k=5, concurrency=c), chunk_size=3).generate(
+        prompts, attention_mask=(prompts != 0).long(), max_new_tokens=5, pad_token_id=0) for c in (1, 4)]
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_generation_with_options_on_a_left_padded_batch_equals_in_process_top_k(tiny, tokenizer):
+    """Several left-padded prompts, repetition penalty, temperature and top-p, greedy and sampled: the remote base
+    gives the tokens of in-process generation whose base scores are first cut to the top-k log-probs."""
+    model, server = tiny
+    plugin = make_plugin("llama")
+    prompts = torch.tensor([[0, 0, 0, 5, 6], [8, 9, 10, 11, 12], [0, 30, 31, 32, 33]])
+    mask = (prompts != 0).long()
+    outputs = {}
+    for do_sample in (False, True):
+        options = dict(max_new_tokens=10, do_sample=do_sample, temperature=0.8, top_p=0.9, pad_token_id=0)
+        torch.manual_seed(7)
+        # The penalty acts on the top-k log-probs, as it does on a remote base's scores; transformers' own penalty
+        # would act on the logits, which a server never shows.
+        processors = [TopKOnly(6), RepetitionPenaltyLogitsProcessor(1.5), PluginLogitsProcessor(plugin, pad_token_id=0)]
+        reference = model.generate(prompts, attention_mask=mask, top_k=0, logits_processor=processors, **options)
+        torch.manual_seed(7)
+        remote = RemoteCausalLM(stand_in_base(server, tokenizer, top_k=6, concurrency=3), chunk_size=4)
+        found = remote.generate(prompts, attention_mask=mask, repetition_penalty=1.5,
+                                logits_processor=[PluginLogitsProcessor(plugin, pad_token_id=0)], **options)
+        assert torch.equal(found, reference[:, : found.shape[1]]), do_sample
+        outputs[do_sample] = found
+    assert not torch.equal(outputs[False], outputs[True])  # sampling was exercised, not greedy twice
+
+
+# -- the stand-in on loopback, through the command line ------------------------------------------------------------
+
+SECRET = "sk-stand-in-0123456789abcdef"
+PROBE = " ".join(f"w{i}" for i in range(12))
+
+
+@contextmanager
+def on_loopback(server: StandIn):
+    """Serves `server` over HTTP on a free loopback port: the CLI builds its own client from a URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self):
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            response = server(httpx2.Request(self.command, f"http://127.0.0.1{self.path}", headers=dict(self.headers),
+                                             content=body))
+            self.send_response(response.status_code)
+            for key, value in response.headers.items():
+                if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                    self.send_header(key, value)
+            self.send_header("content-length", str(len(response.content)))
+            self.end_headers()
+            self.wfile.write(response.content)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def cli_folder(tmp_path, monkeypatch):
+    """A user's folder (tiny base and tokenizer, 12 training and 4 validation rows) and the API key in the
+    environment; the default probe text counts in digits, which the tiny vocabulary lacks."""
+    monkeypatch.setattr("hf_plugin.remote.client.PROBE_TEXT", PROBE)
+    monkeypatch.setenv("HF_PLUGIN_REMOTE_API_KEY", SECRET)
+    return task_folder(tmp_path, 12, 4)
+
+
+def data_arguments(root) -> list[str]:
+    return ["--base", str(root / "base"), "--data", str(root / "train.csv"), "--validation-data",
+            str(root / "validation.csv"), "--prompt-column", "mr", "--completion-column", "ref", "--max-length", "32"]
+
+
+def test_cli_cache_guard_report_resume_identity_then_train_and_generate(cli_folder, capsys, monkeypatch):
+    root = cli_folder
+    server = StandIn(make_base("llama"), key=SECRET)
+    with on_loopback(server) as url:
+        cache = ["cache", *data_arguments(root), "--cache", str(root / "cache"), "--base-url", url, "--model", "tiny",
+                 "--base-id", "org/tiny", "--top-k", "5", "--task-vocab-size", "0", "--concurrency", "3"]
+        # The probe (3) and the training split (12) fit in 17; the validation split's 4 would not: not one is sent.
+        with pytest.raises(SystemExit, match=r"next 4 requests would pass max_requests=17 .*rerun to resume; 15 "
+                                             r"requests sent"):
+            main(cache + ["--max-requests", "17"])
+        assert server.completions == 15
+        assert (root / "cache/train/index.json").exists() and not (root / "cache/validation/index.json").exists()
+
+        server.name = "tiny-2"  # another model behind the same URL, under the same --base-id
+        with pytest.raises(SystemExit, match="remote_base 'tiny' != 'tiny-2'"):
+            main([*cache[:cache.index("--model") + 1], "tiny-2", *cache[cache.index("--model") + 2:]])
+        server.name = "tiny"
+        with pytest.raises(SystemExit, match="unfinished cache written through a server"):  # not by the local base
+            main(["train", *data_arguments(root), "--cache", str(root / "cache"), "--task-vocab-size", "0",
+                  "--output-dir", str(root / "unused")])
+
+        before = server.completions
+        main(cache)
+        assert server.completions - before == 3 + 4  # the probe, then the validation split only
+        assert re.search(rf"in {root / 'cache'}: 7 requests, [\d,]+ tokens sent, [\d.]+ s", capsys.readouterr().out)
+        main(cache)  # nothing left: not even a probe
+        assert server.completions - before == 7 and "0 requests" in capsys.readouterr().out
+        with pytest.raises(SystemExit, match="k 5 != 6"):
+            main([*cache[:-5], "6", *cache[-4:]])
+
+        def no_base(*args, **kwargs):
+            raise AssertionError("the in-process base model was loaded")
+
+        monkeypatch.setattr(hf_plugin.cli, "load_base_model", no_base)
+        train = ["train", *data_arguments(root), "--cache", str(root / "cache"), "--output-dir",
+                 str(root / "reweighter"), "--epochs", "1", "--batch-size", "8", "--hidden-size", "32",
+                 "--intermediate-size", "64", "--num-heads", "2", "--cpu"]
+        with pytest.raises(SystemExit, match="use --task-vocab-size 0"):
+            main(train)
+        main(train + ["--task-vocab-size", "0"])
+
+        plugin = PluginModel.from_pretrained(root / "reweighter").eval()
+        tokenizer = make_tokenizer()
+        assert plugin.config.base_model_name_or_path == "org/tiny"
+        inputs = tokenizer(["w3 w5", "w1 w2 w7 w8"], return_tensors="pt", padding=True)
+        processors = [PluginLogitsProcessor(plugin, tokenizer=tokenizer)]
+        found = RemoteCausalLM(RemoteBase(url, "tiny", tokenizer, top_k=5)).generate(
+            **inputs, logits_processor=processors, max_new_tokens=4)
+        reference = server.model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=PAD,
+                                          logits_processor=[TopKOnly(5), *processors])
+        assert torch.equal(found, reference[:, : found.shape[1]])
+    printed = capsys.readouterr()
+    files = [path for path in root.rglob("*") if path.is_file()]
+    assert any(path.name == "index.json" for path in files) and any(path.name == "README.md" for path in files)
+    for text in [printed.out, printed.err, *(path.read_bytes().decode("latin-1") for path in files)]:
+        assert SECRET not in text
+
+
+def test_cli_check_server_aligned_shifted_misaligned_and_refused_key(cli_folder, capsys, monkeypatch, tmp_path):
+    root = cli_folder
+    server = StandIn(make_base("llama"), key=SECRET)
+    with on_loopback(server) as url:
+        check = ["check-server", "--base", str(root / "base"), "--base-url", url, "--model", "tiny", "--top-k", "5",
+                 "--text", " ".join(f"w{i}" for i in range(20, 36)), "--output", str(tmp_path / "check.json")]
+        main(check)
+        out = capsys.readouterr().out
+        assert "echo is aligned; positions line up" in out and "top-1 token the same at 100%" in out
+        assert json.loads((tmp_path / "check.json").read_text())["max_abs_diff"] < 1e-4
+
+        server.shift = 1  # llama-cpp-python's echo
+        main(check)
+        assert "shifted by one (corrected by the client); positions line up" in capsys.readouterr().out
+
+        server.shift_from = server.completions + 4  # another backend answers once the probe is done
+        with pytest.raises(SystemExit) as error:
+            main(check)
+        assert error.value.code == 1 and "positions do NOT line up (offset +1)" in capsys.readouterr().out
+
+        server.shift, server.shift_from = 2, 0
+        with pytest.raises(SystemExit, match="Cannot tell which token .* echoed log-probs belong to"):
+            main(check)
+
+        monkeypatch.setenv("HF_PLUGIN_REMOTE_API_KEY", "sk-wrong-key-fedcba9876")
+        with pytest.raises(SystemExit, match="refused the API key") as error:
+            main(check)
+        assert "sk-wrong" not in str(error.value) and SECRET not in str(error.value)
 
 
 # -- the real llama-cpp-python server ------------------------------------------------------------------------------

@@ -28,13 +28,19 @@ class RemoteCacheSource:
         self.vocab_size = remote.vocab_size
 
     def shard_tensors(self, examples: Sequence[EncodedExample], k: int, bar) -> dict[str, torch.Tensor]:
-        def one(example: EncodedExample):
+        for example in examples:  # before any request
             targets = [t for t in range(1, len(example.labels)) if example.labels[t] != -100]
-            rows = self.remote.prompt_logprobs(example.input_ids, k=k, start=targets[0])
-            if len(targets) != targets[-1] - targets[0] + 1:
-                raise ValueError(f"Example {example.index} has learned tokens between prompt tokens; a remote cache "
-                                 "needs one completion after its prompt.")
-            bar.update(len(targets))
+            if not targets or len(targets) != targets[-1] - targets[0] + 1:
+                raise ValueError(f"Example {example.index} has no completion, or learned tokens between prompt tokens; "
+                                 "a remote cache needs one completion after its prompt.")
+        # A shard is all or nothing: one cut short by max_requests would waste the requests it made.
+        self.remote.check_budget(len(examples))
+        self.remote.probe()  # once, before the concurrent requests
+
+        def one(example: EncodedExample):
+            start = next(t for t in range(1, len(example.labels)) if example.labels[t] != -100)
+            rows = self.remote.prompt_logprobs(example.input_ids, k=k, start=start)
+            bar.update(len(rows.label_logprobs))
             return rows
 
         results = self.remote.map(one, list(examples))
@@ -64,7 +70,7 @@ def write_remote_caches(
     unidentifiable labels, and `task_vocab_size` 0: a training run that expects a task vocabulary refuses them.
 
     Args:
-        remote (`RemoteBase`): the server (probed first).
+        remote (`RemoteBase`): the server (probed before the first shard left to write).
         splits (`dict[str, Sequence[EncodedExample]]`): the tokenised data of each split.
         cache_dir (`str` or `Path`): the folder of the caches.
         k (`int`, *optional*): top log-probs per position; defaults to `remote.top_k`.
@@ -80,8 +86,7 @@ def write_remote_caches(
     """
     before = dict(vars(remote.stats))
     start = time.perf_counter()
-    remote.probe()
-    k = k or remote.top_k
+    k = k or remote.top_k  # the server is probed before the first shard it writes: none for finished caches
     metadata = {
         "base_model_name_or_path": base_model_id or remote.model, "base_model_revision": None,
         "base_model_file": None, "tokenizer_fingerprint": tokenizer_fingerprint(remote.tokenizer),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from urllib.parse import urlsplit
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,9 +33,13 @@ from .tokens import ID_PREFIX, TokenStrings
 
 
 API_KEY_ENV = "HF_PLUGIN_REMOTE_API_KEY"
-# A text tiny models continue with confidence: counting shows which echoed list predicts which token.
 # Extra entries asked of servers that key by string, so that dropping an ambiguous one still leaves k.
 STRING_MARGIN = 4
+# A served log-prob above 0 by more than float rounding is no log-prob: the server is broken or not what it says.
+POSITIVE_TOLERANCE = 1e-3
+# Completions `probe` sends: the echo, a generated token (to find the echo's shift), the echo of ids.
+PROBE_REQUESTS = 3
+# A text tiny models continue with confidence: counting shows which echoed list predicts which token.
 PROBE_TEXT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20"
 
 
@@ -97,8 +102,13 @@ class RemoteBase:
         max_requests (`int`, *optional*): refuse to send more requests than this (a guard against runaway cost).
         unknown_labels (`str`, *optional*, defaults to `"error"`): what teacher forcing does with a true token whose
             log-prob the server's answer does not identify (see `prompt_logprobs`): `"error"` or `"bound"`.
-        probe_text (`str`, *optional*): the text `probe` sends (a dozen or more tokens of the model's vocabulary).
+        probe_text (`str`, *optional*): the text `probe` sends (a dozen or more tokens of the model's vocabulary,
+            not repeating); defaults to `PROBE_TEXT`, counting from 1 to 20.
         client (`openai.OpenAI`, *optional*): a ready client (tests use one on an in-process transport).
+
+    Attributes:
+        base_url (`str`): the URL as messages show it: without user, password, query or fragment, which may hold
+            credentials.
 
     Examples:
 
@@ -125,7 +135,7 @@ class RemoteBase:
         max_retries: int = 3,
         max_requests: int | None = None,
         unknown_labels: str = "error",
-        probe_text: str = PROBE_TEXT,
+        probe_text: str | None = None,
         client=None,
     ):
         if not isinstance(top_k, int) or not 1 <= top_k <= len(tokenizer):
@@ -142,19 +152,20 @@ class RemoteBase:
             key = api_key or os.environ.get(API_KEY_ENV) or os.environ.get("OPENAI_API_KEY") or "none"
             client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
         self.client = client
-        self.base_url = base_url
+        self.base_url = _displayed(base_url)
         self.model = model
         self.tokenizer = tokenizer
         self.top_k = top_k
         self.concurrency = concurrency
         self.max_requests = max_requests
         self.unknown_labels = unknown_labels
-        self.probe_text = probe_text
+        self.probe_text = probe_text or PROBE_TEXT
         self.vocab_size = len(tokenizer)
         self.stats = RequestStats()
         self.capabilities: ServerCapabilities | None = None
         self.strings = TokenStrings(tokenizer)
         self._lock = Lock()
+        self._probing = Lock()
 
     # -- requests ---------------------------------------------------------------------------------------------
 
@@ -188,6 +199,17 @@ class RemoteBase:
             with self._lock:
                 self.stats.seconds += time.perf_counter() - start
 
+    def check_budget(self, requests: int) -> None:
+        """Raises a `RemoteBaseError` if `requests` more requests, and the probe's if not done yet, would pass
+        `max_requests` (before sending any)."""
+        if self.capabilities is None:
+            requests += PROBE_REQUESTS
+        with self._lock:
+            left = None if self.max_requests is None else self.max_requests - self.stats.requests
+        if left is not None and requests > left:
+            raise RemoteBaseError(f"The next {requests} requests would pass max_requests={self.max_requests} "
+                                  f"(--max-requests; {left} left); raise it to go on.")
+
     def _prompt(self, ids: Sequence[int]):
         """What to send for `ids`: the ids themselves where the server takes them, else their text."""
         if self.capabilities is not None and self.capabilities.prompt_ids:
@@ -214,8 +236,12 @@ class RemoteBase:
             `RemoteBaseError`: the server is unreachable, refuses the key, does not serve `model`, returns no
                 log-probs, refuses `top_k`, or tokenizes differently from the local tokenizer (both named).
         """
-        if self.capabilities is not None:
+        with self._probing:  # concurrent first calls (a batch of drafts) probe once
+            if self.capabilities is None:
+                self._probe()
             return self.capabilities
+
+    def _probe(self) -> None:
         models = self._models()
         if models and self.model not in models:
             raise RemoteBaseError(f"{self.base_url} does not serve a model named {self.model!r}; it serves "
@@ -224,8 +250,7 @@ class RemoteBase:
         text = self.probe_text + eos
         local = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         response = self._complete(text, len(local), max_tokens=1, temperature=0.0, echo=True, logprobs=self.top_k)
-        choice = response.choices[0]
-        logprobs = choice.logprobs
+        logprobs = _logprobs(response)
         if logprobs is None or not logprobs.tokens:
             raise RemoteBaseError(f"{self.base_url} returned no log-probs for {self.model!r}; a base model is only "
                                   "usable through its top-k log-probs.")
@@ -248,9 +273,9 @@ class RemoteBase:
             if widest < self.top_k:
                 raise RemoteBaseError(f"{self.base_url} returned {widest} log-probs per position, fewer than the "
                                       f"{self.top_k} asked for (top_k above the server's cap?).")
-        self.capabilities = ServerCapabilities(prompt_logprobs, shift, token_ids, False, special_as_text, models)
-        self.capabilities.prompt_ids = self._accepts_ids(local)
-        return self.capabilities
+        capabilities = ServerCapabilities(prompt_logprobs, shift, token_ids, False, special_as_text, models)
+        capabilities.prompt_ids = self._accepts_ids(local)
+        self.capabilities = capabilities
 
     def _models(self) -> list[str]:
         import openai
@@ -269,7 +294,8 @@ class RemoteBase:
         candidate lists equals the distribution the server gives for the token after `prefix` (the first
         `len(local) - 1` tokens) when generating, which every server tested reports aligned."""
         generated = self._complete(prefix, len(local) - 1, max_tokens=1, temperature=0.0, logprobs=1)
-        top = (generated.choices[0].logprobs.top_logprobs or [None])[0] if generated.choices[0].logprobs else None
+        logprobs = _logprobs(generated)
+        top = (logprobs.top_logprobs or [None])[0] if logprobs is not None else None
         if not top:
             raise RemoteBaseError(f"{self.base_url} returned no log-probs for a generated token.")
         key, value = max(top.items(), key=lambda item: item[1])
@@ -289,7 +315,8 @@ class RemoteBase:
                                       logprobs=1)
         except RemoteBaseError:
             return False  # llama-cpp-python answers HTTP 500 to a list of ids
-        tokens = response.choices[0].logprobs.tokens if response.choices[0].logprobs else []
+        logprobs = _logprobs(response)
+        tokens = logprobs.tokens if logprobs is not None else []
         echoed = _echoed(list(tokens or []), len(local))
         return [self._key_id(token) for token in echoed] == local
 
@@ -298,17 +325,29 @@ class RemoteBase:
 
     # -- log-probs --------------------------------------------------------------------------------------------
 
-    def _parse(self, top: dict | None, k: int) -> tuple[list[int], list[float], int]:
-        """A server's `{key: logprob}` as local ids, best first, at most `k`; and how many keys were ambiguous."""
+    def _parse(self, top: dict | None, k: int, where: str) -> tuple[list[int], list[float], int]:
+        """A server's `{key: logprob}` as local ids, best first, at most `k`; and how many keys were ambiguous.
+
+        Raises:
+            `RemoteBaseError`: a value is not a log-prob (not a number, NaN, or above 0), or names a token outside
+                the local vocabulary; `where` says which position.
+        """
         if not top:
             return [], [], 0
+        if not isinstance(top, dict):
+            raise RemoteBaseError(f"{self.base_url} returned {type(top).__name__} instead of a top-log-probs "
+                                  f"object {where}.")
         pairs, ambiguous = [], 0
         for key, value in top.items():
+            value = self._logprob(value, key, where)
             token = self.strings.lookup(key)
+            if token is not None and token >= self.vocab_size:
+                raise RemoteBaseError(f"{self.base_url} returned token {key!r} {where}, outside the local "
+                                      f"tokenizer's {self.vocab_size} tokens.")
             if token is None:
                 ambiguous += self.strings.is_ambiguous(key)
                 continue
-            pairs.append((float(value), token))
+            pairs.append((value, token))
         pairs.sort(reverse=True)
         return [token for _, token in pairs[:k]], [value for value, _ in pairs[:k]], ambiguous
 
@@ -338,15 +377,18 @@ class RemoteBase:
         asked = k if capabilities.token_ids else k + STRING_MARGIN  # room for dropped ambiguous entries
         response = self._complete(self._prompt(ids), len(ids), max_tokens=1, temperature=0.0, echo=True,
                                   logprobs=asked)
-        logprobs = response.choices[0].logprobs
+        logprobs = _logprobs(response)
+        if logprobs is None:
+            raise RemoteBaseError(f"{self.base_url} returned no log-probs for a prompt of {len(ids)} tokens.")
         tokens = _echoed(list(logprobs.tokens or []), len(ids))
         seen = [self.strings.lookup(t) if capabilities.token_ids else t for t in tokens]
         expected = ids if capabilities.token_ids else [self.strings.render(t) for t in ids]
         if seen != expected:
             where = next(i for i in range(len(ids)) if i >= len(seen) or seen[i] != expected[i])
-            raise RemoteBaseError(f"The server echoed other tokens than the {len(ids)} sent (first at token {where}: "
-                                  f"{expected[where]!r} sent, {seen[where:where + 1]} echoed).")
+            raise RemoteBaseError(f"{self.base_url} echoed other tokens than the {len(ids)} sent (first at token "
+                                  f"{where}: {expected[where]!r} sent, {seen[where:where + 1]} echoed).")
         tops = list(logprobs.top_logprobs or [])
+        labels = list(logprobs.token_logprobs or [])
         rows = PositionLogprobs.empty(len(ids) - start, k)
         for row, target in enumerate(range(start, len(ids))):
             entry = target - capabilities.echo_shift
@@ -354,15 +396,16 @@ class RemoteBase:
             if not top:
                 raise RemoteBaseError(f"{self.base_url} echoed no log-probs for the distribution of token {target} "
                                       f"(start must be at least {1 + capabilities.echo_shift} on this server).")
-            top_ids, values, ambiguous = self._parse(top, k)
+            top_ids, values, ambiguous = self._parse(top, k, f"at token {target} of {len(ids)}")
             if len(top_ids) < k:
                 raise RemoteBaseError(f"{self.base_url} gave {len(top_ids)} identifiable log-probs at token {target} "
                                       f"of {len(ids)}, fewer than k={k} ({ambiguous} ambiguous strings dropped).")
             rows.dropped_ambiguous += ambiguous
             rows.set(row, top_ids, values)
             label = ids[target]
-            if capabilities.echo_shift == 0 and logprobs.token_logprobs[target] is not None:
-                rows.label_logprobs[row] = float(logprobs.token_logprobs[target])
+            if capabilities.echo_shift == 0 and target < len(labels) and labels[target] is not None:
+                rows.label_logprobs[row] = self._label_logprob(labels[target], label, top_ids, values, target,
+                                                               capabilities.token_ids)
             elif label in top_ids or (not capabilities.token_ids and self.strings.lookup(self.strings.render(label)) == label
                                       and self.strings.render(label) in top):
                 key = f"{ID_PREFIX}{label}" if capabilities.token_ids else self.strings.render(label)
@@ -383,6 +426,35 @@ class RemoteBase:
             self.stats.dropped_ambiguous += rows.dropped_ambiguous
             self.stats.bounded_labels += rows.bounded_labels
         return rows
+
+    def _logprob(self, value, key: str, where: str) -> float:
+        """A served log-prob as a float at most 0 (float rounding above 0 clipped); raises on anything else."""
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            value = math.nan
+        if math.isnan(value) or value > POSITIVE_TOLERANCE:
+            raise RemoteBaseError(f"{self.base_url} returned {value} as the log-prob of {key!r} {where}: not a "
+                                  "log-prob (NaN or above 0); the server's numbers cannot be used.")
+        return min(value, 0.0)
+
+    def _label_logprob(self, served, label: int, top_ids: list[int], values: list[float], target: int,
+                       exact: bool) -> float:
+        """The echoed log-prob of a true token, checked against the top-k of the same position: the two come from
+        one distribution, so a disagreement means the server's lists are not where the probe found them."""
+        value = self._logprob(served, f"{ID_PREFIX}{label}", f"for true token {target}")
+        listed = dict(zip(top_ids, values)).get(label)
+        # Only with ids is a label missing from the top-k known to rank below it (a string may have been dropped).
+        if listed is not None and abs(listed - value) > 1e-2:
+            why = f"listed there at {listed:.4f}"
+        elif listed is None and exact and value > values[-1] + 1e-2:
+            why = f"not listed there, yet above its k-th {values[-1]:.4f}"
+        else:
+            return value
+        raise RemoteBaseError(
+            f"{self.base_url} gave true token {target} the log-prob {value:.4f}, which its own top-k at that position "
+            f"contradicts ({why}): its echoed lists are not aligned as the probe found; compare it with a local "
+            "copy: hf-plugin check-server.")
 
     def _label_bound(self, top: dict, label: int, token_ids: bool, asked: int) -> float:
         """An upper bound on the log-prob of a label the server's answer does not identify: at most the mass the
@@ -415,12 +487,19 @@ class RemoteBase:
         bias = {} if self.tokenizer.eos_token_id is None else {"logit_bias": {str(self.tokenizer.eos_token_id): -100}}
         response = self._complete(self._prompt(ids), len(ids), max_tokens=max_tokens, temperature=0.0, logprobs=asked,
                                   **bias)
-        logprobs = response.choices[0].logprobs
+        logprobs = _logprobs(response)
         if logprobs is None or not logprobs.top_logprobs:
             raise RemoteBaseError(f"{self.base_url} returned no log-probs for the generated tokens.")
+        tokens, tops = list(logprobs.tokens or []), list(logprobs.top_logprobs)
+        if len(tokens) != len(tops) or len(tokens) > max_tokens:
+            raise RemoteBaseError(f"{self.base_url} returned {len(tokens)} generated tokens with {len(tops)} top-log-"
+                                  f"prob lists for max_tokens={max_tokens}: its answer does not line up.")
         steps = []
-        for key, top in zip(logprobs.tokens, logprobs.top_logprobs):
-            top_ids, values, ambiguous = self._parse(top, k)
+        for position, (key, top) in enumerate(zip(tokens, tops)):
+            if len(top or ()) < k:  # llama.cpp may add the chosen token: more is fine, fewer means a cap
+                raise RemoteBaseError(f"{self.base_url} gave {len(top or ())} log-probs at generated token "
+                                      f"{position}, fewer than k={k} (top_k above the server's cap?).")
+            top_ids, values, ambiguous = self._parse(top, k, f"at generated token {position}")
             token = self.strings.lookup(key)
             if ambiguous:
                 with self._lock:
@@ -452,6 +531,19 @@ class PositionLogprobs:
     def set(self, row: int, ids: list[int], values: list[float]) -> None:
         self.topk_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         self.topk_logprobs[row, : len(values)] = torch.tensor(values)
+
+
+def _logprobs(response):
+    """The `logprobs` of a response's first choice, or `None` (no choices, or no log-probs)."""
+    choices = getattr(response, "choices", None) or []
+    return choices[0].logprobs if choices else None
+
+
+def _displayed(url: str) -> str:
+    """`url` without user, password, query or fragment, which may hold credentials."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else host + parts.path
 
 
 def _echoed(tokens: list[str], prompt_length: int) -> list[str]:
