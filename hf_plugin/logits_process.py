@@ -172,7 +172,8 @@ class PluginLogitsProcessor(LogitsProcessor):
 
     Args:
         plugin (`PluginModel` or a sequence of them):
-            The reweighter(s). Each may sit on another device or dtype than the scores.
+            The reweighter(s). Each may sit on another device or dtype than the scores, and each may read its own
+            rendering of the prompts: wrap it in `hf_plugin.PromptedModel(plugin, input_ids, attention_mask)`.
         attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*):
             The mask of the prompts passed to `generate()`.
         pad_token_id (`int`, *optional*): id of the padding token; defaults to the tokenizer's.
@@ -220,7 +221,11 @@ class PluginLogitsProcessor(LogitsProcessor):
         base_model: PreTrainedModel | None = None,
         strict: bool = True,
     ):
-        plugins = list(plugin) if isinstance(plugin, (list, tuple)) else [plugin]
+        # The related methods build on this module, hence the import here.
+        from .methods.auxiliary import AuxiliaryModel, PromptedModel
+
+        given = list(plugin) if isinstance(plugin, (list, tuple)) else [plugin]
+        plugins = [p.model if isinstance(p, PromptedModel) else p for p in given]
         if not plugins or not all(isinstance(p, PluginModel) for p in plugins):
             raise TypeError(f"`plugin` must be a PluginModel or a non-empty sequence of them, got {plugin!r:.80}.")
         if alpha is not None and alphas is not None:
@@ -240,7 +245,7 @@ class PluginLogitsProcessor(LogitsProcessor):
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = tokenizer.pad_token_id
         self.padding = PromptPadding(attention_mask, pad_token_id, owner=type(self).__name__)
-        self.runners = [CachedModelRunner(p) for p in plugins]
+        self.runners = [AuxiliaryModel(p, "reweighter") for p in given]
         self.alphas = alphas
         self.strict = strict
         self._checked_width: int | None = None
@@ -262,7 +267,7 @@ class PluginLogitsProcessor(LogitsProcessor):
         return combine_logits(scores, reweighter_logits, self.alphas).to(scores.dtype)
 
     def _check_width(self, width: int) -> None:
-        check_scores_width([runner.model.config for runner in self.runners], width, self.strict)
+        check_scores_width([runner.binding for runner in self.runners], width, self.strict)
         self._checked_width = width
 
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from hf_plugin import (DynamicLogitFusionLogitsProcessor, LogitDifferenceLogitsProcessor, PromptedModel,
-                       ProxyTuningLogitsProcessor, binding_kwargs)
+from hf_plugin import (DynamicLogitFusionLogitsProcessor, LogitDifferenceLogitsProcessor, PluginLogitsProcessor,
+                       PromptedModel, ProxyTuningLogitsProcessor, binding_kwargs, combine_logits)
 from hf_plugin.methods import (dynamic_fusion_scores, logit_difference_scores, proxy_tuning_scores,
                                relative_top_mask, top_p_mask)
 from hf_plugin.modeling_plugin import position_ids_from_attention_mask
@@ -319,3 +319,21 @@ def test_constructors_refuse_bad_arguments():
         PromptedModel(a, torch.tensor([[5, 6, 7]]), torch.tensor([[1, 1]]))
     with pytest.raises(ValueError, match="`input_ids` must be a"):
         PromptedModel(a, torch.tensor([5, 6, 7]))
+
+
+@pytest.mark.parametrize("mode", ["sampling_multiple_returns", "beam_multiple_returns"])
+def test_plugin_processor_with_a_reweighter_on_its_own_prompts(mode, tokenizer):
+    base, own_prompted, shared = small("llama", 0), make_plugin("llama"), make_plugin("gpt2", seed=7)
+    input_ids, mask = prompts(tokenizer, TEXTS)
+    own = prompts(tokenizer, OWN_TEXTS)
+    recorder = Recorder(PluginLogitsProcessor([PromptedModel(own_prompted, *own), shared], alphas=[0.7, 1.2],
+                                              pad_token_id=PAD))
+    counts = count_tokens(own_prompted)
+    torch.manual_seed(0)
+    base.generate(input_ids, attention_mask=mask, logits_processor=[recorder], max_new_tokens=5, min_new_tokens=5,
+                  **MODES[mode])
+    assert counts == [own[0].shape[1]] + [1] * 4
+    for ids, scores, got in recorder.calls:
+        logits = [offline_logits(model, *own_sequences(ids, mask, view))[:, -1]
+                  for model, view in ((own_prompted, own), (shared, None))]
+        torch.testing.assert_close(got, combine_logits(scores, logits, [0.7, 1.2]), atol=1e-4, rtol=0)
