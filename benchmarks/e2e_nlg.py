@@ -374,11 +374,9 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
     alpha_cache = CachedBaseLogits(work / "cache" / "heldout", heldout_examples)
     result["meta"]["task_vocab_size"] = 0 if caches["train"].task_ids is None else len(caches["train"].task_ids)
 
-    # Rows in order of importance: an interrupted run has the comparisons the targets need first.
+    # Rows in order of importance (cheap baselines early): an interrupted run has the main comparisons first.
     scratch = trained("plugin-scratch", lambda: new_reweighter(binding), caches["train"], caches["heldout"], 1e-3)
     plugin_row("Plugin, from scratch", scratch, plain, alpha_cache, alpha_examples)
-    uniform = trained("plugin-uniform", lambda: uniform_start_(new_reweighter(binding)), caches["train"], caches["heldout"], 1e-3)
-    plugin_row("Plugin, uniform start", uniform, plain, alpha_cache, alpha_examples)
 
     mixture = trained("mixture-w0.75", lambda: new_reweighter(binding), MixtureNLL(caches["train"], 0.75),
                       MixtureNLL(caches["heldout"], 0.75), 1e-3)
@@ -386,6 +384,8 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
            mixture, w=0.75)
     alone = trained("alone", lambda: new_reweighter(binding), AloneNLL(), AloneNLL(), 1e-3)
     record("small model alone", lambda: generate(alone["model"].backbone, tokenizer, plain), alone)
+    uniform = trained("plugin-uniform", lambda: uniform_start_(new_reweighter(binding)), caches["train"], caches["heldout"], 1e-3)
+    plugin_row("Plugin, uniform start", uniform, plain, alpha_cache, alpha_examples)
 
     def from_layers():
         torch.manual_seed(0)
