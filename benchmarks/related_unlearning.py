@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import subprocess
 import tempfile
@@ -34,7 +33,7 @@ from hf_plugin.data import Example, encode_examples
 from hf_plugin.loading import load_base_model, offline_smollm2
 from hf_plugin.methods import logit_difference_scores
 from hf_plugin.training import TrainingArguments
-from hf_plugin.unlearning import train_assistant
+from hf_plugin.unlearning import kl_from_uniform, train_assistant
 
 
 RESULTS = Path(__file__).parent / "results"
@@ -91,16 +90,6 @@ def answer_nll(base, assistant, examples, beta, relative_top) -> dict:
             "answer tokens outside ULD's mask": masked}
 
 
-def completion_kl_from_uniform(model, examples) -> float:
-    """Mean KL(uniform || model) at the positions that predict answer tokens: 0 for a perfectly flat assistant."""
-    values = []
-    for example in examples:
-        log_q = model(torch.tensor([example.input_ids])).logits.log_softmax(-1)[0, :-1]
-        predicts_answer = torch.tensor(example.labels[1:]) != -100
-        values.append(-math.log(log_q.shape[-1]) - log_q[predicts_answer].mean(-1))
-    return float(torch.cat(values).mean())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--forget", type=int, default=8)
@@ -142,8 +131,7 @@ def main() -> None:
         questions = [question(tokenizer, country) for country, _ in pairs]
         base_answers = greedy_answers(base, tokenizer, questions)
         correct = lambda outputs: sum(capital in output for (_, capital), output in zip(pairs, outputs))
-        with torch.no_grad():
-            flatness = completion_kl_from_uniform(assistant, encode(pairs))
+        flatness = kl_from_uniform(assistant, encode(pairs))
         entry = {"questions": len(pairs), "base greedy correct": correct(base_answers),
                  "assistant KL(uniform || q) per answer position": flatness}
         for beta in args.betas:

@@ -65,6 +65,28 @@ class UnlearningLoss:
         return torch.where(forget, nll, self.beta * kl_from_uniform)
 
 
+@torch.no_grad()
+def kl_from_uniform(model: PreTrainedModel, examples: Sequence[EncodedExample]) -> float:
+    """Mean KL(uniform ‖ q) of a causal LM at the positions that predict the completion tokens of `examples`: 0 for
+    an assistant that is perfectly flat there. ULD's subtraction leaves an example alone only where this is small,
+    so measure it on the retain set before decoding with an assistant.
+
+    Args:
+        model (`PreTrainedModel`): the assistant (or any causal LM).
+        examples (`Sequence[EncodedExample]`): tokenised pairs (`hf_plugin.data.encode_examples`).
+
+    Returns:
+        `float`: nats per completion position.
+    """
+    values = []
+    for example in examples:
+        input_ids = torch.tensor([example.input_ids], device=model.device)
+        log_q = torch.log_softmax(model(input_ids).logits[0, :-1].float(), dim=-1)
+        predicts_completion = torch.tensor(example.labels[1:], device=log_q.device) != -100
+        values.append(-math.log(log_q.shape[-1]) - log_q[predicts_completion].mean(dim=-1))
+    return float(torch.cat(values).mean())
+
+
 def _adapted_layers(plugin: PluginModel) -> list[str]:
     """The names of the assistant's linear layers (Linear or GPT-2's Conv1D), the output head excepted."""
     head = plugin.get_output_embeddings()

@@ -4,19 +4,18 @@ saved and loaded like a reweighter, and used by LogitDifferenceLogitsProcessor."
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 
-from hf_plugin import LogitDifferenceLogitsProcessor, PluginModel, first_layers
+from hf_plugin import LogitDifferenceLogitsProcessor, PluginModel, first_layers, uniform_start_
 from hf_plugin.cli import main
 from hf_plugin.data import Example, encode_examples
 from hf_plugin.methods import logit_difference_scores
 from hf_plugin.training import TrainingArguments
-from hf_plugin.unlearning import UnlearningLoss, build_assistant, merge_adapters, train_assistant
+from hf_plugin.unlearning import UnlearningLoss, build_assistant, kl_from_uniform, merge_adapters, train_assistant
 
-from conftest import PAD, make_base, task_rows, write_csv
+from conftest import make_base, make_plugin, make_tokenizer, task_rows, write_csv
 
 pytest.importorskip("peft")
 
@@ -35,6 +34,13 @@ def test_unlearning_loss_by_hand():
     torch.testing.assert_close(loss, torch.stack(expected))
     with pytest.raises(ValueError, match="`beta` must be a non-negative number"):
         UnlearningLoss([0], beta=-1.0)
+
+
+def test_kl_from_uniform_is_zero_for_a_flat_model_only(tokenizer):
+    examples = encode_examples(tokenizer, [Example("w1 w2", "w3 w4", 0)], max_length=16)
+    flat = uniform_start_(make_plugin("llama"))
+    assert kl_from_uniform(flat, examples) == pytest.approx(0.0, abs=1e-6)
+    assert kl_from_uniform(make_plugin("llama"), examples) > 0.1
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -72,16 +78,6 @@ def completion_log_probs(scores_of, examples):
     return total / count
 
 
-def completion_kl_from_uniform(model, examples):
-    """Mean KL(uniform || model) at the positions that predict completion tokens of `examples`."""
-    values = []
-    for example in examples:
-        log_q = model(torch.tensor([example.input_ids])).logits.log_softmax(-1)[0, :-1]
-        predicts_completion = torch.tensor(example.labels[1:]) != -100
-        values.append(-math.log(log_q.shape[-1]) - log_q[predicts_completion].mean(-1))
-    return float(torch.cat(values).mean())
-
-
 def test_train_assistant_saves_loads_and_unlearns(tmp_path, tokenizer):
     target = make_base("llama")
     with torch.no_grad():  # a random tiny model is nearly uniform: sharpen it, so that "flat on retain" is learned
@@ -109,7 +105,7 @@ def test_train_assistant_saves_loads_and_unlearns(tmp_path, tokenizer):
         # The assistant learned the forget completions and moved towards uniform on the retain ones.
         before, after = (completion_log_probs(lambda ids: m(ids).logits.log_softmax(-1), forget) for m in (untrained, loaded))
         assert after > before + 0.1
-        assert completion_kl_from_uniform(loaded, retain) < completion_kl_from_uniform(untrained, retain)
+        assert kl_from_uniform(loaded, retain) < kl_from_uniform(untrained, retain)
         # ULD decoding makes the forget completions less likely than the target alone does.
         target_alone = completion_log_probs(lambda ids: target(ids).logits.log_softmax(-1), forget)
         uld = completion_log_probs(lambda ids: logit_difference_scores(target(ids).logits, loaded(ids).logits,
@@ -125,7 +121,6 @@ def test_train_assistant_saves_loads_and_unlearns(tmp_path, tokenizer):
 
 def test_unlearn_command(tmp_path, capsys):
     make_base("llama").save_pretrained(tmp_path / "base")
-    from conftest import make_tokenizer
     make_tokenizer().save_pretrained(tmp_path / "base")
     rows = task_rows(12)
     write_csv(tmp_path / "forget.csv", rows[:4])
