@@ -28,7 +28,8 @@ Methods (hyper-parameters chosen on the held-out part only; every learned model 
 Usage:
     python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg            # the full run (about 2 hours, 2 cores)
     python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg --quick    # a smoke run: 20+8 MRs, tiny training
-    python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg --score-only   # score the saved outputs again
+    python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg --score-only   # score saved outputs not scored yet
+    python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg --score-only --rescore   # all of them again
 A run can be interrupted: trained reweighters and each method's outputs are kept (in --work-dir and the results
 JSON) and reused when it is started again. Results: benchmarks/results/e2e_nlg.{md,json} and e2e_nlg_bars.png
 (--quick writes e2e_nlg_quick.* instead).
@@ -267,7 +268,9 @@ def main() -> None:
     parser.add_argument("--icl-train", type=int, default=800, help="training pairs of the reweighter trained with ICL")
     parser.add_argument("--heldout-pairs", type=int, default=600,
                         help="held-out pairs (a seeded random subset) for early stopping and picking α")
-    parser.add_argument("--score-only", action="store_true", help="no run: score the saved outputs again")
+    parser.add_argument("--score-only", action="store_true", help="no run: score the saved outputs not scored yet")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score every method again (after a change of the metrics), not only new outputs")
     args = parser.parse_args()
 
     suffix = "_quick" if args.quick else ""
@@ -281,7 +284,7 @@ def main() -> None:
         result = {"methods": {}}  # an earlier protocol's results: nothing to reuse
     if not args.score_only:
         run_methods(args, data_dir, union, result, path)
-    score(result, test_groups, slices, path)
+    score(result, test_groups, slices, path, args.rescore)
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     path.with_suffix(".md").write_text(markdown(result))
     bar_chart(result, path.with_name(path.stem + "_bars.png"))
@@ -412,7 +415,8 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
     plugin_row(f"Plugin, base's first {args.base_layers} layers", layers, plain, alpha_cache, alpha_examples)
 
 
-def score(result: dict, test_groups: dict[str, list[str]], slices: dict[str, list[str]], path: Path) -> None:
+def score(result: dict, test_groups: dict[str, list[str]], slices: dict[str, list[str]], path: Path,
+          rescore: bool = False) -> None:
     """Every method on every slice: the challenge's metrics, the built-in ones and the degeneration shares (saved to
     `path` after each method)."""
     from hf_plugin.e2e_metrics import e2e_challenge_scores
@@ -423,7 +427,7 @@ def score(result: dict, test_groups: dict[str, list[str]], slices: dict[str, lis
         # The official scorer starts Java for METEOR and the PTB tokenizer (minutes per method on 2 busy cores):
         # scores of unchanged outputs on unchanged slices are kept.
         fingerprint = hashlib.sha256(json.dumps([row["outputs"], slices]).encode()).hexdigest()[:16]
-        if row.get("scored_fingerprint") == fingerprint and "scores" in row:
+        if not rescore and row.get("scored_fingerprint") == fingerprint and "scores" in row:
             continue
         row["scores"] = {}
         for slice_name, mrs in slices.items():
