@@ -535,6 +535,10 @@ def test_cli_check_server_aligned_shifted_misaligned_and_refused_key(cli_folder,
 
 # -- the real llama-cpp-python server ------------------------------------------------------------------------------
 
+# This server sorts the whole vocabulary in Python at every echoed position: on a busy CI machine one request can
+# take minutes, so the real-server tests wait longer than the client's default.
+SLOW_SERVER_TIMEOUT = 600
+
 
 @pytest.fixture(scope="module")
 def llama_server():
@@ -568,7 +572,7 @@ def llama_server():
 
 def test_llama_cpp_server_is_probed_and_lines_up_with_the_local_model(llama_server):
     url, model, tokenizer = llama_server
-    remote = RemoteBase(url, "smollm2", tokenizer, top_k=10, unknown_labels="bound")
+    remote = RemoteBase(url, "smollm2", tokenizer, top_k=10, timeout=SLOW_SERVER_TIMEOUT, unknown_labels="bound")
     capabilities = remote.probe()
     assert (capabilities.echo_shift, capabilities.token_ids, capabilities.prompt_ids) == (1, False, False)
     result = compare_with_local(remote, model, ["Data: name[Aromi], food[Chinese]\nSentence: Aromi serves food."])
@@ -583,9 +587,9 @@ def test_llama_cpp_cache_matches_in_process_and_eos_is_not_guessed(llama_server,
     completion = tokenizer(" Aromi serves Chinese food.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     data = [EncodedExample(prompt + completion, [-100] * len(prompt) + completion, 0)]
     with pytest.raises(RemoteBaseError, match=r"Cannot identify the server's log-prob of token \d+"):
-        write_remote_caches(RemoteBase(url, "smollm2", tokenizer, top_k=10), {"train": data}, tmp_path / "strict",
-                            progress=False)
-    remote = RemoteBase(url, "smollm2", tokenizer, top_k=10, unknown_labels="bound")
+        write_remote_caches(RemoteBase(url, "smollm2", tokenizer, top_k=10, timeout=SLOW_SERVER_TIMEOUT), {"train": data},
+                            tmp_path / "strict", progress=False)
+    remote = RemoteBase(url, "smollm2", tokenizer, top_k=10, timeout=SLOW_SERVER_TIMEOUT, unknown_labels="bound")
     report = write_remote_caches(remote, {"train": data}, tmp_path / "remote", progress=False)
     write_base_cache(model, data, tmp_path / "local", k=10, progress=False)
     served, local = CachedBaseLogits(tmp_path / "remote/train", data), CachedBaseLogits(tmp_path / "local", data)
@@ -602,7 +606,7 @@ def test_llama_cpp_chunked_greedy_equals_per_token(llama_server):
     inputs = tokenizer(["Data: name[Aromi], food[Chinese]\nSentence:"], return_tensors="pt")
     outputs, requests = {}, {}
     for chunk in (1, 6):
-        remote = RemoteBase(url, "smollm2", tokenizer, top_k=5)
+        remote = RemoteBase(url, "smollm2", tokenizer, top_k=5, timeout=SLOW_SERVER_TIMEOUT)
         remote.probe()
         before = remote.stats.requests
         outputs[chunk] = RemoteCausalLM(remote, chunk_size=chunk).generate(**inputs, max_new_tokens=6)
