@@ -75,8 +75,7 @@ def generate(args: argparse.Namespace) -> None:
     Everything that can be checked without the base model (arguments, the reweighter's config, the prompts and
     their length in tokens) is checked before it is loaded.
     """
-    if (args.plugin is None) == (not args.no_plugin):
-        raise SystemExit("error: pass either --plugin DIR (a reweighter) or --no-plugin (the base model alone)")
+    _check_method_options(args)
     _check_positive(args, "max_new_tokens", "batch_size", "num_beams")
     if sum(source is not None for source in (args.prompt, args.prompts_file, args.data)) > 1:
         raise SystemExit("error: give prompts one way: --prompt, --prompts-file or --data")
@@ -90,17 +89,25 @@ def generate(args: argparse.Namespace) -> None:
     tokenizer = _load_tokenizer(args)
     chat = args.chat or args.messages_column is not None
     texts = [chat_prompt(tokenizer, example) if chat else example.prompt for example in examples]
-    if config is not None:
+    # A related method's small models are loaded, and its processor built (checking its options and the models'
+    # vocabularies), before the base model.
+    related = _related_processor(args, tokenizer)
+    limits = [("the reweighter's", config)] if config is not None else []
+    for role, auxiliary in zip(_related_roles(args), related.auxiliaries if related else []):
+        if isinstance(auxiliary.runner.model, PluginModel):
+            limits.append((f"the {role}'s", auxiliary.runner.model.config))
+    if limits:
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=not chat)["input_ids"]]
         longest = max(range(len(lengths)), key=lengths.__getitem__)
-        if lengths[longest] + args.max_new_tokens > config.max_position_embeddings:
-            raise SystemExit(
-                f"error: prompt {longest + 1} ({_where(examples[longest], args)}) has {lengths[longest]} tokens; with "
-                f"--max-new-tokens {args.max_new_tokens} that passes the reweighter's {config.max_position_embeddings} "
-                "positions")
+        for owner, limit_config in limits:
+            if lengths[longest] + args.max_new_tokens > limit_config.max_position_embeddings:
+                raise SystemExit(
+                    f"error: prompt {longest + 1} ({_where(examples[longest], args)}) has {lengths[longest]} tokens; "
+                    f"with --max-new-tokens {args.max_new_tokens} that passes {owner} "
+                    f"{limit_config.max_position_embeddings} positions")
     stops = [_unescape(stop) for stop in args.stop or []]
     base, _ = _load_base(args)
-    processors = []
+    processors = [related] if related is not None else []
     if args.plugin is not None:
         plugin = PluginModel.from_pretrained(args.plugin).eval()
         processors.append(PluginLogitsProcessor(plugin, alpha=args.alpha, tokenizer=tokenizer, strict=not args.force))
@@ -128,6 +135,97 @@ def generate(args: argparse.Namespace) -> None:
             output.close()
     if args.output:
         print(f"Wrote {len(texts)} completions to {args.output}")
+
+
+# generate's ways of decoding: (option, what it gives) — exactly one is chosen.
+DECODING_METHODS = (("plugin", "--plugin DIR (a reweighter)"), ("no_plugin", "--no-plugin (the base model alone)"),
+                    ("proxy_expert", "--proxy-expert DIR (proxy-tuning/DExperts)"),
+                    ("uld_assistant", "--uld-assistant DIR (ULD)"),
+                    ("fusion_expert", "--fusion-expert DIR (Dynamic Logit Fusion)"))
+# Options that belong to one method: (option, the method's option).
+METHOD_OPTIONS = (("anti_expert", "proxy_expert"), ("plausibility_top_p", "proxy_expert"),
+                  ("uld_beta", "uld_assistant"), ("relative_top", "uld_assistant"),
+                  ("small_base", "fusion_expert"), ("alpha_grid", "fusion_expert"))
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_method_options(args: argparse.Namespace) -> None:
+    """One decoding method, its required small models, and no option of another method."""
+    chosen = [name for name, _ in DECODING_METHODS if getattr(args, name)]
+    if len(chosen) != 1:
+        raise SystemExit("error: pass exactly one of " + ", ".join(text for _, text in DECODING_METHODS)
+                         + (f"; got {', '.join(map(_option, chosen))}" if chosen else ""))
+    for name, method in METHOD_OPTIONS:
+        if getattr(args, name) is not None and not getattr(args, method):
+            raise SystemExit(f"error: {_option(name)} belongs to {_option(method)}")
+    for needed, method in (("anti_expert", "proxy_expert"), ("small_base", "fusion_expert")):
+        if getattr(args, method) and getattr(args, needed) is None:
+            raise SystemExit(f"error: {_option(method)} needs {_option(needed)}")
+    if args.alpha is not None and not (args.plugin or args.proxy_expert):
+        raise SystemExit("error: --alpha is the strength of --plugin or --proxy-expert (Dynamic Logit Fusion searches "
+                         "--alpha-grid; ULD takes --uld-beta)")
+
+
+def _related_roles(args: argparse.Namespace) -> list[str]:
+    """The options naming the small models of the chosen related method, in its processor's order."""
+    if args.proxy_expert:
+        return ["--proxy-expert", "--anti-expert"]
+    if args.uld_assistant:
+        return ["--uld-assistant"]
+    if args.fusion_expert:
+        return ["--small-base"] + ["--fusion-expert"] * len(args.fusion_expert)
+    return []
+
+
+def _load_causal_lm(path: str, option: str):
+    """A related method's small model: a model saved like a reweighter (e.g. by `hf-plugin unlearn`) or any causal
+    LM (folder, Hub id or .gguf file), frozen."""
+    from transformers import AutoConfig
+
+    try:
+        config = None if path.endswith(".gguf") else AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        if not Path(path).exists():
+            raise SystemExit(f"error: {option} {path}: no such directory, nor a model on the Hub") from error
+        raise SystemExit(f"error: {option} {path}: {str(error).strip().splitlines()[0]}") from error
+    if isinstance(config, PluginConfig):
+        return PluginModel.from_pretrained(path).requires_grad_(False).eval()
+    try:
+        return load_base_model(path)[0]
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {option} {path}: {str(error).strip().splitlines()[0]}") from error
+
+
+def _alpha_grid(text: str) -> list[float]:
+    try:
+        return [float(value) for value in text.split(",")]
+    except ValueError as error:
+        raise SystemExit(f"error: --alpha-grid must be numbers separated by commas, got {text!r}") from error
+
+
+def _related_processor(args: argparse.Namespace, tokenizer):
+    """The logits processor of the related method the options name (None for --plugin/--no-plugin)."""
+    from .methods import DynamicLogitFusionLogitsProcessor, LogitDifferenceLogitsProcessor, ProxyTuningLogitsProcessor
+
+    common = dict(tokenizer=tokenizer, strict=not args.force)
+    if args.proxy_expert:
+        return ProxyTuningLogitsProcessor(
+            _load_causal_lm(args.proxy_expert, "--proxy-expert"), _load_causal_lm(args.anti_expert, "--anti-expert"),
+            alpha=1.0 if args.alpha is None else args.alpha, plausibility_top_p=args.plausibility_top_p, **common)
+    if args.uld_assistant:
+        return LogitDifferenceLogitsProcessor(
+            _load_causal_lm(args.uld_assistant, "--uld-assistant"),
+            beta=0.75 if args.uld_beta is None else args.uld_beta,
+            relative_top=1e-2 if args.relative_top is None else args.relative_top, **common)
+    if args.fusion_expert:
+        grid = {} if args.alpha_grid is None else {"alpha_grid": _alpha_grid(args.alpha_grid)}
+        experts = [_load_causal_lm(path, "--fusion-expert") for path in args.fusion_expert]
+        return DynamicLogitFusionLogitsProcessor(experts, _load_causal_lm(args.small_base, "--small-base"), **grid,
+                                                 **common)
+    return None
 
 
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -551,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", help='a text file with one prompt per line, or .jsonl with {"prompt": ...} per line')
     p.add_argument("--data", help="build the prompts from this CSV/TSV/JSON(L)/Parquet file, as `train` does")
     _add_column_arguments(p, generation=True)
-    p.add_argument("--alpha", type=float, default=None, help="reweighter strength (default: the reweighter's own)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="strength of the reweighter (default: its own) or of --proxy-expert's term (default: 1)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stop", action="append",
                    help=r'cut each completion at the first occurrence of this string (repeatable; e.g. "\n")')
@@ -562,6 +661,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="use the reweighter even if its tokenizer differs")
+    related = p.add_argument_group(
+        "related methods", "instead of a reweighter, steer the base with small causal LMs on its tokenizer "
+        "(folders, Hub ids, .gguf files, or models saved by hf-plugin); see the README's 'Related methods'")
+    related.add_argument("--proxy-expert", metavar="MODEL",
+                         help="proxy-tuning: base + alpha * (expert - anti-expert), log-probs (--alpha defaults to 1)")
+    related.add_argument("--anti-expert", metavar="MODEL",
+                         help="with --proxy-expert: the untuned model it was tuned from")
+    related.add_argument("--plausibility-top-p", type=float, metavar="P",
+                         help="with --proxy-expert: DExperts, only the base's top-P nucleus is kept (their P: 0.9)")
+    related.add_argument("--uld-assistant", metavar="MODEL",
+                         help="ULD: base - beta * assistant over the base's plausible tokens (e.g. from "
+                              "hf-plugin unlearn)")
+    related.add_argument("--uld-beta", type=float, help="with --uld-assistant: the assistant's weight (default 0.75)")
+    related.add_argument("--relative-top", type=float,
+                         help="with --uld-assistant: the plausibility threshold r (default 1e-2)")
+    related.add_argument("--fusion-expert", action="append", metavar="MODEL",
+                         help="Dynamic Logit Fusion: an expert fine-tuned from --small-base (repeatable)")
+    related.add_argument("--small-base", metavar="MODEL",
+                         help="with --fusion-expert: the small model they were tuned from")
+    related.add_argument("--alpha-grid", metavar="A,B,...",
+                         help="with --fusion-expert: the strengths searched at each step (default 0,0.1,...,2)")
     p.set_defaults(run=generate)
 
     for name, handler, help_text in (("train", train_command, "train a reweighter against a frozen base model"),
