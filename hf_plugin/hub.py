@@ -27,7 +27,9 @@ logger = logging.get_logger(__name__)
 CARD_FILE = "README.md"
 # Front-matter key holding the card's structured sections, so that a card can be re-rendered, not appended to.
 CARD_KEY = "hf_plugin"
-STORED_SECTIONS = ("training", "metrics", "evaluation", "repo_id", "num_parameters")
+STORED_SECTIONS = ("training", "metrics", "evaluation", "repo_id", "num_parameters", "kind")
+# What a saved model is for (the `kind` section): its card's introduction and usage snippet follow it.
+CARD_KINDS = ("reweighter", "uld_assistant")
 FRONT_MATTER_SECTIONS = ("datasets", "license")
 TAGS = ["hf-plugin", "logits-reweighting", "reweighter", "text-generation"]
 REMOTE_CODE_ENTRY_POINTS = {"AutoConfig": "configuration_plugin.PluginConfig", "AutoModel": "modeling_plugin.PluginModel"}
@@ -69,10 +71,11 @@ def _is_hub_id(name: str | None) -> bool:
     return bool(name) and _HUB_ID.match(name) is not None and not Path(name).exists()
 
 
-def _base_loading_code(base: str, gguf_file: str | None, revision: str | None, on_hub: bool) -> str:
+def _base_loading_code(base: str, gguf_file: str | None, revision: str | None, on_hub: bool,
+                       processor: str = "PluginLogitsProcessor") -> str:
     """The usage snippet's imports and the lines loading the recorded base model and its tokenizer."""
     revision_argument = f', revision="{revision}"' if revision else ""
-    imports = "from hf_plugin import PluginLogitsProcessor, PluginModel\n"
+    imports = f"from hf_plugin import {processor}, PluginModel\n"
     if gguf_file is None:
         where = "" if on_hub else f"  # the path of your copy of {base}"
         return (
@@ -113,7 +116,9 @@ def render_model_card(config: PluginConfig, sections: dict[str, Any] | None = No
         config (`PluginConfig`): the reweighter's configuration (architecture, alpha, base binding).
         sections (`dict`, *optional*): any of `training` (hyper-parameters and data, `{name: value}`), `metrics`
             (validation metrics, e.g. `{"validation NLL/token": 1.2}`), `evaluation` (`{method: {metric: value}}`),
-            `repo_id` (for the usage snippet), `num_parameters`, `datasets` (Hub dataset ids) and `license`.
+            `repo_id` (for the usage snippet), `num_parameters`, `kind` (`"reweighter"`, the default, or
+            `"uld_assistant"`: ULD's assistant, used with `LogitDifferenceLogitsProcessor`), `datasets` (Hub dataset
+            ids) and `license`.
 
     Returns:
         `huggingface_hub.ModelCard`: the card; `.save(path)` writes it.
@@ -124,13 +129,17 @@ def render_model_card(config: PluginConfig, sections: dict[str, Any] | None = No
         raise ValueError(
             f"Unknown model-card sections {sorted(unknown)}; known: {[*STORED_SECTIONS, *FRONT_MATTER_SECTIONS]}."
         )
+    kind = sections.get("kind", "reweighter")
+    if kind not in CARD_KINDS:
+        raise ValueError(f"Unknown model-card kind {kind!r}; known: {list(CARD_KINDS)}.")
+    assistant = kind == "uld_assistant"
     base, revision = config.base_model_name_or_path, config.base_model_revision
     on_hub = _is_hub_id(base)
     card_data = ModelCardData(
         library_name="hf-plugin",
         base_model=base if on_hub else None,
         base_model_relation="adapter" if on_hub else None,
-        tags=TAGS,
+        tags=TAGS + ["unlearning"] if assistant else TAGS,
         pipeline_tag="text-generation",
         license=sections.get("license"),
         datasets=sections.get("datasets"),
@@ -141,12 +150,15 @@ def render_model_card(config: PluginConfig, sections: dict[str, Any] | None = No
     return ModelCard.from_template(
         card_data,
         template_str=REWEIGHTER_CARD_TEMPLATE,
-        model_name=f"Reweighter {sections['repo_id']}" if "repo_id" in sections else "Reweighter",
+        model_name=("ULD assistant" if assistant else "Reweighter") + (f" {sections['repo_id']}" if "repo_id" in sections
+                                                                       else ""),
+        uld_assistant=assistant,
         base_model=base or "unknown base model",
         base_model_link=f"[{base}](https://huggingface.co/{base})" if on_hub else f"`{base}`",
         base_model_revision=f"`{revision}`" if revision else "not recorded",
         base_model_file=f"`{config.base_model_file}` (GGUF)" if config.base_model_file else "none (not a GGUF file)",
-        base_loading=_base_loading_code(base or "unknown base model", config.base_model_file, revision, on_hub),
+        base_loading=_base_loading_code(base or "unknown base model", config.base_model_file, revision, on_hub,
+                                        "LogitDifferenceLogitsProcessor" if assistant else "PluginLogitsProcessor"),
         base_vocab_size=config.base_vocab_size or "not recorded",
         tokenizer_fingerprint=config.tokenizer_fingerprint or "not recorded",
         tokenizer_vocab_size=config.tokenizer_vocab_size or "not recorded",
@@ -161,7 +173,7 @@ def render_model_card(config: PluginConfig, sections: dict[str, Any] | None = No
         training_section=_key_value_table(training) if training else "No training information was recorded.",
         validation_section=_key_value_table(metrics) if metrics else "No validation metrics were recorded.",
         evaluation_section=_evaluation_table(evaluation) if evaluation else "No evaluation has been recorded yet.",
-        repo_id=sections.get("repo_id", "path/to/this/reweighter"),
+        repo_id=sections.get("repo_id", "path/to/this/assistant" if assistant else "path/to/this/reweighter"),
     )
 
 

@@ -206,6 +206,7 @@ def train_assistant(
                 "copied layers": num_layers, "LoRA rank": lora_rank, "LoRA alpha": lora_alpha,
                 "forget examples": len(forget_examples), "retain examples": len(retain_examples),
                 "use with": "hf_plugin.LogitDifferenceLogitsProcessor(assistant, beta=...)"}
-    card = {**(model_card or {}), "training": {**training, **(model_card or {}).get("training", {})}}
+    card = {"kind": "uld_assistant", **(model_card or {}),
+            "training": {**training, **(model_card or {}).get("training", {})}}
     return train(assistant, examples, examples, loss, args, tokenizer=tokenizer, resume=resume, model_card=card,
                  export=merge_adapters)

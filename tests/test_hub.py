@@ -84,6 +84,16 @@ def test_card_is_updated_in_place_not_appended(tokenizer, tmp_path):
     assert PluginModel.from_pretrained(tmp_path).card_sections["evaluation"]["base"]["BLEU"] == 2.5
 
 
+def test_an_assistant_card_keeps_its_kind_when_updated(tokenizer, tmp_path):
+    bound_plugin(tokenizer).save_pretrained(tmp_path, model_card={"kind": "uld_assistant", "training": TRAINING})
+    update_model_card(tmp_path, evaluation={"ULD": {"forget NLL": 9.0}})
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.count("# ULD assistant") == 1 and "LogitDifferenceLogitsProcessor(assistant" in readme
+    assert "PluginLogitsProcessor" not in readme and "- unlearning" in readme
+    with pytest.raises(ValueError, match=r"Unknown model-card kind 'adapter'; known: \['reweighter', 'uld_assistant'\]"):
+        update_model_card(tmp_path, kind="adapter")
+
+
 @pytest.fixture
 def intercepted_hub(monkeypatch):
     """Replaces huggingface_hub's network calls; records every file of every commit, read at commit time."""

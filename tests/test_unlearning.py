@@ -95,6 +95,8 @@ def test_train_assistant_saves_loads_and_unlearns(tmp_path, tokenizer):
     assert loaded.config.tokenizer_fingerprint is not None and loaded.config.base_vocab_size == target.config.vocab_size
     card = (tmp_path / "assistant" / "README.md").read_text()
     assert "ULD assistant" in card and "LoRA rank" in card
+    # Its own card: ULD's formula and usage, not the reweighter's.
+    assert "LogitDifferenceLogitsProcessor(assistant" in card and "PluginLogitsProcessor" not in card
     metrics = json.loads((tmp_path / "assistant" / "metrics.json").read_text())
     assert metrics["epochs run"] == 10
     for name, tensor in assistant.state_dict().items():
