@@ -329,6 +329,27 @@ def test_a_hostile_answer_is_a_clear_error_naming_the_server(tiny, tokenizer, fa
     assert "http://stand-in/v1" in str(teacher_forcing.value) and "http://stand-in/v1" in str(drafting.value)
 
 
+def test_a_draft_ends_before_a_later_position_with_fewer_than_k(tiny, tokenizer):
+    """A server keying by string merges tokens sharing one (llama-cpp-python's ""): a drafted position may come back
+    with fewer than k entries. The draft ends before it, and greedy output stays the per-token output."""
+    _, server = tiny
+    remote = stand_in_base(server, tokenizer, top_k=5)
+    full = remote.draft([5, 6, 7, 8], 6)
+    assert len(full) > 2
+
+    def short_from_the_third(logprobs, echo):
+        if not echo:
+            logprobs["top_logprobs"] = [top if i < 2 else dict(list(top.items())[:4])
+                                        for i, top in enumerate(logprobs["top_logprobs"])]
+
+    server.tamper = short_from_the_third
+    assert remote.draft([5, 6, 7, 8], 6) == full[:2]
+    prompts = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    outputs = [RemoteCausalLM(stand_in_base(server, tokenizer, top_k=5), chunk_size=chunk).generate(
+        prompts, max_new_tokens=8, pad_token_id=0) for chunk in (1, 4)]
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_unsorted_lists_are_sorted_not_refused(tiny, tokenizer):
     _, server = tiny
     remote = stand_in_base(server, tokenizer, top_k=5)

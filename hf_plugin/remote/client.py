@@ -477,7 +477,7 @@ class RemoteBase:
         Returns:
             `list[tuple[int, list[int], list[float]]]`: per generated token, its id and the top-k ids and log-probs
             of the distribution it was drawn from (best first). Stops early at a token the local tokenizer cannot
-            identify (an ambiguous string).
+            identify (an ambiguous string), and before a later position with fewer than k log-probs.
         """
         capabilities = self.probe()
         k = k or self.top_k
@@ -497,6 +497,11 @@ class RemoteBase:
         steps = []
         for position, (key, top) in enumerate(zip(tokens, tops)):
             if len(top or ()) < k:  # llama.cpp may add the chosen token: more is fine, fewer means a cap
+                # ... or, on a server keying by string, tokens sharing one (llama-cpp-python's "") merged into one
+                # key. Past the first position the draft is only a bonus: it ends here, and the next request, starting
+                # at this position, meets the same check first (as one request per token would).
+                if position > 0:
+                    break
                 raise RemoteBaseError(f"{self.base_url} gave {len(top or ())} log-probs at generated token "
                                       f"{position}, fewer than k={k} (top_k above the server's cap?).")
             top_ids, values, ambiguous = self._parse(top, k, f"at generated token {position}")
