@@ -15,6 +15,7 @@ distribution — the draft only decides how many requests it costs.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -81,6 +82,13 @@ class RemoteCausalLM:
         tokenizer = self.remote.tokenizer
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        capabilities = self.remote.probe()
+        if eos is not None and not capabilities.token_ids and self.remote.strings.is_ambiguous(
+                self.remote.strings.render(eos)):
+            # Its log-prob is dropped as ambiguous, so EOS is never chosen: say so rather than run on silently.
+            warnings.warn(f"{self.remote.base_url} renders EOS as {self.remote.strings.render(eos)!r}, a string other "
+                          "tokens share: its log-prob cannot be identified, so generation ends only at "
+                          "max_new_tokens (or by a logits processor that forces EOS).", stacklevel=2)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
