@@ -172,7 +172,7 @@ def test_evaluate_and_generate_commands(setup, tmp_path, capsys):
           "--max-new-tokens", "3"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(line.split() for line in lines)
-    with pytest.raises(SystemExit, match="either --plugin"):
+    with pytest.raises(SystemExit, match="pass exactly one of --plugin DIR .*, --no-plugin"):
         main(["generate", "--base", str(setup / "base"), "--prompt", "w1"])
 
 
