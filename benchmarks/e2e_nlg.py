@@ -156,8 +156,9 @@ def new_reweighter(binding: dict):
 
 
 def train_one(name: str, make_model, train_examples, heldout_examples, train_source, heldout_source, work: Path,
-              tokenizer, epochs: int, learning_rate: float) -> dict:
-    """Trains (or reloads, when an earlier run of this script finished it) one reweighter; early stopping, patience 1."""
+              tokenizer, epochs: int, learning_rate: float, batch_size: int = 16, patience: int = 1) -> dict:
+    """Trains (or reloads, when an earlier run of a benchmark finished it) one model in `work / name` through the
+    library's loop; early stopping with `patience` (0: none). Also used by `related_e2e.py` for its experts."""
     from hf_plugin import PluginModel
     from hf_plugin.training import TrainingArguments, train
 
@@ -169,13 +170,16 @@ def train_one(name: str, make_model, train_examples, heldout_examples, train_sou
         return {**run, "model": PluginModel.from_pretrained(output).eval()}
     started = time.perf_counter()
     model = train(make_model(), train_examples, heldout_examples, train_source,
-                  TrainingArguments(output_dir=str(output), epochs=epochs, batch_size=16, learning_rate=learning_rate,
-                                    patience=1, seed=0, overwrite_output_dir=True),
+                  TrainingArguments(output_dir=str(output), epochs=epochs, batch_size=batch_size,
+                                    learning_rate=learning_rate, patience=patience, seed=0, overwrite_output_dir=True),
                   validation_source=heldout_source, tokenizer=tokenizer)
     seconds = time.perf_counter() - started
-    history = [h["validation_nll"] for h in json.loads((output / "metrics.json").read_text())["history"]]
+    metrics = json.loads((output / "metrics.json").read_text())
+    history = [h["validation_nll"] for h in metrics["history"]]
     run = {"seconds": seconds, "heldout_nll": min(history), "history": history, "learning_rate": learning_rate,
-           "trainable_parameters": sum(p.numel() for p in model.parameters())}
+           "epochs": epochs, "train_pairs": len(train_examples), "heldout_pairs": len(heldout_examples),
+           "base_heldout_nll": metrics.get("base validation NLL/token"),
+           "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     record.write_text(json.dumps(run))
     print(f"  {name}: held-out NLL by epoch {[round(h, 4) for h in history]} ({seconds:.0f}s)", flush=True)
     return {**run, "model": model.eval()}

@@ -51,7 +51,7 @@ from transformers import LogitsProcessor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from e2e_nlg import (AloneNLL, GENERATION, MAX_LENGTH, TEMPLATE, generate, group_by_mr, read_pairs,  # noqa: E402
-                     score)
+                     score, train_one)
 
 
 RESULTS = Path(__file__).parent / "results"
@@ -115,33 +115,9 @@ def generic_text(chunks: int) -> list:
 
 def train_expert(name: str, small_base_factory, train_examples, heldout_examples, work: Path, tokenizer, args,
                  learning_rate: float | None = None) -> dict:
-    """Fine-tunes (or reloads) one expert from the small base with plain NLL through the library's loop."""
-    from hf_plugin import PluginModel
-    from hf_plugin.training import TrainingArguments, train
-
-    output = work / name
-    record = output / "benchmark_run.json"
-    if record.exists():
-        run = json.loads(record.read_text())
-        print(f"  {name}: reused ({run['seconds']:.0f}s when trained)", flush=True)
-        return {**run, "model": PluginModel.from_pretrained(output).eval()}
-    started = time.perf_counter()
-    model = train(small_base_factory(), train_examples, heldout_examples, AloneNLL(),
-                  TrainingArguments(output_dir=str(output), epochs=args.epochs, batch_size=8,
-                                    learning_rate=learning_rate or args.learning_rate, patience=0, seed=0,
-                                    overwrite_output_dir=True),
-                  tokenizer=tokenizer)
-    seconds = time.perf_counter() - started
-    metrics = json.loads((output / "metrics.json").read_text())
-    run = {"seconds": seconds, "train_pairs": len(train_examples), "heldout_pairs": len(heldout_examples),
-           "epochs": args.epochs, "learning_rate": learning_rate or args.learning_rate,
-           "heldout_nll_small_base": metrics["base validation NLL/token"],
-           "heldout_nll_by_epoch": [h["validation_nll"] for h in metrics["history"]],
-           "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    record.write_text(json.dumps(run))
-    print(f"  {name}: held-out NLL {run['heldout_nll_small_base']:.3f} -> {run['heldout_nll_by_epoch']} "
-          f"({seconds:.0f}s)", flush=True)
-    return {**run, "model": model.eval()}
+    """Fine-tunes (or reloads) one expert from the small base with plain NLL, through `e2e_nlg.train_one`."""
+    return train_one(name, small_base_factory, train_examples, heldout_examples, AloneNLL(), None, work, tokenizer,
+                     args.epochs, learning_rate or args.learning_rate, batch_size=8, patience=0)
 
 
 @torch.no_grad()
@@ -335,7 +311,7 @@ def markdown(result: dict) -> str:
         experts = {"small base healing": meta["healing"], **experts}
     for name, run in experts.items():
         lines.append(f"| {name} | {tasks[name]} | {run['train_pairs']} | {run['epochs']} | {run['learning_rate']} | "
-                     f"{run['heldout_nll_small_base']:.3f} → {min(run['heldout_nll_by_epoch']):.3f} | "
+                     f"{run['base_heldout_nll']:.3f} → {min(run['history']):.3f} | "
                      f"{run['seconds']:.0f} | {run['trainable_parameters']:,} |")
     lines.append("")
     if meta.get("layer_probe"):
