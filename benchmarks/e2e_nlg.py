@@ -24,6 +24,9 @@ Methods (hyper-parameters chosen on the held-out part only; every learned model 
     + ICL-3               the from-scratch reweighter used with the ICL-3 prompt;
     trained with ICL      trained on 3-shot prompts with demonstrations drawn at random from the train part (800
                           pairs: the 3-shot cache pass costs 3-4 times the plain one), used with the ICL-3 prompt.
+  delexicalised rows    the name and near values replaced by placeholders in MRs, references and demonstrations
+                        (TGen's treatment of E2E), outputs relexicalised before scoring: the from-scratch Plugin,
+                        the small model alone, the weighted combination and ICL-3.
 
 Usage:
     python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg            # the full run (about 2 hours, 2 cores)
@@ -78,6 +81,30 @@ def icl_prompt(mr: str, demonstrations: list[tuple[str, str]]) -> str:
     from hf_plugin.data import Example, demonstration_prompt
 
     return demonstration_prompt(TEMPLATE.format(mr=mr), [Example(TEMPLATE.format(mr=m), ref, 0) for m, ref in demonstrations])
+
+
+# TGen's treatment of E2E (Dušek & Jurčíček 2016): the name and near slots' values become placeholders in the MR
+# and the reference, and the output gets the values back.
+PLACEHOLDERS = {"name": "X-name", "near": "X-near"}
+
+
+def delexicalise(mr: str, text: str = "") -> tuple[str, str, dict[str, str]]:
+    """The MR and a text with the name and near values replaced by placeholders (the text's matches ignore case),
+    and the values, for `relexicalise`."""
+    values = {}
+    for slot, placeholder in PLACEHOLDERS.items():
+        found = re.search(rf"\b{slot}\[([^\]]*)\]", mr)
+        if found:
+            values[placeholder] = found.group(1)
+            mr = mr.replace(found.group(0), f"{slot}[{placeholder}]")
+            text = re.sub(re.escape(found.group(1)), placeholder, text, flags=re.IGNORECASE)
+    return mr, text, values
+
+
+def relexicalise(text: str, values: dict[str, str]) -> str:
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    return text
 
 
 def test_slices(test_groups: dict[str, list[str]], sample: int, first: int, seed: int) -> tuple[list[str], dict]:
@@ -213,8 +240,9 @@ def generate(model, tokenizer, prompts: list[str], processors=(), batch_size: in
     return outputs
 
 
-def degeneration(outputs: list[str], mrs: list[str]) -> dict[str, float]:
-    """Shares (in %) of outputs that are empty, repeat a 3-word phrase 3+ times, or miss the MR's name slot."""
+def degeneration(outputs: list[str], mrs: list[str], seen_names: set[str]) -> dict[str, float]:
+    """Shares (in %) of outputs that are empty, repeat a 3-word phrase 3+ times, or miss the MR's name slot; and the
+    name misses among MRs whose name the training data has (`seen_names`) and among the others."""
 
     def repeats(text: str) -> bool:
         words = re.findall(r"\w+", text.lower())
@@ -222,9 +250,16 @@ def degeneration(outputs: list[str], mrs: list[str]) -> dict[str, float]:
 
     names = [re.search(r"name\[([^\]]*)\]", mr) for mr in mrs]
     missing = [m is not None and m.group(1).lower() not in out.lower() for m, out in zip(names, outputs)]
+    seen = [m is not None and m.group(1) in seen_names for m in names]
+    unseen = [m is not None and not s for m, s in zip(names, seen)]
     n = len(outputs)
+
+    def share(flags, among):
+        return 100 * sum(f and a for f, a in zip(flags, among)) / max(1, sum(among))
+
     return {"empty %": 100 * sum(not o for o in outputs) / n, "repeats phrase 3+ %": 100 * sum(map(repeats, outputs)) / n,
-            "misses name %": 100 * sum(missing) / n}
+            "misses name %": 100 * sum(missing) / n, "misses a seen name %": share(missing, seen),
+            "misses an unseen name %": share(missing, unseen), "unseen names %": 100 * sum(unseen) / n}
 
 
 # ------------------------------------------------------------------------------------------- figures
@@ -288,7 +323,9 @@ def main() -> None:
         result = {"methods": {}}  # an earlier protocol's results: nothing to reuse
     if not args.score_only:
         run_methods(args, data_dir, union, result, path)
-    score(result, test_groups, slices, path, args.rescore)
+    seen_names = {m.group(1) for mr, _ in read_pairs(data_dir / "devel-fixed.no-ol.csv")
+                  for m in [re.search(r"name\[([^\]]*)\]", mr)] if m}
+    score(result, test_groups, slices, path, seen_names, args.rescore)
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     path.with_suffix(".md").write_text(markdown(result))
     bar_chart(result, path.with_name(path.stem + "_bars.png"))
@@ -357,13 +394,14 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
         path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")  # an interrupted run keeps this
         print(f"{name}: generated in {seconds:.0f}s; first output: {outputs[0]}", flush=True)
 
-    def plugin_row(name: str, learned: dict, prompts: list[str], alpha_source, alpha_examples_) -> None:
+    def plugin_row(name: str, learned: dict, prompts: list[str], alpha_source, alpha_examples_,
+                   finish=lambda outputs: outputs) -> None:
         if name in result["methods"]:
             return record(name, None)
         alpha, nlls = pick_alpha(learned["model"], alpha_examples_, alpha_source, alphas, pad)
         print(f"  {name}: held-out NLL by α {json.dumps({a: round(v, 4) for a, v in nlls.items()})}", flush=True)
         processor = lambda: PluginLogitsProcessor(learned["model"], alpha=alpha, tokenizer=tokenizer)  # noqa: E731
-        record(name, lambda: generate(base, tokenizer, prompts, [processor()]), learned, alpha=alpha,
+        record(name, lambda: finish(generate(base, tokenizer, prompts, [processor()])), learned, alpha=alpha,
                heldout_nll_by_alpha=nlls, learning_rate=learned["learning_rate"])
 
     def trained(name, make_model, train_source, heldout_source, learning_rate, train_=None, heldout_=None):
@@ -418,11 +456,48 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
     layers = trained(f"plugin-base{args.base_layers}", from_layers, caches["train"], caches["heldout"], 3e-4)
     plugin_row(f"Plugin, base's first {args.base_layers} layers", layers, plain, alpha_cache, alpha_examples)
 
+    # Delexicalised rows: the reweighter suppresses names it never saw in training (it misses 2.4% of the test names
+    # the devel split has and 95% of the others); with placeholders every name is one it saw. Same split and held-out
+    # subset as above; outputs are relexicalised before scoring against the original references.
+    def delexicalised(examples):
+        return [Example(TEMPLATE.format(mr=mr_), text, e.row)
+                for e in examples for mr_, text, _ in [delexicalise(mr_of_prompt[e.prompt], e.completion)]]
+
+    delex_train = encode_examples(tokenizer, delexicalised(train_pairs), MAX_LENGTH)
+    delex_heldout = encode_examples(tokenizer, delexicalised(heldout_pairs), MAX_LENGTH)
+    started = time.perf_counter()
+    delex_caches, _ = cached_base_sources(lambda: base, tokenizer, {"train": delex_train, "heldout": delex_heldout},
+                                          work / "cache-delex", k=args.top_k, batch_size=16,
+                                          task_vocab_size=args.task_vocab_size)
+    timings.setdefault("delexicalised prompts", time.perf_counter() - started)
+    delex_union = [delexicalise(mr) for mr in union]
+    delex_plain = [TEMPLATE.format(mr=mr_) for mr_, _, _ in delex_union]
+
+    def relexicalised(outputs: list[str]) -> list[str]:
+        return [relexicalise(out, values) for out, (_, _, values) in zip(outputs, delex_union)]
+
+    delex_scratch = trained("plugin-scratch-delex", lambda: new_reweighter(binding), delex_caches["train"],
+                            delex_caches["heldout"], 1e-3, delex_train, delex_heldout)
+    plugin_row("Plugin, from scratch, delexicalised", delex_scratch, delex_plain, delex_caches["heldout"], delex_heldout,
+               relexicalised)
+    delex_alone = trained("alone-delex", lambda: new_reweighter(binding), AloneNLL(), AloneNLL(), 1e-3, delex_train,
+                          delex_heldout)
+    record("small model alone, delexicalised",
+           lambda: relexicalised(generate(delex_alone["model"].backbone, tokenizer, delex_plain)), delex_alone)
+    delex_mixture = trained("mixture-w0.75-delex", lambda: new_reweighter(binding), MixtureNLL(delex_caches["train"], 0.75),
+                            MixtureNLL(delex_caches["heldout"], 0.75), 1e-3, delex_train, delex_heldout)
+    record("weighted combination, delexicalised",
+           lambda: relexicalised(generate(base, tokenizer, delex_plain, [mixture_processor(delex_mixture["model"], 0.75, tokenizer)])),
+           delex_mixture, w=0.75)
+    delex_demonstrations = [delexicalise(mr, ref)[:2] for mr, ref in demonstrations]
+    record("ICL-3, delexicalised",
+           lambda: relexicalised(generate(base, tokenizer, [icl_prompt(mr_, delex_demonstrations) for mr_, _, _ in delex_union])))
+
 
 def score(result: dict, test_groups: dict[str, list[str]], slices: dict[str, list[str]], path: Path,
-          rescore: bool = False) -> None:
+          seen_names: set[str], rescore: bool = False) -> None:
     """Every method on every slice: the challenge's metrics, the built-in ones and the degeneration shares (saved to
-    `path` after each method)."""
+    `path` after each method; `seen_names`: the names of the training data's MRs)."""
     from hf_plugin.e2e_metrics import e2e_challenge_scores
     from hf_plugin.metrics import corpus_metrics
 
@@ -432,6 +507,9 @@ def score(result: dict, test_groups: dict[str, list[str]], slices: dict[str, lis
         # scores of unchanged outputs on unchanged slices are kept.
         fingerprint = hashlib.sha256(json.dumps([row["outputs"], slices]).encode()).hexdigest()[:16]
         if not rescore and row.get("scored_fingerprint") == fingerprint and "scores" in row:
+            for slice_name, mrs in slices.items():  # cheap: always recomputed
+                outputs = [row["outputs"][position[mr]] for mr in mrs]
+                row["scores"][slice_name]["degeneration"] = degeneration(outputs, mrs, seen_names)
             continue
         row["scores"] = {}
         for slice_name, mrs in slices.items():
@@ -439,7 +517,7 @@ def score(result: dict, test_groups: dict[str, list[str]], slices: dict[str, lis
             references = [test_groups[mr] for mr in mrs]
             row["scores"][slice_name] = {"official": e2e_challenge_scores(outputs, references),
                                          "built-in": corpus_metrics(outputs, references),
-                                         "degeneration": degeneration(outputs, mrs)}
+                                         "degeneration": degeneration(outputs, mrs, seen_names)}
         row["scored_fingerprint"] = fingerprint
         path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         print(f"scored {name}", flush=True)
@@ -459,14 +537,18 @@ def markdown(result: dict) -> str:
         f"on {meta['alpha_examples']} held-out pairs.", "",
     ]
     for slice_name in next(iter(methods.values()))["scores"]:
-        lines += [f"## {slice_name} test MRs", "", "Official E2E metrics (`hf_plugin.e2e_metrics`):", "",
-                  "| method | " + " | ".join(E2E_METRIC_NAMES) + " | misses the name % | repeats a phrase % | α | "
-                  "train s | generation s | trainable params |", "| --- |" + " ---: |" * (len(E2E_METRIC_NAMES) + 6)]
+        unseen = next(iter(methods.values()))["scores"][slice_name]["degeneration"].get("unseen names %", 0.0)
+        lines += [f"## {slice_name} test MRs", "", f"{unseen:.1f}% of these MRs name a restaurant no MR of the devel "
+                  "split names.", "", "Official E2E metrics (`hf_plugin.e2e_metrics`):", "",
+                  "| method | " + " | ".join(E2E_METRIC_NAMES) + " | misses the name % | misses an unseen name % | "
+                  "repeats a phrase % | α | train s | generation s | trainable params |",
+                  "| --- |" + " ---: |" * (len(E2E_METRIC_NAMES) + 7)]
         for name, row in methods.items():
             scores = row["scores"][slice_name]
             degeneration_ = scores["degeneration"]
             lines.append(f"| {name} | " + " | ".join(f"{scores['official'][m]:.2f}" for m in E2E_METRIC_NAMES)
-                         + f" | {degeneration_['misses name %']:.1f} | {degeneration_['repeats phrase 3+ %']:.1f} | "
+                         + f" | {degeneration_['misses name %']:.1f} | {degeneration_['misses an unseen name %']:.1f} | "
+                         f"{degeneration_['repeats phrase 3+ %']:.1f} | "
                          f"{row.get('alpha', '')} | {row['train_seconds']:.0f} | {row['generation_seconds']:.0f} | "
                          f"{row['trainable_parameters']:,} |")
         lines += ["", "Built-in metrics (fast, not the challenge's):", "",
