@@ -30,7 +30,7 @@ Methods (hyper-parameters chosen on the held-out part only; every learned model 
                         combination also with twice the epoch cap.
 
 Usage:
-    python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg            # the full run (about 2 hours, 2 cores)
+    python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg            # the full run (about 5 hours on 2 cores)
     python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg --quick    # a smoke run: 20+8 MRs, tiny training
     python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg --score-only   # score saved outputs not scored yet
     python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg --score-only --rescore   # all of them again
