@@ -513,7 +513,8 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
 def score(result: dict, test_groups: dict[str, list[str]], slices: dict[str, list[str]], path: Path,
           seen_names: set[str], rescore: bool = False) -> None:
     """Every method on every slice: the challenge's metrics, the built-in ones and the degeneration shares (saved to
-    `path` after each method; `seen_names`: the names of the training data's MRs)."""
+    `path` after each method; `seen_names`: the names in the devel split's MRs — its train part lacks only
+    Bibimbap House, which no test MR names, so test MRs are split the same either way)."""
     from hf_plugin.e2e_metrics import e2e_challenge_scores
     from hf_plugin.metrics import corpus_metrics
 
