@@ -108,6 +108,11 @@ def relexicalise(text: str, values: dict[str, str]) -> str:
     return text
 
 
+def names_in(path: Path) -> set[str]:
+    """The values of the name slot in a file's MRs."""
+    return {m.group(1) for mr, _ in read_pairs(path) for m in [re.search(r"name\[([^\]]*)\]", mr)] if m}
+
+
 def test_slices(test_groups: dict[str, list[str]], sample: int, first: int, seed: int) -> tuple[list[str], dict]:
     """The MRs to generate for (the seeded random sample, then the first ones not in it) and each slice's MRs."""
     mrs = list(test_groups)
@@ -324,9 +329,7 @@ def main() -> None:
         result = {"methods": {}}  # an earlier protocol's results: nothing to reuse
     if not args.score_only:
         run_methods(args, data_dir, union, result, path)
-    seen_names = {m.group(1) for mr, _ in read_pairs(data_dir / "devel-fixed.no-ol.csv")
-                  for m in [re.search(r"name\[([^\]]*)\]", mr)] if m}
-    score(result, test_groups, slices, path, seen_names, args.rescore)
+    score(result, test_groups, slices, path, names_in(data_dir / "devel-fixed.no-ol.csv"), args.rescore)
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     path.with_suffix(".md").write_text(markdown(result))
     bar_chart(result, path.with_name(path.stem + "_bars.png"))
@@ -540,10 +543,30 @@ def score(result: dict, test_groups: dict[str, list[str]], slices: dict[str, lis
         print(f"scored {name}", flush=True)
 
 
-def markdown(result: dict) -> str:
+def slice_tables(methods: dict, slice_name: str, extra: dict) -> list[str]:
+    """Markdown lines of one slice's two tables: the official metrics with the name-miss and repetition shares and
+    then the `extra` columns (header → a function of the method's row returning the cell), and the built-in
+    metrics. Also used by `related_e2e.py`."""
     from hf_plugin.e2e_metrics import E2E_METRIC_NAMES
     from hf_plugin.metrics import METRIC_NAMES
 
+    lines = ["Official E2E metrics (`hf_plugin.e2e_metrics`):", "",
+             "| method | " + " | ".join([*E2E_METRIC_NAMES, "misses the name %", "repeats a phrase %", *extra]) + " |",
+             "| --- |" + " ---: |" * (len(E2E_METRIC_NAMES) + 2 + len(extra))]
+    for name, row in methods.items():
+        scores = row["scores"][slice_name]
+        cells = [f"{scores['official'][m]:.2f}" for m in E2E_METRIC_NAMES]
+        cells += [f"{scores['degeneration']['misses name %']:.1f}", f"{scores['degeneration']['repeats phrase 3+ %']:.1f}"]
+        lines.append(f"| {name} | " + " | ".join(cells + [cell(row) for cell in extra.values()]) + " |")
+    lines += ["", "Built-in metrics (fast, not the challenge's):", "",
+              "| method | " + " | ".join(METRIC_NAMES) + " |", "| --- |" + " ---: |" * len(METRIC_NAMES)]
+    for name, row in methods.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row['scores'][slice_name]['built-in'][m]:.2f}" for m in METRIC_NAMES)
+                     + " |")
+    return lines + [""]
+
+
+def markdown(result: dict) -> str:
     meta, methods = result["meta"], result["methods"]
     lines = [
         f"# E2E NLG with SmolLM2-135M-Instruct as the black box", "",
@@ -556,24 +579,13 @@ def markdown(result: dict) -> str:
     for slice_name in next(iter(methods.values()))["scores"]:
         unseen = next(iter(methods.values()))["scores"][slice_name]["degeneration"].get("unseen names %", 0.0)
         lines += [f"## {slice_name} test MRs", "", f"{unseen:.1f}% of these MRs name a restaurant no MR of the devel "
-                  "split names.", "", "Official E2E metrics (`hf_plugin.e2e_metrics`):", "",
-                  "| method | " + " | ".join(E2E_METRIC_NAMES) + " | misses the name % | misses an unseen name % | "
-                  "repeats a phrase % | α | train s | generation s | trainable params |",
-                  "| --- |" + " ---: |" * (len(E2E_METRIC_NAMES) + 7)]
-        for name, row in methods.items():
-            scores = row["scores"][slice_name]
-            degeneration_ = scores["degeneration"]
-            lines.append(f"| {name} | " + " | ".join(f"{scores['official'][m]:.2f}" for m in E2E_METRIC_NAMES)
-                         + f" | {degeneration_['misses name %']:.1f} | {degeneration_['misses an unseen name %']:.1f} | "
-                         f"{degeneration_['repeats phrase 3+ %']:.1f} | "
-                         f"{row.get('alpha', '')} | {row['train_seconds']:.0f} | {row['generation_seconds']:.0f} | "
-                         f"{row['trainable_parameters']:,} |")
-        lines += ["", "Built-in metrics (fast, not the challenge's):", "",
-                  "| method | " + " | ".join(METRIC_NAMES) + " |", "| --- |" + " ---: |" * len(METRIC_NAMES)]
-        for name, row in methods.items():
-            lines.append(f"| {name} | " + " | ".join(f"{row['scores'][slice_name]['built-in'][m]:.2f}" for m in METRIC_NAMES)
-                         + " |")
-        lines.append("")
+                  "split names.", ""]
+        lines += slice_tables(methods, slice_name, {
+            "misses an unseen name %": lambda row: f"{row['scores'][slice_name]['degeneration']['misses an unseen name %']:.1f}",
+            "α": lambda row: f"{row.get('alpha', '')}",
+            "train s": lambda row: f"{row['train_seconds']:.0f}",
+            "generation s": lambda row: f"{row['generation_seconds']:.0f}",
+            "trainable params": lambda row: f"{row['trainable_parameters']:,}"})
     lines += [f"Cache passes (seconds): {json.dumps({k: round(v) for k, v in meta['cache_seconds'].items()})}.", "",
               f"First test MR of the random sample: `{meta['test_mrs'][0]}`", ""]
     lines += [f"- {name}: {row['outputs'][0]}" for name, row in methods.items()]

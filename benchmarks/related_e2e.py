@@ -50,8 +50,8 @@ import torch
 from transformers import LogitsProcessor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_nlg import (AloneNLL, GENERATION, MAX_LENGTH, TEMPLATE, generate, group_by_mr, read_pairs,  # noqa: E402
-                     score, train_one)
+from e2e_nlg import (AloneNLL, GENERATION, MAX_LENGTH, TEMPLATE, generate, group_by_mr, names_in,  # noqa: E402
+                     read_pairs, score, slice_tables, train_one)
 
 
 RESULTS = Path(__file__).parent / "results"
@@ -279,16 +279,13 @@ def main() -> None:
         meta["plugin_missing"] = f"no reweighter at {plugin_dir}: the Plugin row was not run"
         print(meta["plugin_missing"], flush=True)
 
-    score(result, test_groups, slices, path)
+    score(result, test_groups, slices, path, names_in(data_dir / "devel-fixed.no-ol.csv"))
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     path.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
 
 
 def markdown(result: dict) -> str:
-    from hf_plugin.e2e_metrics import E2E_METRIC_NAMES
-    from hf_plugin.metrics import METRIC_NAMES
-
     meta, methods = result["meta"], result["methods"]
     reference = methods["large zero-shot"]["seconds_per_step"]
     batches = math.ceil(len(meta["test_mrs"]) / meta["batch_size"])
@@ -319,27 +316,14 @@ def markdown(result: dict) -> str:
         lines += [f"Held-out E2E NLL/token of the large model's first K layers, untrained: {probe} (uniform: "
                   f"{math.log(49152):.2f}).", ""]
     for slice_name in next(iter(methods.values()))["scores"]:
-        lines += [f"## {slice_name} test MRs (file order)", "", "Official E2E metrics (`hf_plugin.e2e_metrics`):", "",
-                  "| method | " + " | ".join(E2E_METRIC_NAMES) + " | misses the name % | repeats a phrase % | "
-                  "time/step vs large | train s | trainable params |",
-                  "| --- |" + " ---: |" * (len(E2E_METRIC_NAMES) + 5)]
-        for name, row in methods.items():
-            scores = row["scores"][slice_name]
-            degeneration = scores["degeneration"]
-            lines.append(f"| {name} | " + " | ".join(f"{scores['official'][m]:.2f}" for m in E2E_METRIC_NAMES)
-                         + f" | {degeneration['misses name %']:.1f} | {degeneration['repeats phrase 3+ %']:.1f} | "
-                         f"{row['seconds_per_step'] / reference:.2f}{'†' if prefill_only(row) else ''} | "
-                         f"{row['train_seconds']:.0f} | "
-                         f"{row['trainable_parameters']:,} |")
+        lines += [f"## {slice_name} test MRs (file order)", ""]
+        lines += slice_tables(methods, slice_name, {
+            "time/step vs large": lambda row: f"{row['seconds_per_step'] / reference:.2f}{'†' if prefill_only(row) else ''}",
+            "train s": lambda row: f"{row['train_seconds']:.0f}",
+            "trainable params": lambda row: f"{row['trainable_parameters']:,}"})
         if any(map(prefill_only, methods.values())):
-            lines += ["", "† Every row stopped at its first token (an empty output): the time is the prompts' "
-                      "prefill in all models, not a decoding step."]
-        lines += ["", "Built-in metrics (fast, not the challenge's):", "",
-                  "| method | " + " | ".join(METRIC_NAMES) + " |", "| --- |" + " ---: |" * len(METRIC_NAMES)]
-        for name, row in methods.items():
-            lines.append(f"| {name} | " + " | ".join(f"{row['scores'][slice_name]['built-in'][m]:.2f}"
-                                                     for m in METRIC_NAMES) + " |")
-        lines.append("")
+            lines += ["† Every row stopped at its first token (an empty output): the time is the prompts' prefill in "
+                      "all models, not a decoding step.", ""]
     lines += ["Decoding: " + "; ".join(f"{name} {row['generation_seconds']:.0f}s / {row['decoding_steps']} steps"
                                        for name, row in methods.items()) + ".", ""]
     for name, row in methods.items():
