@@ -181,11 +181,12 @@ def mixture_processor(small, weight: float, tokenizer):
 
 # ------------------------------------------------------------------------------------------ training
 
-def new_reweighter(binding: dict):
+def new_reweighter(binding: dict, **options):
     from hf_plugin import PluginConfig, PluginModel
 
     torch.manual_seed(0)
-    return PluginModel(PluginConfig(vocab_size=binding["base_vocab_size"], max_position_embeddings=512, **binding))
+    return PluginModel(PluginConfig(vocab_size=binding["base_vocab_size"], max_position_embeddings=512, **binding,
+                                    **options))
 
 
 def train_one(name: str, make_model, train_examples, heldout_examples, train_source, heldout_source, work: Path,
@@ -313,6 +314,8 @@ def main() -> None:
     parser.add_argument("--icl-train", type=int, default=800, help="training pairs of the reweighter trained with ICL")
     parser.add_argument("--heldout-pairs", type=int, default=600,
                         help="held-out pairs (a seeded random subset) for early stopping and picking α")
+    parser.add_argument("--rows", choices=["all", "copy"], default="all",
+                        help="'copy': only the copy-mode rows (the others' outputs are kept from an earlier run)")
     parser.add_argument("--score-only", action="store_true", help="no run: score the saved outputs not scored yet")
     parser.add_argument("--rescore", action="store_true",
                         help="score every method again (after a change of the metrics), not only new outputs")
@@ -423,6 +426,16 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
     timings.setdefault("plain prompts", time.perf_counter() - c_start)
     alpha_cache = CachedBaseLogits(work / "cache" / "heldout", heldout_examples)
     result["meta"]["task_vocab_size"] = 0 if caches["train"].task_ids is None else len(caches["train"].task_ids)
+
+    if args.rows == "copy":
+        # The from-scratch reweighter with a copy mode (hf_plugin.copying), no delexicalisation: the ids already in
+        # the context get one learned value per step instead of (shared, floor) or on top of (gate) their own logits.
+        for mode in ("shared", "gate", "floor"):
+            copying = trained(f"plugin-scratch-copy-{mode}",
+                              lambda: new_reweighter(binding, copy_mode=mode, copy_ignore_ids=tokenizer.all_special_ids),
+                              caches["train"], caches["heldout"], 1e-3)
+            plugin_row(f"Plugin, from scratch, copy {mode}", copying, plain, alpha_cache, alpha_examples)
+        return
 
     # Rows in order of importance (cheap baselines early): an interrupted run has the main comparisons first.
     scratch = trained("plugin-scratch", lambda: new_reweighter(binding), caches["train"], caches["heldout"], 1e-3)

@@ -19,6 +19,7 @@ from .compatibility import binding_kwargs
 from .configuration_plugin import PluginConfig
 from .hub import push_folder
 from .data import Example, chat_prompt, encode_examples, read_examples, split_by_prompt, with_demonstrations
+from .copying import COPY_MODES
 from .initialization import first_layers, uniform_start_
 from .loading import load_base_model, load_tokenizer, offline_smollm2
 from .logits_process import PluginLogitsProcessor
@@ -451,16 +452,19 @@ def train_command(args: argparse.Namespace) -> None:
     train_source, validation_source, binding = _base_sources(
         args, tokenizer, train_examples, validation_examples, accelerator, base=base)
     torch.manual_seed(args.seed)
+    options = {"alpha": args.alpha, **binding}
+    if args.copy_mode is not None:  # special tokens (BOS, EOS, chat markers) are structure, not content to copy
+        options.update(copy_mode=args.copy_mode, copy_ignore_ids=sorted(set(tokenizer.all_special_ids)))
     if args.init_from:
         initial = AutoModelForCausalLM.from_pretrained(args.init_from)
-        plugin = PluginModel.from_causal_lm(initial, alpha=args.alpha, **binding)
+        plugin = PluginModel.from_causal_lm(initial, **options)
     elif base_layers is not None:
-        plugin = PluginModel.from_causal_lm(base_layers, alpha=args.alpha, **binding)
+        plugin = PluginModel.from_causal_lm(base_layers, **options)
     else:
         plugin = PluginModel(PluginConfig(
             vocab_size=binding["base_vocab_size"], hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
             num_attention_heads=args.num_heads, intermediate_size=args.intermediate_size,
-            max_position_embeddings=max(args.max_length, 256), alpha=args.alpha, **binding,
+            max_position_embeddings=max(args.max_length, 256), **options,
         ))
     if args.uniform_start:
         uniform_start_(plugin)
@@ -854,6 +858,10 @@ def _add_architecture_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-heads", type=int, default=1, action=_Given)
     p.add_argument("--intermediate-size", type=int, default=1024, action=_Given)
     p.add_argument("--alpha", type=float, default=1.0, help="strength recorded in the reweighter's config")
+    p.add_argument("--copy-mode", choices=COPY_MODES, default=None,
+                   help="how the reweighter treats ids already in its context (default: as any other id); 'shared' "
+                        "leaves the choice among them to the base, so names unseen in training are not deleted "
+                        "(see hf_plugin.copying)")
 
 
 def _add_training_arguments(p: argparse.ArgumentParser) -> None:

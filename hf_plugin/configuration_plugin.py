@@ -9,6 +9,7 @@ from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 from transformers.utils import logging
 
 from ._version import __version__
+from .copying import COPY_MODES
 
 
 logger = logging.get_logger(__name__)
@@ -83,6 +84,13 @@ class PluginConfig(PretrainedConfig):
         tokenizer_fingerprint (`str`, *optional*):
             `hf_plugin.tokenizer_fingerprint` of the tokenizer it was trained with.
         tokenizer_vocab_size (`int`, *optional*): number of real tokens of that tokenizer (`len(tokenizer)`).
+        copy_mode (`str`, *optional*):
+            How the reweighter treats the ids already in its context (the prompt and the tokens generated so far):
+            `None` (the paper's reweighter), `"gate"`, `"shared"` or `"floor"`; see `hf_plugin.copying`. A mode adds
+            a linear copy head (`hidden_size + 1` parameters) read at every step.
+        copy_ignore_ids (`list[int]`, *optional*):
+            Ids never counted as context by the copy mode, typically the tokenizer's special tokens
+            (`hf-plugin train` records `tokenizer.all_special_ids`). Padding is never counted.
 
     Examples:
 
@@ -118,6 +126,8 @@ class PluginConfig(PretrainedConfig):
         base_vocab_size: int | None = None,
         tokenizer_fingerprint: str | None = None,
         tokenizer_vocab_size: int | None = None,
+        copy_mode: str | None = None,
+        copy_ignore_ids: list[int] | None = None,
         hf_plugin_version: str = __version__,
         **kwargs,
     ):
@@ -148,6 +158,13 @@ class PluginConfig(PretrainedConfig):
             )
         if not float(alpha) >= 0.0:
             raise ValueError(f"`alpha` must be a non-negative number, got {alpha!r}.")
+        if copy_mode is not None and copy_mode not in COPY_MODES:
+            raise ValueError(f"`copy_mode` must be None or one of {', '.join(COPY_MODES)}, got {copy_mode!r}.")
+        if copy_ignore_ids is not None and not (
+            isinstance(copy_ignore_ids, (list, tuple))
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in copy_ignore_ids)
+        ):
+            raise ValueError(f"`copy_ignore_ids` must be a list of non-negative token ids, got {copy_ignore_ids!r:.80}.")
         for name, value in (("base_vocab_size", base_vocab_size), ("tokenizer_vocab_size", tokenizer_vocab_size)):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
@@ -173,6 +190,8 @@ class PluginConfig(PretrainedConfig):
         self.base_vocab_size = base_vocab_size
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.tokenizer_vocab_size = tokenizer_vocab_size
+        self.copy_mode = copy_mode
+        self.copy_ignore_ids = sorted(set(copy_ignore_ids)) if copy_ignore_ids else None
         self.hf_plugin_version = hf_plugin_version
         super().__init__(**kwargs)
 

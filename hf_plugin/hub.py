@@ -169,6 +169,7 @@ def render_model_card(config: PluginConfig, sections: dict[str, Any] | None = No
         num_attention_heads=config.num_attention_heads,
         intermediate_size=config.intermediate_size,
         max_position_embeddings=config.max_position_embeddings,
+        copy_mode=config.copy_mode,
         num_parameters=f"{num_parameters:,}" if num_parameters else "an unrecorded number of",
         training_section=_key_value_table(training) if training else "No training information was recorded.",
         validation_section=_key_value_table(metrics) if metrics else "No validation metrics were recorded.",

@@ -70,6 +70,8 @@ class CachedModelRunner:
         self.state: _RunnerState | None = None
         # Only the last position's logits are needed; skip the output layer elsewhere when the model can.
         self.last_logits_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+        # A copy-aware reweighter also needs the ids its cache holds.
+        self.reads_context = isinstance(model, PluginModel) and model.reads_context
 
     def reset(self) -> None:
         """Forgets the cache; the next call runs the whole sequence."""
@@ -108,6 +110,8 @@ class CachedModelRunner:
         if padded:
             position_ids = position_ids_from_attention_mask(attention_mask)[:, start:]
             inputs = {"attention_mask": attention_mask, "position_ids": position_ids}
+        if self.reads_context:
+            inputs["context_ids"] = input_ids
         outputs = self.model(
             input_ids[:, start:], past_key_values=cache, use_cache=True, **inputs, **self.last_logits_only
         )

@@ -20,6 +20,7 @@ from transformers.utils import cached_file
 from .combine import align_vocab, combine_logits
 from .compatibility import check_base_model, check_vocab_width
 from .configuration_plugin import PluginConfig
+from .copying import apply_copy_mode, first_occurrences
 from .initialization import first_layers
 from .hub import CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, _WEIGHTS_SHARD, card_sections, push_folder, render_model_card, write_remote_code
 # Some transformers releases (5.3, 5.8) copy only the direct relative imports of a remote-code model loaded from a
@@ -92,9 +93,18 @@ class PluginModel(PluginPreTrainedModel):
         self.backbone = AutoModelForCausalLM.from_config(
             config.backbone_config(), **{key: value for key, value in requested.items() if value is not None}
         )
+        # One scalar per step for the ids already in the context (see `hf_plugin.copying`); zero at the start.
+        self.copy_head = torch.nn.Linear(config.hidden_size, 1) if config.copy_mode is not None else None
         # What the model card was rendered from (training, metrics, evaluation, ...); kept across save and load.
         self.card_sections: dict = {}
         self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        if module is self.copy_head:
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs) -> PluginModel:
@@ -267,6 +277,7 @@ class PluginModel(PluginPreTrainedModel):
         labels: torch.LongTensor | None = None,
         alpha: float | None = None,
         logits_to_keep: int = 0,
+        context_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -288,6 +299,10 @@ class PluginModel(PluginPreTrainedModel):
                 Compute the reweighter's own logits for the last `logits_to_keep` positions only (0: all). Saves
                 the output layer's work when only the next token matters; not combinable with `base_logits`
                 or `labels`. (Training selects arbitrary positions with `completion_logits` instead.)
+            context_ids (`torch.LongTensor` of shape `(batch_size, past_length + sequence_length)`, *optional*):
+                The whole sequences so far, ending with `input_ids`, for a reweighter with a `copy_mode` run on a
+                KV cache (the ids in the cache are part of its context). Defaults to `input_ids` when there is no
+                cache; ignored without a copy mode. `attention_mask` (the full one) marks its padding.
 
         Returns:
             `CausalLMOutputWithPast`: `.logits` of shape `(batch_size, sequence_length, vocab)` (the last
@@ -302,6 +317,10 @@ class PluginModel(PluginPreTrainedModel):
             kwargs["logits_to_keep"] = logits_to_keep
         if position_ids is None and attention_mask is not None:
             position_ids = position_ids_from_attention_mask(attention_mask)[:, -input_ids.shape[1] :]
+        copying = self.config.copy_mode is not None
+        if copying:
+            context_ids = self._context_ids(input_ids, context_ids, past_key_values)
+            kwargs["output_hidden_states"] = True
         outputs = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -311,6 +330,12 @@ class PluginModel(PluginPreTrainedModel):
             **kwargs,
         )
         logits = outputs.logits
+        if copying:
+            kept = logits.shape[1]
+            first = first_occurrences(context_ids, logits.shape[-1], attention_mask, self.config.copy_ignore_ids)
+            positions = torch.arange(context_ids.shape[1] - kept, context_ids.shape[1], device=first.device)
+            present = first[:, None, :] <= positions[None, :, None]
+            logits = self._copy(logits, outputs.hidden_states[-1][:, -kept:], present)
         if base_logits is not None:
             if base_logits.shape[:2] != input_ids.shape:
                 raise ValueError(
@@ -358,12 +383,52 @@ class PluginModel(PluginPreTrainedModel):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
         mask = logits_mask.to(device=input_ids.device, dtype=torch.bool)
         if self.config.backbone is None:
-            hidden = self.backbone.base_model(**inputs).last_hidden_state
-            return self.backbone.get_output_embeddings()(hidden[mask])
-        if not accepts_logits_to_keep(self.backbone):
-            return self.backbone(**inputs).logits[mask]
-        columns = mask.any(dim=0).nonzero().squeeze(1)
-        return self.backbone(**inputs, logits_to_keep=columns).logits[mask[:, columns]]
+            hidden = self.backbone.base_model(**inputs).last_hidden_state[mask]
+            logits = self.backbone.get_output_embeddings()(hidden)
+        else:
+            if self.config.copy_mode is not None:
+                inputs["output_hidden_states"] = True
+            if not accepts_logits_to_keep(self.backbone):
+                outputs = self.backbone(**inputs)
+                logits = outputs.logits[mask]
+            else:
+                columns = mask.any(dim=0).nonzero().squeeze(1)
+                outputs = self.backbone(**inputs, logits_to_keep=columns)
+                logits = outputs.logits[mask[:, columns]]
+            hidden = outputs.hidden_states[-1][mask] if self.config.copy_mode is not None else None
+        if self.config.copy_mode is None:
+            return logits
+        rows, positions = mask.nonzero(as_tuple=True)
+        first = first_occurrences(input_ids, logits.shape[-1], attention_mask, self.config.copy_ignore_ids)
+        return self._copy(logits, hidden, first[rows] <= positions[:, None])
+
+    @property
+    def reads_context(self) -> bool:
+        """Whether the logits depend on which ids the context holds (a `copy_mode`): a cached runner then passes the
+        whole sequence as `context_ids`."""
+        return self.config.copy_mode is not None
+
+    def _copy(self, logits: torch.Tensor, hidden: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        gate = self.copy_head(hidden.to(self.copy_head.weight.dtype))
+        return apply_copy_mode(self.config.copy_mode, logits, gate, present.to(logits.device))
+
+    @staticmethod
+    def _context_ids(input_ids, context_ids, past_key_values) -> torch.LongTensor:
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if context_ids is None:
+            if past:
+                raise ValueError(
+                    "A reweighter with a copy_mode run on a KV cache needs `context_ids`: the whole sequences so far."
+                )
+            return input_ids
+        if context_ids.shape != (input_ids.shape[0], past + input_ids.shape[1]) or not torch.equal(
+            context_ids[:, past:].to(input_ids.device), input_ids
+        ):
+            raise ValueError(
+                f"`context_ids` must be the whole sequences so far ({past} cached + {input_ids.shape[1]} new tokens per "
+                f"row, ending with `input_ids`), got shape {tuple(context_ids.shape)}."
+            )
+        return context_ids.to(input_ids.device)
 
     def _check_positions(self, input_ids, attention_mask, position_ids, past_key_values) -> None:
         """Raises when a sequence is longer than the reweighter's `max_position_embeddings`."""

@@ -236,8 +236,11 @@ def test_revision_is_honoured(tokenizer, tmp_path):
     torch.testing.assert_close(logits_of(load("a" * 40)), logits_of(old))
 
 
-def test_with_code_loads_without_hf_plugin(tokenizer, tmp_path):
-    plugin = bound_plugin(tokenizer)
+@pytest.mark.parametrize("copy_mode", [None, "shared"])
+def test_with_code_loads_without_hf_plugin(tokenizer, tmp_path, copy_mode):
+    plugin = bound_plugin(tokenizer, copy_mode=copy_mode)
+    if copy_mode:
+        torch.nn.init.normal_(plugin.copy_head.weight)
     plugin.save_pretrained(tmp_path / "r", with_code=True)
     assert json.loads((tmp_path / "r" / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_plugin.PluginModel"
     # Some transformers releases copy only the entry module's direct relative imports: each copied module must be one.

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx2
@@ -561,8 +562,13 @@ def test_cli_check_server_aligned_shifted_misaligned_and_refused_key(cli_folder,
 SLOW_SERVER_TIMEOUT = 600
 
 
+def _log_tail(path: Path, lines: int = 25) -> str:
+    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return "\n".join(text[-lines:]) or "(the server wrote nothing)"
+
+
 @pytest.fixture(scope="module")
-def llama_server():
+def llama_server_process(tmp_path_factory):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'llama-cpp-python[server]')")
     gguf = offline_smollm2()
     if gguf is None:
@@ -570,25 +576,44 @@ def llama_server():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--logits_all", "true", "--host", "127.0.0.1",
-         "--port", str(port), "--n_threads", "1", "--model_alias", "smollm2", "--verbose", "false"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--logits_all", "true", "--host",
+             "127.0.0.1", "--port", str(port), "--n_threads", "1", "--model_alias", "smollm2", "--verbose", "false"],
+            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        for _ in range(120):
+        for _ in range(240):
+            if process.poll() is not None:
+                pytest.fail(f"llama-cpp-python's server exited with code {process.returncode} before answering; "
+                            f"its log ends:\n{_log_tail(log_path)}")
             try:
                 if httpx2.get(f"{url}/models", timeout=1).status_code == 200:
                     break
             except httpx2.HTTPError:
                 time.sleep(0.5)
         else:
-            pytest.fail("llama-cpp-python's server did not start")
+            pytest.fail(f"llama-cpp-python's server did not answer within 2 minutes; its log ends:\n{_log_tail(log_path)}")
         model, tokenizer = load_base_model(gguf)
-        yield url, model, tokenizer
+        yield process, log_path, (url, model, tokenizer)
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture
+def llama_server(llama_server_process):
+    """The module's server for one test; a server that died during the test (an illegal instruction in a llama.cpp
+    built for another CPU, say) is reported with its exit code and the tail of its log, not as a refused connection."""
+    process, log_path, served = llama_server_process
+    if process.poll() is not None:
+        pytest.fail(f"llama-cpp-python's server died earlier (exit code {process.returncode}); its log ends:\n"
+                    f"{_log_tail(log_path)}")
+    yield served
+    if process.poll() is not None:
+        pytest.fail(f"llama-cpp-python's server died during this test (exit code {process.returncode}); its log "
+                    f"ends:\n{_log_tail(log_path)}")
 
 
 def test_llama_cpp_server_is_probed_and_lines_up_with_the_local_model(llama_server):

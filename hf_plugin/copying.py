@@ -1,0 +1,102 @@
+"""Copy-aware reweighting: how a reweighter treats the tokens already present in its context.
+
+A reweighter trained on a few thousand completions pushes down every token it never saw as a target, so in the
+product `p_base · r^alpha` a name the base would copy from the prompt loses to a name the reweighter memorised
+(benchmarks/README, "misses an unseen name"). A copy mode changes the reweighter's logits for the ids that occur in
+its context (the prompt and what was generated so far; padding and `ignore_ids` excluded) with one scalar per step,
+`g_t = w · h_t + b`, read from its last hidden state by a linear head:
+
+- `"gate"`: `z'(v) = z(v) + g_t` for context ids. The head starts at zero, so an untrained gate changes nothing.
+- `"shared"`: `z'(v) = g_t` for context ids. The reweighter cannot rank one context token above another (nor
+  memorise names it would prefer to new ones); it only says how welcome copying is, and the base chooses what.
+- `"floor"`: `z'(v) = max(z(v), g_t)` for context ids: no context token falls below `g_t`.
+
+The context is the whole sequence so far rather than the prompt alone because that set can be read off the ids at
+every step, by every consumer (training, `forward`, the logits processor through beams and roll-backs, a server),
+with no record of where a prompt ended.
+
+This module imports nothing else of ours: the remote-code copy of a saved reweighter carries it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+COPY_MODES = ("gate", "shared", "floor")
+
+
+def first_occurrences(
+    context_ids: torch.LongTensor,
+    vocab_size: int,
+    context_mask: torch.Tensor | None = None,
+    ignore_ids: Sequence[int] | None = None,
+) -> torch.LongTensor:
+    """For each row and vocabulary id, the position of the id's first real occurrence in the row.
+
+    Args:
+        context_ids (`torch.LongTensor` of shape `(batch_size, length)`): the sequences.
+        vocab_size (`int`): width of the result.
+        context_mask (`torch.Tensor` of shape `(batch_size, length)`, *optional*): 1 for real tokens, 0 for padding.
+        ignore_ids (`Sequence[int]`, *optional*): ids never counted (e.g. the tokenizer's special tokens).
+
+    Returns:
+        `torch.LongTensor` of shape `(batch_size, vocab_size)`: a position, or `length` where the id never occurs.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_plugin.copying import first_occurrences
+    >>> first_occurrences(torch.tensor([[0, 3, 1, 3]]), 5, context_mask=torch.tensor([[0, 1, 1, 1]]), ignore_ids=[1])
+    tensor([[4, 4, 4, 1, 4]])
+
+    ```
+    """
+    rows, length = context_ids.shape
+    counted = (context_ids >= 0) & (context_ids < vocab_size)
+    if context_mask is not None:
+        counted &= context_mask.to(context_ids.device).bool()
+    if ignore_ids:
+        ignored = torch.as_tensor(list(ignore_ids), dtype=context_ids.dtype, device=context_ids.device)
+        counted &= ~torch.isin(context_ids, ignored)
+    positions = torch.arange(length, device=context_ids.device).expand(rows, length)
+    first = torch.full((rows, vocab_size), length, dtype=torch.long, device=context_ids.device)
+    return first.scatter_reduce(
+        1, context_ids.clamp(0, vocab_size - 1), positions.masked_fill(~counted, length), reduce="amin"
+    )
+
+
+def apply_copy_mode(mode: str, logits: torch.Tensor, gate: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The reweighter's logits after its copy mode (see the module's docstring); a new tensor.
+
+    Args:
+        mode (`str`): one of `COPY_MODES`.
+        logits (`torch.Tensor` of shape `(..., vocab_size)`): the reweighter's own logits.
+        gate (`torch.Tensor` of shape `(..., 1)`): the copy head's output at the same positions.
+        present (`torch.BoolTensor` of shape `(..., vocab_size)`): which ids are in the context at each position.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_plugin.copying import apply_copy_mode
+    >>> logits, gate = torch.tensor([3.0, -2.0, 0.5]), torch.tensor([1.0])
+    >>> present = torch.tensor([False, True, True])
+    >>> apply_copy_mode("gate", logits, gate, present), apply_copy_mode("shared", logits, gate, present)
+    (tensor([ 3.0000, -1.0000,  1.5000]), tensor([3., 1., 1.]))
+    >>> apply_copy_mode("floor", logits, gate, present)
+    tensor([3., 1., 1.])
+
+    ```
+    """
+    gate = gate.to(logits.dtype)
+    if mode == "gate":
+        return logits + gate * present
+    if mode == "shared":
+        return torch.where(present, gate, logits)
+    if mode == "floor":
+        return torch.where(present, torch.maximum(logits, gate), logits)
+    raise ValueError(f"Unknown copy mode {mode!r}; expected one of {', '.join(COPY_MODES)}.")

@@ -1,0 +1,191 @@
+"""Copy modes: exact wherever a reweighter is used (forward, training positions, the processor, the loss),
+saved and loaded like every config field, and off for reweighters that do not name one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hf_plugin import PluginConfig, PluginLogitsProcessor, PluginModel
+from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel, loss_positions, write_base_cache
+from hf_plugin.cli import main
+from hf_plugin.copying import COPY_MODES
+from hf_plugin.data import collate, encode_examples, read_examples
+
+from conftest import BOS, EOS, PAD, Recorder, full_mask, make_base, make_plugin, prompts, task_folder, write_csv
+from test_logits_process import MODES, assert_every_call_exact, assert_finished_sequences_exact, count_reweighter_tokens
+
+
+ARCHS = ["llama", "gpt2"]
+
+
+def copy_plugin(arch: str, mode: str, **kwargs) -> PluginModel:
+    """A tiny reweighter with a copy mode and a copy head that visibly matters (trained ones are not zero)."""
+    plugin = make_plugin(arch, copy_mode=mode, copy_ignore_ids=[BOS, EOS], **kwargs)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        plugin.copy_head.weight.normal_(std=2.0)
+        plugin.copy_head.bias.fill_(1.5)
+    return plugin
+
+
+def test_config_refuses_bad_options_and_old_configs_load_without_a_copy_mode(tmp_path):
+    with pytest.raises(ValueError, match="`copy_mode` must be None or one of gate, shared, floor, got 'copy'"):
+        PluginConfig(vocab_size=10, copy_mode="copy")
+    for bad in ([-1], ["3"], 5, [True]):
+        with pytest.raises(ValueError, match="`copy_ignore_ids` must be a list of non-negative token ids"):
+            PluginConfig(vocab_size=10, copy_mode="gate", copy_ignore_ids=bad)
+    old = make_plugin("llama")
+    old.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old/config.json").read_text())
+    del config["copy_mode"], config["copy_ignore_ids"]  # as hf-plugin wrote it before copy modes existed
+    (tmp_path / "old/config.json").write_text(json.dumps(config))
+    loaded = PluginModel.from_pretrained(tmp_path / "old")
+    assert loaded.config.copy_mode is None and loaded.copy_head is None and not loaded.reads_context
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", COPY_MODES)
+def test_save_and_load_keep_the_mode_and_the_head(arch, mode, tmp_path):
+    plugin = copy_plugin(arch, mode)
+    plugin.save_pretrained(tmp_path / "r")
+    loaded = PluginModel.from_pretrained(tmp_path / "r")
+    assert (loaded.config.copy_mode, loaded.config.copy_ignore_ids) == (mode, [BOS, EOS])
+    torch.testing.assert_close(loaded.copy_head.weight, plugin.copy_head.weight)
+    assert f"Copy mode `{mode}`" in (tmp_path / "r/README.md").read_text()
+    ids = torch.tensor([[5, 6, 7, 6, 9]])
+    torch.testing.assert_close(loaded(ids).logits, plugin(ids).logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_untrained_gate_changes_nothing(arch):
+    plain = make_plugin(arch)
+    gated = make_plugin(arch, copy_mode="gate")
+    gated.backbone.load_state_dict(plain.backbone.state_dict())
+    assert not gated.copy_head.weight.any() and not gated.copy_head.bias.any()
+    ids = torch.tensor([[5, 6, 7, 6, 9]])
+    torch.testing.assert_close(gated(ids).logits, plain(ids).logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", COPY_MODES)
+def test_forward_changes_exactly_the_ids_already_in_the_context(arch, mode):
+    plugin = copy_plugin(arch, mode)
+    plain = make_plugin(arch)  # same seed: the same backbone without a copy head
+    ids = torch.tensor([[PAD, PAD, BOS, 5, 6, 5, 7], [BOS, 8, 9, 10, 11, 12, 13]])
+    mask = (torch.arange(7) >= 2).long().expand(2, 7).clone()
+    mask[1] = 1
+    with torch.no_grad():
+        out = plugin(ids, attention_mask=mask).logits
+        own = plain(ids, attention_mask=mask).logits
+    changed = (out != own)
+    for row in range(2):
+        for t in range(7):
+            if not mask[row, t]:
+                continue
+            seen = {int(v) for v, m in zip(ids[row, : t + 1], mask[row, : t + 1]) if m} - {BOS, EOS}
+            where = set(changed[row, t].nonzero().flatten().tolist())
+            # floor leaves a context id alone where its own logit is already above the gate
+            assert where <= seen if mode == "floor" else where == seen, (row, t, where, seen)
+    if mode == "shared":  # every context id at one value: the reweighter cannot rank them
+        assert out[1, -1, 8] == out[1, -1, 13]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", COPY_MODES)
+def test_completion_logits_equal_the_forward(arch, mode):
+    plugin = copy_plugin(arch, mode)
+    ids = torch.tensor([[PAD, PAD, 5, 6, 5, 7, 8], [4, 8, 9, 10, 11, 12, 9]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    selected = torch.zeros_like(ids, dtype=torch.bool)
+    selected[0, 3:6] = True
+    selected[1, [2, 5]] = True
+    with torch.no_grad():
+        expected = plugin(ids, attention_mask=mask).logits[selected]
+        got = plugin.completion_logits(ids, mask, selected)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_cached_forward_needs_the_whole_sequence():
+    plugin = copy_plugin("llama", "shared")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        first = plugin(ids[:, :3], use_cache=True)
+        with pytest.raises(ValueError, match="needs `context_ids`: the whole sequences so far"):
+            plugin(ids[:, 3:], past_key_values=first.past_key_values)
+        with pytest.raises(ValueError, match=r"3 cached \+ 1 new tokens per row"):
+            plugin(ids[:, 3:], past_key_values=first.past_key_values, context_ids=ids[:, 1:])
+        step = plugin(ids[:, 3:], past_key_values=first.past_key_values, context_ids=ids).logits[:, -1]
+        whole = plugin(ids).logits[:, -1]
+    torch.testing.assert_close(step, whole, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", COPY_MODES)
+@pytest.mark.parametrize("decoding", ["greedy", "sampling_multiple_returns", "beam_multiple_returns"])
+def test_processor_matches_offline_forward(arch, mode, decoding, tokenizer):
+    base, plugin = make_base("llama"), copy_plugin(arch, mode)
+    input_ids, mask = prompts(tokenizer, ["w1 w2 w3 w4 w5", "w6 w7", "w8 w9 w10"])
+    recorder = Recorder(PluginLogitsProcessor(plugin, pad_token_id=PAD))
+    tokens = count_reweighter_tokens(plugin)
+    torch.manual_seed(0)
+    out = base.generate(input_ids, attention_mask=mask, logits_processor=[recorder], max_new_tokens=8,
+                        min_new_tokens=8, **MODES[decoding])
+    assert tokens == [input_ids.shape[1]] + [1] * (len(recorder.calls) - 1), "not incremental"
+    assert_every_call_exact(plugin, recorder.calls, mask)
+    if "beam" not in decoding:
+        assert_finished_sequences_exact(plugin, out, recorder.calls, mask)
+
+
+def test_two_generate_calls_in_a_row_each_read_their_own_context(tokenizer):
+    base, plugin = make_base("llama"), copy_plugin("llama", "shared")
+    recorder = Recorder(PluginLogitsProcessor(plugin, pad_token_id=PAD))
+    outputs = []
+    for texts in (["w1 w2 w3", "w4"], ["w9 w8", "w7 w6 w5 w4 w3"], ["w1 w2 w3", "w4"]):
+        input_ids, mask = prompts(tokenizer, texts)
+        recorder.calls.clear()
+        outputs.append(base.generate(input_ids, attention_mask=mask, logits_processor=[recorder], max_new_tokens=6,
+                                     min_new_tokens=6, do_sample=False))
+        assert_every_call_exact(plugin, recorder.calls, mask)
+    assert torch.equal(outputs[0], outputs[2])
+    # a continuation of an earlier output is a new generation whose context includes that output
+    follow = outputs[0]
+    recorder.calls.clear()
+    base.generate(follow, attention_mask=full_mask(follow, prompts(tokenizer, ["w1 w2 w3", "w4"])[1]),
+                  logits_processor=[recorder], max_new_tokens=3, do_sample=False)
+    assert_every_call_exact(plugin, recorder.calls, prompts(tokenizer, ["w1 w2 w3", "w4"])[1])
+
+
+@pytest.mark.parametrize("mode", COPY_MODES)
+def test_loss_from_a_whole_vocabulary_cache_equals_the_live_loss_and_trains_the_head(mode, tokenizer, tmp_path):
+    rows = [(f"w{i} w{i + 1} w{i + 2}", f"w{i + 1} w40 w{i}") for i in range(4, 28)]
+    examples, _ = read_examples(write_csv(tmp_path / "d.csv", rows), prompt_column="mr", completion_column="ref")
+    encoded = encode_examples(tokenizer, examples, max_length=32)
+    base, plugin = make_base("llama"), copy_plugin("llama", mode)
+    cache_dir = write_base_cache(base, encoded, tmp_path / "cache", k=96, pad_token_id=PAD, progress=False)
+    batch = collate(encoded[:8], PAD)
+    logits = plugin.completion_logits(batch["input_ids"], batch["attention_mask"], loss_positions(batch["labels"]))
+    live = LiveBaseModel(base).nll(logits, batch, 1.0)
+    torch.testing.assert_close(CachedBaseLogits(cache_dir, encoded).nll(logits, batch, 1.0), live, atol=5e-3, rtol=0)
+    # A top-4 cache bounds the loss from above, prompt ids outside the known ones included.
+    small = write_base_cache(base, encoded, tmp_path / "small", k=4, pad_token_id=PAD, task_vocab=[EOS], progress=False)
+    assert (CachedBaseLogits(small, encoded).nll(logits, batch, 1.0) >= live - 5e-3).all()
+    live.mean().backward()
+    assert plugin.copy_head.weight.grad.abs().sum() > 0
+
+
+def test_train_command_records_the_mode_and_the_special_tokens(tmp_path):
+    setup = task_folder(tmp_path, 16, 4)
+    out = tmp_path / "run"
+    main(["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--validation-data",
+          str(setup / "validation.csv"), "--prompt-column", "mr", "--completion-column", "ref", "--output-dir", str(out),
+          "--hidden-size", "32", "--intermediate-size", "64", "--num-heads", "2", "--max-length", "32", "--epochs", "1",
+          "--cpu", "--copy-mode", "shared"])
+    plugin = PluginModel.from_pretrained(out)
+    assert plugin.config.copy_mode == "shared" and plugin.config.copy_ignore_ids == [0, 1, 2, 3]
+    assert plugin.copy_head.bias.abs().item() > 0  # trained
+    with pytest.raises(SystemExit):
+        main(["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--output-dir",
+              str(tmp_path / "x"), "--copy-mode", "pointer"])
