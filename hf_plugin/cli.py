@@ -13,19 +13,23 @@ from collections.abc import Sequence
 import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
+from transformers.utils import logging
 
 from .base_logits import DEFAULT_TASK_VOCAB_SIZE, LiveBaseModel, cached_base_sources
-from .compatibility import binding_kwargs
+from .compatibility import binding_kwargs, tokenizer_fingerprint
 from .configuration_plugin import PluginConfig
 from .hub import push_folder
 from .data import Example, chat_prompt, encode_examples, read_examples, split_by_prompt, with_demonstrations
 from .copying import COPY_MODES
 from .initialization import first_layers, uniform_start_
-from .loading import load_base_model, load_tokenizer, offline_smollm2
+from .loading import load_base_model, load_frozen_model, load_tokenizer, offline_smollm2
 from .logits_process import PluginLogitsProcessor
 from .metrics import METRIC_NAMES, corpus_metrics, format_table, read_predictions, read_references
 from .modeling_plugin import PluginModel
 from .training import TrainingArguments, check_output_dir, check_resume, completion_nll, latest_checkpoint, train
+
+
+logger = logging.get_logger(__name__)
 
 
 def _default_base() -> str | None:
@@ -181,21 +185,35 @@ def _related_roles(args: argparse.Namespace) -> list[str]:
     return []
 
 
-def _load_causal_lm(path: str, option: str):
+def _load_causal_lm(path: str, option: str, tokenizer, force: bool = False):
     """A related method's small model: a model saved like a reweighter (e.g. by `hf-plugin unlearn`) or any causal
-    LM (folder, Hub id or .gguf file), frozen."""
+    LM (folder, Hub id or .gguf file), frozen. A plain causal LM records no tokenizer fingerprint, so the tokenizer
+    saved beside it must be the base's `tokenizer` (ids of the same width can still mean other tokens)."""
     from transformers import AutoConfig
 
     try:
-        config = None if path.endswith(".gguf") else AutoConfig.from_pretrained(path)
+        config = None if path.endswith(".gguf") else AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as error:
         if not Path(path).exists():
             raise SystemExit(f"error: {option} {path}: no such directory, nor a model on the Hub") from error
         raise SystemExit(f"error: {option} {path}: {str(error).strip().splitlines()[0]}") from error
-    if isinstance(config, PluginConfig):
+    if isinstance(config, PluginConfig):  # its recorded fingerprint is checked by the processor
         return PluginModel.from_pretrained(path).requires_grad_(False).eval()
     try:
-        return load_base_model(path)[0]
+        own = load_tokenizer(path)
+    except (OSError, ValueError, TypeError) as error:
+        if not force:
+            raise SystemExit(f"error: {option} {path} has no tokenizer beside it, so its vocabulary cannot be checked "
+                             "against the base's: save its tokenizer there, or pass --force") from error
+        own = None
+    if own is not None and tokenizer_fingerprint(own) != tokenizer_fingerprint(tokenizer):
+        message = (f"{option} {path} uses another tokenizer than the base: {tokenizer_fingerprint(own)} ({len(own)} "
+                   f"tokens) against the base's {tokenizer_fingerprint(tokenizer)} ({len(tokenizer)} tokens)")
+        if not force:
+            raise SystemExit(f"error: {message}; pass --force to use it anyway")
+        logger.warning(f"{message}; continuing because of --force.")
+    try:
+        return load_frozen_model(path)
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {option} {path}: {str(error).strip().splitlines()[0]}") from error
 
@@ -212,19 +230,23 @@ def _related_processor(args: argparse.Namespace, tokenizer):
     from .methods import DynamicLogitFusionLogitsProcessor, LogitDifferenceLogitsProcessor, ProxyTuningLogitsProcessor
 
     common = dict(tokenizer=tokenizer, strict=not args.force)
+
+    def load(path, option):
+        return _load_causal_lm(path, option, tokenizer, args.force)
+
     if args.proxy_expert:
         return ProxyTuningLogitsProcessor(
-            _load_causal_lm(args.proxy_expert, "--proxy-expert"), _load_causal_lm(args.anti_expert, "--anti-expert"),
+            load(args.proxy_expert, "--proxy-expert"), load(args.anti_expert, "--anti-expert"),
             alpha=1.0 if args.alpha is None else args.alpha, plausibility_top_p=args.plausibility_top_p, **common)
     if args.uld_assistant:
         return LogitDifferenceLogitsProcessor(
-            _load_causal_lm(args.uld_assistant, "--uld-assistant"),
+            load(args.uld_assistant, "--uld-assistant"),
             beta=0.75 if args.uld_beta is None else args.uld_beta,
             relative_top=1e-2 if args.relative_top is None else args.relative_top, **common)
     if args.fusion_expert:
         grid = {} if args.alpha_grid is None else {"alpha_grid": _alpha_grid(args.alpha_grid)}
-        experts = [_load_causal_lm(path, "--fusion-expert") for path in args.fusion_expert]
-        return DynamicLogitFusionLogitsProcessor(experts, _load_causal_lm(args.small_base, "--small-base"), **grid,
+        experts = [load(path, "--fusion-expert") for path in args.fusion_expert]
+        return DynamicLogitFusionLogitsProcessor(experts, load(args.small_base, "--small-base"), **grid,
                                                  **common)
     return None
 
@@ -607,6 +629,11 @@ def serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: hf-plugin serve needs the serve extra: pip install 'hf-plugin[serve]' ({error})") from error
     if not 0 < args.port < 65536:
         raise SystemExit(f"error: --port must be between 1 and 65535, got {args.port}")
+    # An empty key must not mean "no authentication": that is what unsetting it says.
+    api_key, key_source = ((args.api_key, "--api-key") if args.api_key is not None
+                           else (os.environ.get("HF_PLUGIN_API_KEY"), "HF_PLUGIN_API_KEY"))
+    if api_key is not None and not api_key.strip():
+        raise SystemExit(f"error: {key_source} is set but empty; give a key, or unset it to serve without one")
     limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_n=args.max_n,
                           max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent,
                           max_queued=args.max_queued)
@@ -621,7 +648,7 @@ def serve(args: argparse.Namespace) -> None:
     base, tokenizer = _load_base(args)
     reweighters = {name: PluginModel.from_pretrained(source).eval() for name, source in sources.items()}
     app = create_app(base, tokenizer, reweighters, base_name=args.base_id, limits=limits,
-                     api_key=args.api_key or os.environ.get("HF_PLUGIN_API_KEY"), strict=not args.force)
+                     api_key=api_key, strict=not args.force)
     print(f"Serving {', '.join(app.state.models)} on http://{args.host}:{args.port}/v1", flush=True)
     run_server(app, host=args.host, port=args.port)
 

@@ -42,7 +42,7 @@ def load_tokenizer(name_or_path: str | Path, revision: str | None = None) -> Pre
         revision (`str`, *optional*): branch, tag or commit on the Hub.
     """
     name, kwargs = _source(name_or_path, revision)
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False, **kwargs)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -68,11 +68,23 @@ def load_base_model(
         tokenizer (see `load_tokenizer`). A GGUF model's `name_or_path` is the `.gguf` file itself, so that the
         file is known when the model is recorded (see `hf_plugin.binding_kwargs`).
     """
+    return load_frozen_model(name_or_path, revision, dtype, device), load_tokenizer(name_or_path, revision)
+
+
+def load_frozen_model(
+    name_or_path: str | Path,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> PreTrainedModel:
+    """The model of `load_base_model` without its tokenizer: in eval mode, gradients off; code from the model's
+    repository is never run."""
     name, kwargs = _source(name_or_path, revision)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **kwargs)
+    # trust_remote_code=False: transformers would otherwise ask on the terminal for a folder with an `auto_map`.
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, trust_remote_code=False, **kwargs)
     if kwargs.get("gguf_file"):
         model.config.name_or_path = model.name_or_path = str(name_or_path)
     model.requires_grad_(False).eval()
     if device is not None:
         model.to(device)
-    return model, load_tokenizer(name_or_path, revision)
+    return model

@@ -12,7 +12,8 @@ from transformers.utils import logging
 
 from .combine import align_vocab, combine_logits
 from .compatibility import check_tokenizer, check_vocab_width
-from .modeling_plugin import PluginModel, accepts_logits_to_keep, position_ids_from_attention_mask
+from .modeling_plugin import (PluginModel, accepts_logits_to_keep, cache_keyword, output_cache,
+                              position_ids_from_attention_mask)
 
 
 logger = logging.get_logger(__name__)
@@ -70,6 +71,7 @@ class CachedModelRunner:
         self.state: _RunnerState | None = None
         # Only the last position's logits are needed; skip the output layer elsewhere when the model can.
         self.last_logits_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+        self.cache_keyword = cache_keyword(model)
         # A copy-aware reweighter also needs the ids its cache holds.
         self.reads_context = isinstance(model, PluginModel) and model.reads_context
 
@@ -113,10 +115,10 @@ class CachedModelRunner:
         if self.reads_context:
             inputs["context_ids"] = input_ids
         outputs = self.model(
-            input_ids[:, start:], past_key_values=cache, use_cache=True, **inputs, **self.last_logits_only
+            input_ids[:, start:], use_cache=True, **{self.cache_keyword: cache}, **inputs, **self.last_logits_only
         )
         # generate() may hand us views of buffers it later edits in place (beam search), so keep a copy.
-        self.state = _RunnerState(input_ids.clone(), attention_mask, outputs.past_key_values)
+        self.state = _RunnerState(input_ids.clone(), attention_mask, output_cache(outputs))
         logits = outputs.logits[:, -1].float()
         if not torch.isfinite(logits).all():
             raise FloatingPointError(

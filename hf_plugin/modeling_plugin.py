@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import tempfile
@@ -36,6 +37,26 @@ def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tens
     """
     mask = attention_mask.long()
     return (mask.cumsum(-1) - 1).clamp(min=0) * mask
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name under which `model.forward` takes a KV cache: `cache` from transformers 5.25 on (where
+    `past_key_values` is deprecated), `past_key_values` before, and for `PluginModel` (its own argument)."""
+    return _cache_keyword_of(type(model))
+
+
+@functools.cache
+def _cache_keyword_of(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def output_cache(outputs) -> Cache | None:
+    """The KV cache a model's forward returned, under either name of the output field."""
+    return outputs.cache if "cache" in type(outputs).__dataclass_fields__ else outputs.past_key_values
+
+
+# The field name of the cache in transformers' output classes (renamed `cache` in 5.25).
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def next_token_nll(log_probs: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
@@ -321,11 +342,11 @@ class PluginModel(PluginPreTrainedModel):
         if copying:
             context_ids = self._context_ids(input_ids, context_ids, past_key_values)
             kwargs["output_hidden_states"] = True
+        kwargs[cache_keyword(self.backbone)] = past_key_values
         outputs = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             **kwargs,
         )
@@ -350,7 +371,7 @@ class PluginModel(PluginPreTrainedModel):
         loss = None
         if labels is not None:
             loss = next_token_nll(logits if base_logits is not None else logits.float().log_softmax(-1), labels)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: output_cache(outputs)})
 
     def completion_logits(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, logits_mask: torch.Tensor

@@ -40,11 +40,15 @@ def folders(tmp_path_factory):
     for name, seed in (("saved_a", 5), ("saved_b", 6)):  # saved like a reweighter (e.g. by hf-plugin unlearn)
         make_plugin("llama", seed=seed).save_pretrained(root / name)
     make_plugin("llama", vocab_size=80).save_pretrained(root / "other_vocab")
+    # the same width, other tokens: only the tokenizer saved beside it tells
+    sharpened_base(7).save_pretrained(root / "other_tokenizer")
+    make_tokenizer([f"v{i}" for i in range(92)]).save_pretrained(root / "other_tokenizer")
+    sharpened_base(8).save_pretrained(root / "no_tokenizer")
     return root
 
 
 def loaded(root, name):
-    return hf_plugin.cli._load_causal_lm(str(root / name), name)
+    return hf_plugin.cli._load_causal_lm(str(root / name), name, make_tokenizer())
 
 
 METHODS = {
@@ -119,6 +123,22 @@ def test_related_errors_are_one_line_and_come_before_the_base(folders, tmp_path,
     with pytest.raises(SystemExit, match=message) as caught:
         main(argv)
     assert str(caught.value).startswith("error: ") and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("expert, message", [
+    ("other_tokenizer", r"^error: --proxy-expert .*other_tokenizer uses another tokenizer than the base: sha256:\w+ "
+                        r"\(96 tokens\) against the base's sha256:\w+ \(96 tokens\); pass --force"),
+    ("no_tokenizer", r"^error: --proxy-expert .*no_tokenizer has no tokenizer beside it, so its vocabulary cannot be "
+                     r"checked against the base's"),
+])
+def test_a_plain_expert_with_another_or_no_tokenizer_is_refused(folders, capsys, expert, message):
+    argv = ["generate", "--base", str(folders / "base"), "--prompt", "w1", "--max-new-tokens", "2", "--proxy-expert",
+            str(folders / expert), "--anti-expert", str(folders / "saved_b")]
+    with pytest.raises(SystemExit, match=message) as caught:
+        main(argv)
+    assert "\n" not in str(caught.value)
+    main(argv + ["--force"])  # the user's explicit override still runs
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["completion"] is not None
 
 
 def test_an_expert_of_another_vocabulary_is_one_line(folders):

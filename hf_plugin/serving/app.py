@@ -77,6 +77,8 @@ def create_app(
     Returns:
         `FastAPI`: run it with uvicorn; `app.state.engine` is its `GenerationEngine`.
     """
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise ValueError("`api_key` must be a non-empty string, or None to serve without authentication.")
     limits = limits or ServerLimits()
     models = served_models(base, reweighters or {}, base_name, tokenizer, strict)
     engine = GenerationEngine(base, tokenizer, limits)
