@@ -430,11 +430,20 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
     if args.rows == "copy":
         # The from-scratch reweighter with a copy mode (hf_plugin.copying), no delexicalisation: the ids already in
         # the context get one learned value per step instead of (shared, floor) or on top of (gate) their own logits.
-        for mode in ("shared", "gate", "floor"):
-            copying = trained(f"plugin-scratch-copy-{mode}",
-                              lambda: new_reweighter(binding, copy_mode=mode, copy_ignore_ids=tokenizer.all_special_ids),
-                              caches["train"], caches["heldout"], 1e-3)
-            plugin_row(f"Plugin, from scratch, copy {mode}", copying, plain, alpha_cache, alpha_examples)
+        # Word starts: the MR glues values to brackets (`name[Giraffe]`: `G`), the sentence writes them after a space
+        # (`ĠG`), so without them the first piece of every name is outside the context.
+        for mode, word_starts in (("shared", False), ("shared", True), ("gate", True), ("floor", True)):
+            def make(mode=mode, word_starts=word_starts):
+                model = new_reweighter(binding, copy_mode=mode, copy_ignore_ids=tokenizer.all_special_ids,
+                                       copy_word_starts=word_starts)
+                if word_starts:
+                    model.set_copy_aliases(tokenizer)
+                return model
+
+            suffix = " + word starts" if word_starts else ""
+            copying = trained(f"plugin-scratch-copy-{mode}{'-ws' if word_starts else ''}", make, caches["train"],
+                              caches["heldout"], 1e-3)
+            plugin_row(f"Plugin, from scratch, copy {mode}{suffix}", copying, plain, alpha_cache, alpha_examples)
         return
 
     # Rows in order of importance (cheap baselines early): an interrupted run has the main comparisons first.

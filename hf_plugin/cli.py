@@ -59,16 +59,34 @@ def _load_base(args: argparse.Namespace):
         raise SystemExit(f"error: cannot load base model {args.base!r}: {error}") from error
 
 
+def _copy_options(args: argparse.Namespace, tokenizer) -> dict:
+    """The `PluginConfig` arguments of --copy-mode and --copy-word-starts."""
+    if args.copy_mode is None:
+        return {}
+    # Special tokens (BOS, EOS, chat markers) are structure, not content to copy.
+    return {"copy_mode": args.copy_mode, "copy_ignore_ids": sorted(set(tokenizer.all_special_ids)),
+            "copy_word_starts": args.copy_word_starts}
+
+
+def _check_copy_arguments(args: argparse.Namespace) -> None:
+    if args.copy_word_starts and args.copy_mode is None:
+        raise SystemExit("error: --copy-word-starts needs --copy-mode")
+
+
 def init(args: argparse.Namespace) -> None:
     """Writes a new, untrained reweighter bound to the base model and its tokenizer."""
+    _check_copy_arguments(args)
     base, tokenizer = _load_base(args)
     binding = binding_kwargs(base, tokenizer, revision=args.base_revision, base_model_id=args.base_id)
     torch.manual_seed(args.seed)
     config = PluginConfig(
         vocab_size=binding["base_vocab_size"], hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
         num_attention_heads=args.num_heads, intermediate_size=args.intermediate_size, alpha=args.alpha, **binding,
+        **_copy_options(args, tokenizer),
     )
     plugin = PluginModel(config)
+    if args.copy_word_starts:
+        plugin.set_copy_aliases(tokenizer)
     plugin.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     print(f"Saved an untrained reweighter ({plugin.num_parameters():,} parameters) to {args.output_dir}")
@@ -442,6 +460,7 @@ def check_server(args: argparse.Namespace) -> None:
 
 def train_command(args: argparse.Namespace) -> None:
     """Trains a reweighter and saves the best epoch's weights in --output-dir."""
+    _check_copy_arguments(args)
     if args.init_from_base_layers is not None:
         _check_positive(args, "init_from_base_layers")
         given = [f"--{name.replace('_', '-')}" for name in sorted(getattr(args, "given", ()))]
@@ -475,8 +494,7 @@ def train_command(args: argparse.Namespace) -> None:
         args, tokenizer, train_examples, validation_examples, accelerator, base=base)
     torch.manual_seed(args.seed)
     options = {"alpha": args.alpha, **binding}
-    if args.copy_mode is not None:  # special tokens (BOS, EOS, chat markers) are structure, not content to copy
-        options.update(copy_mode=args.copy_mode, copy_ignore_ids=sorted(set(tokenizer.all_special_ids)))
+    options.update(_copy_options(args, tokenizer))
     if args.init_from:
         initial = AutoModelForCausalLM.from_pretrained(args.init_from)
         plugin = PluginModel.from_causal_lm(initial, **options)
@@ -488,6 +506,8 @@ def train_command(args: argparse.Namespace) -> None:
             num_attention_heads=args.num_heads, intermediate_size=args.intermediate_size,
             max_position_embeddings=max(args.max_length, 256), **options,
         ))
+    if args.copy_word_starts:
+        plugin.set_copy_aliases(tokenizer)
     if args.uniform_start:
         uniform_start_(plugin)
     card = {"datasets": [args.dataset_id]} if args.dataset_id else None
@@ -889,6 +909,9 @@ def _add_architecture_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the reweighter treats ids already in its context (default: as any other id); 'shared' "
                         "leaves the choice among them to the base, so names unseen in training are not deleted "
                         "(see hf_plugin.copying)")
+    p.add_argument("--copy-word-starts", action="store_true",
+                   help="with --copy-mode: a context token also brings its word-start form ('G' in 'name[Giraffe]' "
+                        "brings 'ĠG', as in ' Giraffe')")
 
 
 def _add_training_arguments(p: argparse.ArgumentParser) -> None:

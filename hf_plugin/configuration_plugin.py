@@ -91,6 +91,9 @@ class PluginConfig(PretrainedConfig):
         copy_ignore_ids (`list[int]`, *optional*):
             Ids never counted as context by the copy mode, typically the tokenizer's special tokens
             (`hf-plugin train` records `tokenizer.all_special_ids`). Padding is never counted.
+        copy_word_starts (`bool`, *optional*, defaults to `False`):
+            Also count the word-start form of each context token (`G` → `ĠG`, see `hf_plugin.copying`); the table
+            is a buffer of the model, filled from the tokenizer by `PluginModel.set_copy_aliases`.
 
     Examples:
 
@@ -128,6 +131,7 @@ class PluginConfig(PretrainedConfig):
         tokenizer_vocab_size: int | None = None,
         copy_mode: str | None = None,
         copy_ignore_ids: list[int] | None = None,
+        copy_word_starts: bool = False,
         hf_plugin_version: str = __version__,
         **kwargs,
     ):
@@ -165,6 +169,8 @@ class PluginConfig(PretrainedConfig):
             and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in copy_ignore_ids)
         ):
             raise ValueError(f"`copy_ignore_ids` must be a list of non-negative token ids, got {copy_ignore_ids!r:.80}.")
+        if copy_word_starts and copy_mode is None:
+            raise ValueError("`copy_word_starts` needs a `copy_mode`.")
         for name, value in (("base_vocab_size", base_vocab_size), ("tokenizer_vocab_size", tokenizer_vocab_size)):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
@@ -192,6 +198,7 @@ class PluginConfig(PretrainedConfig):
         self.tokenizer_vocab_size = tokenizer_vocab_size
         self.copy_mode = copy_mode
         self.copy_ignore_ids = sorted(set(copy_ignore_ids)) if copy_ignore_ids else None
+        self.copy_word_starts = bool(copy_word_starts)
         self.hf_plugin_version = hf_plugin_version
         super().__init__(**kwargs)
 

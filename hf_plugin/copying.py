@@ -15,6 +15,11 @@ The context is the whole sequence so far rather than the prompt alone because th
 every step, by every consumer (training, `forward`, the logits processor through beams and roll-backs, a server),
 with no record of where a prompt ended.
 
+Word starts. A value glued to a bracket or a colon in the prompt (`name[Giraffe]`: `G`, `ira`, `ffe`) is written
+after a space in the output (` Giraffe`: `ĠG`, `ira`, `ffe`), and the space-prefixed first piece is another id. With
+`word_start_aliases(tokenizer)` every context token that begins with a letter or digit also brings its word-start
+form (`G` → `ĠG`) into the context.
+
 This module imports nothing else of ours: the remote-code copy of a saved reweighter carries it.
 """
 
@@ -67,6 +72,47 @@ def first_occurrences(
     return first.scatter_reduce(
         1, context_ids.clamp(0, vocab_size - 1), positions.masked_fill(~counted, length), reduce="amin"
     )
+
+
+# The word-start markers of byte-level BPE (GPT-2, LLaMA 3, SmolLM) and SentencePiece vocabularies.
+_WORD_START_MARKERS = ("Ġ", "▁")
+
+
+def word_start_aliases(tokenizer) -> torch.LongTensor:
+    """For each id of `tokenizer`, the id of the same token with a word-start marker (`ĠG` for `G`), or -1.
+
+    Only tokens beginning with a letter or digit get one; special tokens and tokens already marked get none.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): the base's tokenizer.
+
+    Returns:
+        `torch.LongTensor` of shape `(len(tokenizer),)`.
+    """
+    vocab = tokenizer.get_vocab()
+    aliases = torch.full((max(len(tokenizer), max(vocab.values()) + 1),), -1, dtype=torch.long)
+    markers = [m for m in _WORD_START_MARKERS if any(token.startswith(m) for token in vocab)]
+    if not markers:
+        return aliases
+    special = set(tokenizer.all_special_ids)
+    for token, index in vocab.items():
+        if index in special or not token[:1].isalnum():
+            continue
+        marked = vocab.get(markers[0] + token)
+        if marked is not None:
+            aliases[index] = marked
+    return aliases
+
+
+def add_aliases(first: torch.LongTensor, aliases: torch.LongTensor) -> torch.LongTensor:
+    """`first_occurrences` with each id's alias present from where the id is (a new tensor)."""
+    aliases = aliases[: first.shape[1]].to(first.device)
+    has = (aliases >= 0) & (aliases < first.shape[1])
+    sources = has.nonzero().squeeze(1)
+    if not len(sources):
+        return first
+    targets = aliases[sources].expand(first.shape[0], -1)
+    return first.scatter_reduce(1, targets, first[:, sources], reduce="amin")
 
 
 def apply_copy_mode(mode: str, logits: torch.Tensor, gate: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from transformers.utils import cached_file
 from .combine import align_vocab, combine_logits
 from .compatibility import check_base_model, check_vocab_width
 from .configuration_plugin import PluginConfig
-from .copying import apply_copy_mode, first_occurrences
+from .copying import add_aliases, apply_copy_mode, first_occurrences, word_start_aliases
 from .initialization import first_layers
 from .hub import CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, _WEIGHTS_SHARD, card_sections, push_folder, render_model_card, write_remote_code
 # Some transformers releases (5.3, 5.8) copy only the direct relative imports of a remote-code model loaded from a
@@ -116,6 +116,8 @@ class PluginModel(PluginPreTrainedModel):
         )
         # One scalar per step for the ids already in the context (see `hf_plugin.copying`); zero at the start.
         self.copy_head = torch.nn.Linear(config.hidden_size, 1) if config.copy_mode is not None else None
+        if config.copy_word_starts:  # saved with the weights: the table belongs to the tokenizer it was trained with
+            self.register_buffer("copy_aliases", torch.full((config.vocab_size,), -1, dtype=torch.long))
         # What the model card was rendered from (training, metrics, evaluation, ...); kept across save and load.
         self.card_sections: dict = {}
         self.post_init()
@@ -353,7 +355,7 @@ class PluginModel(PluginPreTrainedModel):
         logits = outputs.logits
         if copying:
             kept = logits.shape[1]
-            first = first_occurrences(context_ids, logits.shape[-1], attention_mask, self.config.copy_ignore_ids)
+            first = self._first_occurrences(context_ids, logits.shape[-1], attention_mask)
             positions = torch.arange(context_ids.shape[1] - kept, context_ids.shape[1], device=first.device)
             present = first[:, None, :] <= positions[None, :, None]
             logits = self._copy(logits, outputs.hidden_states[-1][:, -kept:], present)
@@ -420,14 +422,27 @@ class PluginModel(PluginPreTrainedModel):
         if self.config.copy_mode is None:
             return logits
         rows, positions = mask.nonzero(as_tuple=True)
-        first = first_occurrences(input_ids, logits.shape[-1], attention_mask, self.config.copy_ignore_ids)
+        first = self._first_occurrences(input_ids, logits.shape[-1], attention_mask)
         return self._copy(logits, hidden, first[rows] <= positions[:, None])
+
+    def set_copy_aliases(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Fills the word-start table of a `copy_word_starts` reweighter from the base's tokenizer (see
+        `hf_plugin.copying.word_start_aliases`); `hf-plugin train` does it."""
+        if not self.config.copy_word_starts:
+            raise ValueError("This reweighter has no word-start table: its config has copy_word_starts=False.")
+        aliases = word_start_aliases(tokenizer)[: self.config.vocab_size]
+        self.copy_aliases.fill_(-1)
+        self.copy_aliases[: len(aliases)] = aliases.to(self.copy_aliases.device)
 
     @property
     def reads_context(self) -> bool:
         """Whether the logits depend on which ids the context holds (a `copy_mode`): a cached runner then passes the
         whole sequence as `context_ids`."""
         return self.config.copy_mode is not None
+
+    def _first_occurrences(self, context_ids, vocab_size, context_mask) -> torch.LongTensor:
+        first = first_occurrences(context_ids, vocab_size, context_mask, self.config.copy_ignore_ids)
+        return add_aliases(first, self.copy_aliases) if self.config.copy_word_starts else first
 
     def _copy(self, logits: torch.Tensor, hidden: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         gate = self.copy_head(hidden.to(self.copy_head.weight.dtype))

@@ -549,6 +549,10 @@ def train(
     """
     if not validation_examples:
         raise ValueError("A validation split is needed: early stopping and the saved model are chosen on it.")
+    if plugin.config.copy_word_starts and not bool((plugin.copy_aliases >= 0).any()):
+        raise ValueError("The reweighter has copy_word_starts=True but an empty word-start table: call "
+                         "`plugin.set_copy_aliases(tokenizer)` first (or use copy_word_starts=False for a vocabulary "
+                         "without word-start markers).")
     output_dir, checkpoint_dir = Path(args.output_dir), Path(args.checkpoint_dir)
     accelerator = accelerator or Accelerator(mixed_precision=args.mixed_precision, log_with=args.log_with,
                                              project_dir=str(output_dir))

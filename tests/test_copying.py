@@ -11,10 +11,12 @@ import torch
 from hf_plugin import PluginConfig, PluginLogitsProcessor, PluginModel
 from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel, loss_positions, write_base_cache
 from hf_plugin.cli import main
-from hf_plugin.copying import COPY_MODES
+from hf_plugin.copying import COPY_MODES, word_start_aliases
 from hf_plugin.data import collate, encode_examples, read_examples
+from hf_plugin.training import TrainingArguments, train
 
-from conftest import BOS, EOS, PAD, Recorder, full_mask, make_base, make_plugin, prompts, task_folder, write_csv
+from conftest import (BOS, EOS, PAD, Recorder, full_mask, make_base, make_plugin, make_tokenizer, prompts, task_folder,
+                      write_csv)
 from test_logits_process import MODES, assert_every_call_exact, assert_finished_sequences_exact, count_reweighter_tokens
 
 
@@ -189,3 +191,64 @@ def test_train_command_records_the_mode_and_the_special_tokens(tmp_path):
     with pytest.raises(SystemExit):
         main(["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--output-dir",
               str(tmp_path / "x"), "--copy-mode", "pointer"])
+
+
+def marked_tokenizer():
+    """Word-level, 96 ids: `w0`..`w45` and their word-start forms `Ġw0`..`Ġw45`, as byte-level BPE vocabularies have."""
+    return make_tokenizer([f"w{i}" for i in range(46)] + [f"Ġw{i}" for i in range(46)])
+
+
+def test_word_start_aliases_map_a_piece_to_its_marked_form():
+    tokenizer = marked_tokenizer()
+    aliases = word_start_aliases(tokenizer)
+    vocab = tokenizer.get_vocab()
+    assert aliases.shape == (96,)
+    assert aliases[vocab["w7"]] == vocab["Ġw7"] and aliases[vocab["Ġw7"]] == -1
+    assert (aliases[[PAD, BOS, EOS, 3]] == -1).all()
+    assert (word_start_aliases(make_tokenizer()) == -1).all()  # no marker in the vocabulary: nothing to alias
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_word_starts_bring_the_marked_form_into_the_context(arch, tmp_path):
+    tokenizer = marked_tokenizer()
+    vocab = tokenizer.get_vocab()
+    plugin = copy_plugin(arch, "shared", copy_word_starts=True)
+    plugin.set_copy_aliases(tokenizer)
+    ids = torch.tensor([[vocab["w3"], vocab["w9"], vocab["Ġw20"]]])
+    with torch.no_grad():
+        logits = plugin(ids).logits[0]
+    gate = logits[0, vocab["w3"]]
+    assert logits[0, vocab["Ġw3"]] == gate and logits[0, vocab["Ġw9"]] != gate  # w9 is not in the context yet
+    assert logits[1, vocab["Ġw9"]] == logits[1, vocab["w9"]] and logits[2, vocab["w20"]] != logits[2, vocab["Ġw20"]]
+    plugin.save_pretrained(tmp_path / "r")
+    loaded = PluginModel.from_pretrained(tmp_path / "r")
+    assert torch.equal(loaded.copy_aliases, plugin.copy_aliases)
+    selected = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.completion_logits(ids, None, selected), logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoding", ["greedy", "beam_multiple_returns"])
+def test_processor_with_word_starts_matches_offline_forward(decoding):
+    tokenizer = marked_tokenizer()
+    base, plugin = make_base("llama"), copy_plugin("llama", "shared", copy_word_starts=True)
+    plugin.set_copy_aliases(tokenizer)
+    input_ids, mask = prompts(tokenizer, ["w1 w2 w3 w4 w5", "w6 Ġw7", "w8 w9 w10"])
+    recorder = Recorder(PluginLogitsProcessor(plugin, pad_token_id=PAD))
+    base.generate(input_ids, attention_mask=mask, logits_processor=[recorder], max_new_tokens=6, min_new_tokens=6,
+                  **MODES[decoding])
+    assert_every_call_exact(plugin, recorder.calls, mask)
+
+
+def test_word_starts_need_a_mode_and_a_filled_table(tmp_path):
+    with pytest.raises(ValueError, match="`copy_word_starts` needs a `copy_mode`"):
+        PluginConfig(vocab_size=10, copy_word_starts=True)
+    with pytest.raises(ValueError, match="no word-start table"):
+        make_plugin("llama", copy_mode="gate").set_copy_aliases(marked_tokenizer())
+    setup = task_folder(tmp_path, 8, 4)
+    with pytest.raises(ValueError, match=r"empty word-start table: call `plugin.set_copy_aliases\(tokenizer\)`"):
+        train(make_plugin("llama", copy_mode="gate", copy_word_starts=True), [object()], [object()], None,
+              TrainingArguments(output_dir=str(tmp_path / "o")))
+    with pytest.raises(SystemExit, match="--copy-word-starts needs --copy-mode"):
+        main(["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--output-dir",
+              str(tmp_path / "x"), "--copy-word-starts"])
