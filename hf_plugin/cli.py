@@ -504,7 +504,9 @@ def train_command(args: argparse.Namespace) -> None:
         plugin = PluginModel(PluginConfig(
             vocab_size=binding["base_vocab_size"], hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
             num_attention_heads=args.num_heads, intermediate_size=args.intermediate_size,
-            max_position_embeddings=max(args.max_length, 256), **options,
+            # RoPE has no position parameters: room for few-shot prompts longer than the training pairs (positions
+            # past `trained_max_length` warn, see PluginConfig).
+            max_position_embeddings=max(args.max_length, 2048), **options,
         ))
     if args.copy_word_starts:
         plugin.set_copy_aliases(tokenizer)

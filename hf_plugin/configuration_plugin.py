@@ -91,6 +91,9 @@ class PluginConfig(PretrainedConfig):
         copy_ignore_ids (`list[int]`, *optional*):
             Ids never counted as context by the copy mode, typically the tokenizer's special tokens
             (`hf-plugin train` records `tokenizer.all_special_ids`). Padding is never counted.
+        trained_max_length (`int`, *optional*):
+            The longest sequence (prompt + completion, in tokens) it was trained on, recorded by `hf_plugin.train`.
+            Longer sequences, up to `max_position_embeddings`, run with a warning.
         copy_word_starts (`bool`, *optional*, defaults to `False`):
             Also count the word-start form of each context token (`G` → `ĠG`, see `hf_plugin.copying`); the table
             is a buffer of the model, filled from the tokenizer by `PluginModel.set_copy_aliases`.
@@ -132,6 +135,7 @@ class PluginConfig(PretrainedConfig):
         copy_mode: str | None = None,
         copy_ignore_ids: list[int] | None = None,
         copy_word_starts: bool = False,
+        trained_max_length: int | None = None,
         hf_plugin_version: str = __version__,
         **kwargs,
     ):
@@ -171,7 +175,8 @@ class PluginConfig(PretrainedConfig):
             raise ValueError(f"`copy_ignore_ids` must be a list of non-negative token ids, got {copy_ignore_ids!r:.80}.")
         if copy_word_starts and copy_mode is None:
             raise ValueError("`copy_word_starts` needs a `copy_mode`.")
-        for name, value in (("base_vocab_size", base_vocab_size), ("tokenizer_vocab_size", tokenizer_vocab_size)):
+        for name, value in (("base_vocab_size", base_vocab_size), ("tokenizer_vocab_size", tokenizer_vocab_size),
+                            ("trained_max_length", trained_max_length)):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
 
@@ -199,6 +204,7 @@ class PluginConfig(PretrainedConfig):
         self.copy_mode = copy_mode
         self.copy_ignore_ids = sorted(set(copy_ignore_ids)) if copy_ignore_ids else None
         self.copy_word_starts = bool(copy_word_starts)
+        self.trained_max_length = trained_max_length
         self.hf_plugin_version = hf_plugin_version
         super().__init__(**kwargs)
 

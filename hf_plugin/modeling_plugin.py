@@ -16,7 +16,7 @@ from huggingface_hub import CommitInfo, ModelCard
 from safetensors import SafetensorError
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import cached_file
+from transformers.utils import cached_file, logging
 
 from .combine import align_vocab, combine_logits
 from .compatibility import check_base_model, check_vocab_width
@@ -37,6 +37,9 @@ def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tens
     """
     mask = attention_mask.long()
     return (mask.cumsum(-1) - 1).clamp(min=0) * mask
+
+
+logger = logging.get_logger(__name__)
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -480,6 +483,12 @@ class PluginModel(PluginPreTrainedModel):
             raise ValueError(
                 f"The sequence has {longest} tokens but the reweighter accepts at most "
                 f"max_position_embeddings={limit}. Shorten the prompt or `max_new_tokens`."
+            )
+        trained = self.config.trained_max_length
+        if trained is not None and longest > trained:
+            logger.warning_once(
+                f"A sequence of {longest} tokens is longer than any the reweighter was trained on ({trained}); it "
+                "runs on positions it never saw (RoPE extrapolates; learned position embeddings do not)."
             )
 
 

@@ -553,6 +553,9 @@ def train(
         raise ValueError("The reweighter has copy_word_starts=True but an empty word-start table: call "
                          "`plugin.set_copy_aliases(tokenizer)` first (or use copy_word_starts=False for a vocabulary "
                          "without word-start markers).")
+    # Recorded before the run record, so that a resumed run records the same.
+    longest = max(len(example.input_ids) for example in train_examples)
+    plugin.config.trained_max_length = max(longest, plugin.config.trained_max_length or 0)
     output_dir, checkpoint_dir = Path(args.output_dir), Path(args.checkpoint_dir)
     accelerator = accelerator or Accelerator(mixed_precision=args.mixed_precision, log_with=args.log_with,
                                              project_dir=str(output_dir))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -267,3 +268,15 @@ def test_rope_parameters_are_written_and_legacy_rope_theta_is_read(tmp_path):
     ids = torch.randint(3, VOCAB, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(old(ids).logits, plugin(ids).logits, atol=0, rtol=0)
+
+
+def test_sequences_past_the_trained_length_run_with_one_warning(caplog):
+    plugin = make_plugin("llama", trained_max_length=4)
+    with caplog.at_level(logging.WARNING, logger="hf_plugin.modeling_plugin"):
+        plugin(torch.tensor([[5, 6, 7, 8]]))
+        assert "longer than any the reweighter was trained on" not in caplog.text
+        plugin(torch.tensor([[5, 6, 7, 8, 9, 10]]))
+        plugin(torch.tensor([[5, 6, 7, 8, 9, 10, 11]]))
+    assert caplog.text.count("A sequence of 6 tokens is longer than any the reweighter was trained on (4)") == 1
+    with pytest.raises(ValueError, match="max_position_embeddings=128"):
+        plugin(torch.arange(130)[None] % 90 + 4)

@@ -53,6 +53,8 @@ def test_train_live_saves_the_best_reweighter(setup, tmp_path):
     assert metrics["validation NLL/token"] == min(history)
     plugin = PluginModel.from_pretrained(out)
     assert plugin.config.base_vocab_size == 96 and plugin.config.tokenizer_fingerprint
+    # The trained length is recorded; RoPE leaves room for longer (few-shot) prompts, which then warn.
+    assert 0 < plugin.config.trained_max_length <= 32 and plugin.config.max_position_embeddings == 2048
     readme = (out / "README.md").read_text()
     assert "| learning_rate | 0.003 |" in readme and "validation NLL/token" in readme
 
