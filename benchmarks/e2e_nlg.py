@@ -432,7 +432,7 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
         # the context get one learned value per step instead of (shared, floor) or on top of (gate) their own logits.
         # Word starts: the MR glues values to brackets (`name[Giraffe]`: `G`), the sentence writes them after a space
         # (`ĠG`), so without them the first piece of every name is outside the context.
-        for mode, word_starts in (("shared", False), ("shared", True), ("gate", True), ("floor", True)):
+        for mode, word_starts in (("shared", True), ("shared", False), ("gate", True), ("floor", True)):
             def make(mode=mode, word_starts=word_starts):
                 model = new_reweighter(binding, copy_mode=mode, copy_ignore_ids=tokenizer.all_special_ids,
                                        copy_word_starts=word_starts)

@@ -21,6 +21,7 @@ from hf_plugin import PluginConfig, PluginLogitsProcessor, PluginModel, binding_
 from hf_plugin.cli import main  # noqa: E402
 from hf_plugin.loading import load_base_model, offline_smollm2  # noqa: E402
 from hf_plugin.serving import ServerLimits, create_app, served_models  # noqa: E402
+from hf_plugin.serving.protocol import APIError, CompletionRequest, parse_request  # noqa: E402
 from tests.conftest import EOS, PAD, make_base, make_plugin, make_tokenizer  # noqa: E402
 
 
@@ -215,6 +216,19 @@ def test_bad_requests_and_limits_are_openai_shaped_4xx(setup):
         assert code == status and set(answer["error"]) == {"message", "type", "param", "code"}
     code, answer = raw(server.url + "/v1/completions", json.dumps({"model": MODEL, "prompt": "w1", "stream": "maybe"}).encode())
     assert code == 400 and answer["error"]["param"] == "stream"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", float("nan"), "must be a finite number"), ("top_p", float("nan"), "must be a finite number"),
+    ("alpha", float("nan"), "must be a finite number"), ("alpha", float("inf"), "must be a finite number"),
+    ("alpha", "0.5", "must be a number, got str"), ("alpha", True, "must be a number, got bool"),
+    ("temperature", 2.5, "less than or equal to 2"),
+])
+def test_sampling_numbers_are_refused_for_the_right_reason(field, value, message):
+    with pytest.raises(APIError, match=f"Invalid value for '{field}': .*{message}") as caught:
+        parse_request(CompletionRequest, {"model": "m", "prompt": "w1", field: value})
+    assert caught.value.status == 400 and caught.value.param == field
+    assert parse_request(CompletionRequest, {"model": "m", "prompt": "w1", field: 1}).model_dump()[field] == 1
 
 
 def raw(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:

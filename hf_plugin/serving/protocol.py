@@ -80,10 +80,15 @@ class _Request(BaseModel):
     user: str | None = None  # an end-user identifier; accepted and not used
     alpha: float | None = Field(default=None, ge=0.0, description="reweighting strength (an hf-plugin extension)")
 
-    @field_validator("temperature", "top_p", "alpha")
+    # Before the range checks, which would otherwise refuse NaN for the wrong reason; and no coercion of "0.5" or true.
+    @field_validator("temperature", "top_p", "alpha", mode="before")
     @classmethod
-    def _finite(cls, value):
-        if value is not None and not math.isfinite(value):
+    def _finite_number(cls, value):
+        if value is None:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
 
