@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging
 
-from .base_logits import DEFAULT_TASK_VOCAB_SIZE, LiveBaseModel, cached_base_sources
+from .base_logits import DEFAULT_TASK_VOCAB_SIZE, LiveBaseModel, cached_base_sources, task_vocabulary
 from .compatibility import binding_kwargs, tokenizer_fingerprint
 from .configuration_plugin import PluginConfig
 from .hub import push_folder
@@ -461,6 +461,11 @@ def check_server(args: argparse.Namespace) -> None:
 def train_command(args: argparse.Namespace) -> None:
     """Trains a reweighter and saves the best epoch's weights in --output-dir."""
     _check_copy_arguments(args)
+    if args.compact_head and (args.init_from or args.init_from_base_layers):
+        raise SystemExit("error: --compact-head builds the default reweighter's output layer; drop --init-from and "
+                         "--init-from-base-layers")
+    if args.compact_head and args.task_vocab_size < 1:
+        raise SystemExit("error: --compact-head covers the task vocabulary: --task-vocab-size must be at least 1")
     if args.init_from_base_layers is not None:
         _check_positive(args, "init_from_base_layers")
         given = [f"--{name.replace('_', '-')}" for name in sorted(getattr(args, "given", ()))]
@@ -495,6 +500,8 @@ def train_command(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     options = {"alpha": args.alpha, **binding}
     options.update(_copy_options(args, tokenizer))
+    if args.compact_head:
+        options["head_ids"] = task_vocabulary(train_examples, args.task_vocab_size)
     if args.init_from:
         initial = AutoModelForCausalLM.from_pretrained(args.init_from)
         plugin = PluginModel.from_causal_lm(initial, **options)
@@ -944,6 +951,9 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="start from a copy of the base model's embeddings, first K layers, final norm and head")
     p.add_argument("--uniform-start", action="store_true",
                    help="zero the reweighter's final norm: its distribution starts uniform, the product equal to the base")
+    p.add_argument("--compact-head", action="store_true",
+                   help="an output layer with one row per task-vocabulary token (--task-vocab-size) and one logit "
+                        "shared by all other tokens (see hf_plugin.compact_head)")
     p.add_argument("--dataset-id", help="Hub id of the training data, for the model card")
 
 

@@ -91,6 +91,10 @@ class PluginConfig(PretrainedConfig):
         copy_ignore_ids (`list[int]`, *optional*):
             Ids never counted as context by the copy mode, typically the tokenizer's special tokens
             (`hf-plugin train` records `tokenizer.all_special_ids`). Padding is never counted.
+        head_ids (`list[int]`, *optional*):
+            A compact output layer (`hf_plugin.compact_head.CompactHead`, the default LLaMA-style reweighter only):
+            one row for each of these ids (typically the task vocabulary, `hf_plugin.base_logits.task_vocabulary`)
+            and one logit shared by every other id. `None`: a row for every id.
         trained_max_length (`int`, *optional*):
             The longest sequence (prompt + completion, in tokens) it was trained on, recorded by `hf_plugin.train`.
             Longer sequences, up to `max_position_embeddings`, run with a warning.
@@ -136,6 +140,7 @@ class PluginConfig(PretrainedConfig):
         copy_ignore_ids: list[int] | None = None,
         copy_word_starts: bool = False,
         trained_max_length: int | None = None,
+        head_ids: list[int] | None = None,
         hf_plugin_version: str = __version__,
         **kwargs,
     ):
@@ -173,6 +178,14 @@ class PluginConfig(PretrainedConfig):
             and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in copy_ignore_ids)
         ):
             raise ValueError(f"`copy_ignore_ids` must be a list of non-negative token ids, got {copy_ignore_ids!r:.80}.")
+        if head_ids is not None:
+            if backbone is not None:
+                raise ValueError("`head_ids` (a compact output layer) is for the default LLaMA-style reweighter, not a "
+                                 "`backbone`.")
+            if not (isinstance(head_ids, (list, tuple)) and head_ids
+                    and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in head_ids)
+                    and len(set(head_ids)) == len(head_ids)):
+                raise ValueError(f"`head_ids` must be a non-empty list of distinct ids in [0, {vocab_size}).")
         if copy_word_starts and copy_mode is None:
             raise ValueError("`copy_word_starts` needs a `copy_mode`.")
         for name, value in (("base_vocab_size", base_vocab_size), ("tokenizer_vocab_size", tokenizer_vocab_size),
@@ -205,6 +218,7 @@ class PluginConfig(PretrainedConfig):
         self.copy_ignore_ids = sorted(set(copy_ignore_ids)) if copy_ignore_ids else None
         self.copy_word_starts = bool(copy_word_starts)
         self.trained_max_length = trained_max_length
+        self.head_ids = list(head_ids) if head_ids is not None else None
         self.hf_plugin_version = hf_plugin_version
         super().__init__(**kwargs)
 

@@ -21,6 +21,7 @@ from transformers.utils import cached_file, logging
 from .combine import align_vocab, combine_logits
 from .compatibility import check_base_model, check_vocab_width
 from .configuration_plugin import PluginConfig
+from .compact_head import CompactHead
 from .copying import add_aliases, apply_copy_mode, first_occurrences, word_start_aliases
 from .initialization import first_layers
 from .hub import CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, _WEIGHTS_SHARD, card_sections, push_folder, render_model_card, write_remote_code
@@ -117,6 +118,8 @@ class PluginModel(PluginPreTrainedModel):
         self.backbone = AutoModelForCausalLM.from_config(
             config.backbone_config(), **{key: value for key, value in requested.items() if value is not None}
         )
+        if config.head_ids is not None:
+            self.backbone.set_output_embeddings(CompactHead(config.hidden_size, config.vocab_size, config.head_ids))
         # One scalar per step for the ids already in the context (see `hf_plugin.copying`); zero at the start.
         self.copy_head = torch.nn.Linear(config.hidden_size, 1) if config.copy_mode is not None else None
         if config.copy_word_starts:  # saved with the weights: the table belongs to the tokenizer it was trained with
