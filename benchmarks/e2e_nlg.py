@@ -428,22 +428,30 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
     result["meta"]["task_vocab_size"] = 0 if caches["train"].task_ids is None else len(caches["train"].task_ids)
 
     if args.rows == "copy":
-        # The from-scratch reweighter with a copy mode (hf_plugin.copying), no delexicalisation: the ids already in
-        # the context get one learned value per step instead of (shared, floor) or on top of (gate) their own logits.
-        # Word starts: the MR glues values to brackets (`name[Giraffe]`: `G`), the sentence writes them after a space
-        # (`ĠG`), so without them the first piece of every name is outside the context.
-        for mode, word_starts in (("shared", True), ("shared", False), ("gate", True), ("floor", True)):
-            def make(mode=mode, word_starts=word_starts):
-                model = new_reweighter(binding, copy_mode=mode, copy_ignore_ids=tokenizer.all_special_ids,
-                                       copy_word_starts=word_starts)
-                if word_starts:
+        # Copy modes (hf_plugin.copying) and the compact head (hf_plugin.compact_head) on the from-scratch reweighter,
+        # no delexicalisation. Word starts: the MR glues values to brackets (`name[Giraffe]`: `G`), the sentence
+        # writes them after a space (`ĠG`), so without them the first piece of every name is outside the context.
+        task_ids = caches["train"].task_ids.tolist()
+        rows = [  # name, run folder, PluginConfig options
+            ("copy shared + word starts", "copy-shared-ws", dict(copy_mode="shared", copy_word_starts=True)),
+            ("compact head + copy shared + word starts", "compact-copy-shared-ws",
+             dict(copy_mode="shared", copy_word_starts=True, head_ids=task_ids)),
+            ("compact head", "compact", dict(head_ids=task_ids)),
+            ("copy shared", "copy-shared", dict(copy_mode="shared")),  # without word starts
+            ("copy gate + word starts", "copy-gate-ws", dict(copy_mode="gate", copy_word_starts=True)),
+            ("copy floor + word starts", "copy-floor-ws", dict(copy_mode="floor", copy_word_starts=True)),
+        ]
+        for name, folder, options in rows:
+            def make(options=options):
+                if "copy_mode" in options:
+                    options = {**options, "copy_ignore_ids": tokenizer.all_special_ids}
+                model = new_reweighter(binding, **options)
+                if options.get("copy_word_starts"):
                     model.set_copy_aliases(tokenizer)
                 return model
 
-            suffix = " + word starts" if word_starts else ""
-            copying = trained(f"plugin-scratch-copy-{mode}{'-ws' if word_starts else ''}", make, caches["train"],
-                              caches["heldout"], 1e-3)
-            plugin_row(f"Plugin, from scratch, copy {mode}{suffix}", copying, plain, alpha_cache, alpha_examples)
+            learned = trained(f"plugin-scratch-{folder}", make, caches["train"], caches["heldout"], 1e-3)
+            plugin_row(f"Plugin, from scratch, {name}", learned, plain, alpha_cache, alpha_examples)
         return
 
     # Rows in order of importance (cheap baselines early): an interrupted run has the main comparisons first.

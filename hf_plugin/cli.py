@@ -532,7 +532,7 @@ def train_command(args: argparse.Namespace) -> None:
 
 def unlearn_command(args: argparse.Namespace) -> None:
     """Trains ULD's assistant for --base on --forget-data and --retain-data; saves it in --output-dir."""
-    from .unlearning import train_assistant
+    from .unlearning import check_disjoint, train_assistant
 
     _check_positive(args, "num_layers", "lora_rank")
     training_args = TrainingArguments(
@@ -551,6 +551,7 @@ def unlearn_command(args: argparse.Namespace) -> None:
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"error: {split} data: {error}") from error
         encoded[split] = _encode(args, tokenizer, pairs, report, split)
+    check_disjoint(encoded["forget"], encoded["retain"])  # before the base model
     target, _ = _load_base(args)
     torch.manual_seed(args.seed)
     try:

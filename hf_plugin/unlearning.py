@@ -162,6 +162,15 @@ def merge_adapters(assistant: PluginModel) -> PluginModel:
     return merged.requires_grad_(False)
 
 
+def check_disjoint(forget_examples: Sequence[EncodedExample], retain_examples: Sequence[EncodedExample]) -> None:
+    """Raises when a pair is in both sets: the assistant would be asked to remember it and to be uniform on it."""
+    forget_pairs = {tuple(example.input_ids) for example in forget_examples}
+    shared = sum(tuple(example.input_ids) in forget_pairs for example in retain_examples)
+    if shared:
+        raise ValueError(f"{shared} of the {len(retain_examples)} retain examples are also forget examples: the "
+                         "forget and retain sets must not overlap.")
+
+
 def train_assistant(
     target: PreTrainedModel,
     forget_examples: Sequence[EncodedExample],
@@ -198,6 +207,7 @@ def train_assistant(
     if not forget_examples or not retain_examples:
         raise ValueError(f"ULD's assistant needs forget and retain examples; got {len(forget_examples)} forget and "
                          f"{len(retain_examples)} retain examples.")
+    check_disjoint(forget_examples, retain_examples)
     loss = UnlearningLoss(range(len(forget_examples)), beta=beta)
     examples = ([replace(example, index=i) for i, example in enumerate(forget_examples)]
                 + [replace(example, index=len(forget_examples) + i) for i, example in enumerate(retain_examples)])

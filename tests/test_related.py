@@ -297,8 +297,9 @@ def test_padded_base_vocabulary_rows_get_minus_infinity(tokenizer):
 
 def test_constructors_refuse_bad_arguments():
     a, b = small("llama", 1), small("llama", 2)
-    with pytest.raises(ValueError, match="`alpha` must be a finite number"):
-        ProxyTuningLogitsProcessor(a, b, alpha=float("nan"))
+    for alpha in (float("nan"), -1e308, 1e7, "1"):  # -1e308 used to overflow into NaN and decode "" silently
+        with pytest.raises(ValueError, match="`alpha` must be a number between -1e\\+06 and 1e\\+06"):
+            ProxyTuningLogitsProcessor(a, b, alpha=alpha)
     with pytest.raises(ValueError, match=r"`plausibility_top_p` must be in \(0, 1\]"):
         ProxyTuningLogitsProcessor(a, b, plausibility_top_p=1.5)
     with pytest.raises(TypeError, match="The anti-expert must be a causal LM"):

@@ -137,6 +137,9 @@ def test_unlearn_command(tmp_path, capsys):
         main([*common, "--num-layers", "1", "--output-dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="--lora-rank must be at least 1"):
         main([*common, "--num-layers", "1", "--lora-rank", "0", "--output-dir", str(tmp_path / "other")])
+    with pytest.raises(SystemExit, match="^error: 8 of the 8 retain examples are also forget examples"):
+        main([*common[:4], str(tmp_path / "retain.csv"), *common[5:], "--num-layers", "1",
+              "--output-dir", str(tmp_path / "same")])
     with pytest.raises(SystemExit, match="forget data: .*not found"):
         main([*common[:4], str(tmp_path / "missing.csv"), *common[5:], "--num-layers", "1",
               "--output-dir", str(tmp_path / "other")])

@@ -3,8 +3,6 @@ small expert and a small anti-expert."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -87,6 +85,9 @@ def proxy_tuning_scores(
     return torch.log_softmax(base + steer, dim=-1)
 
 
+MAX_ALPHA = 1e6
+
+
 class ProxyTuningLogitsProcessor(AuxiliaryModelsLogitsProcessor):
     r"""
     Proxy-tuning (Liu et al., *Tuning Language Models by Proxy*, 2024): steers a large base model with the difference
@@ -143,8 +144,9 @@ class ProxyTuningLogitsProcessor(AuxiliaryModelsLogitsProcessor):
         tokenizer: PreTrainedTokenizerBase | None = None,
         strict: bool = True,
     ):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ValueError(f"`alpha` must be a finite number, got {alpha!r}.")
+        # Log-prob differences reach hundreds of nats: far larger strengths overflow float32 scores into NaN.
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not abs(alpha) <= MAX_ALPHA:
+            raise ValueError(f"`alpha` must be a number between -{MAX_ALPHA:g} and {MAX_ALPHA:g}, got {alpha!r}.")
         if plausibility_top_p is not None and not (isinstance(plausibility_top_p, (int, float))
                                                    and 0 < plausibility_top_p <= 1):
             raise ValueError(f"`plausibility_top_p` must be in (0, 1] or None, got {plausibility_top_p!r}.")
