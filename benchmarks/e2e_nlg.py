@@ -133,7 +133,7 @@ class MixtureNLL:
     def nll(self, logits: torch.Tensor, batch: dict, alpha: float) -> torch.Tensor:
         from hf_plugin.base_logits import completion_positions
 
-        rows = torch.cat([torch.arange(self.cache.offsets[i], self.cache.offsets[i + 1]) for i in batch["index"].tolist()])
+        rows = self.cache.rows(batch["index"].tolist())
         targets = batch["labels"][:, 1:][completion_positions(batch["labels"])].to(logits.device)
         small = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
         base = self.cache.label_logprobs[rows].to(logits.device).float()

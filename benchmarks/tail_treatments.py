@@ -123,7 +123,7 @@ class TruncatedCache:
         from hf_plugin.combine import align_vocab, combine_topk_nll
 
         c = self.cache
-        rows = torch.cat([torch.arange(c.offsets[i], c.offsets[i + 1]) for i in batch["index"].tolist()])
+        rows = c.rows(batch["index"].tolist())
         labels = batch["labels"][:, 1:][completion_positions(batch["labels"])]
         arguments = (align_vocab(reweighter_logits, c.vocab_size), c.topk_ids[rows, : self.k].long(),
                      c.topk_logprobs[rows, : self.k], labels, c.label_logprobs[rows], alpha)

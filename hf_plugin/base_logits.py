@@ -492,11 +492,20 @@ class CachedBaseLogits:
         self.task_ids = torch.tensor(self.index.get("task_vocab", [])[:used], dtype=torch.long) if used else None
         self.task_logprobs = torch.cat([s["task_logprobs"][:, :used] for s in shards]) if used else None
         self.offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
+        # An example's `index` is its pair's position before pairs too long were skipped, not its position here.
+        self._position = {example.index: position for position, example in enumerate(examples)}
+
+    def rows(self, indices: Sequence[int]) -> torch.LongTensor:
+        """The cache rows (completion positions, in order) of the examples with these `EncodedExample.index`es."""
+        try:
+            positions = [self._position[i] for i in indices]
+        except KeyError as error:
+            raise ValueError(f"Example {error.args[0]} is not among the examples the cache was checked against.") from None
+        return torch.cat([torch.arange(self.offsets[p], self.offsets[p + 1]) for p in positions])
 
     def nll(self, reweighter_logits: torch.Tensor, batch: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
         """Per-position NLL of the completion tokens under the top-k combination (arguments as `LiveBaseModel.nll`)."""
-        rows = [torch.arange(self.offsets[i], self.offsets[i + 1]) for i in batch["index"].tolist()]
-        rows = torch.cat(rows)
+        rows = self.rows(batch["index"].tolist())
         positions = completion_positions(batch["labels"])
         if int(positions.sum()) != len(rows):
             raise ValueError("The batch does not match the cache's completion positions: the batch is not from the "

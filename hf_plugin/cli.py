@@ -356,12 +356,19 @@ def _read_splits(args: argparse.Namespace, tokenizer):
 def _encode(args: argparse.Namespace, tokenizer, pairs, report, split: str):
     """`encode_examples` with --max-length and --chat; an error names the split and the option to change."""
     _check_positive(args, "max_length")
+    chat = args.chat or args.messages_column is not None
     try:
-        return encode_examples(tokenizer, pairs, args.max_length, chat=args.chat or args.messages_column is not None,
-                               report=report)
+        encoded = encode_examples(tokenizer, pairs, args.max_length, chat=chat, report=report)
     except ValueError as error:
         hint = f" Raise --max-length (now {args.max_length})." if "max_length=" in str(error) else ""
         raise SystemExit(f"error: {split} split: {error}{hint}") from error
+    skipped = len(pairs) - len(encoded)
+    if skipped > 0.05 * len(pairs):  # e.g. few-shot prompts on long inputs: said before any cache pass or training
+        lengths = sorted(len(e.input_ids) for e in encode_examples(tokenizer, pairs, 1 << 30, chat=chat))
+        print(f"warning: {skipped:,} of {len(pairs):,} {split} pairs ({100 * skipped / len(pairs):.0f}%) are longer than "
+              f"--max-length {args.max_length} and are skipped; --max-length {lengths[int(0.95 * (len(lengths) - 1))]} "
+              f"keeps 95% of them, {lengths[-1]} all", file=sys.stderr)
+    return encoded
 
 
 def _base_sources(args, tokenizer, train_examples, validation_examples, accelerator, base=None):

@@ -96,6 +96,25 @@ def test_cache_with_whole_vocabulary_equals_live_and_resumes(encoded, tmp_path):
     torch.testing.assert_close(CachedBaseLogits(cache_dir, encoded).nll(logits, batch, 1.0), cached.nll(logits, batch, 1.0))
 
 
+def test_a_pair_skipped_for_length_does_not_shift_the_cache(tokenizer, tmp_path):
+    # Pairs skipped before others (too long, e.g. with demonstrations in front) used to shift every later example
+    # onto another example's cache rows: an IndexError or "does not match" error, or the wrong log-probs.
+    rows = ROWS[:6] + [("w1 " * 30, "w2")] + ROWS[6:20] + [("w3 " * 30, "w4")] + ROWS[20:30]
+    examples, _ = read_examples(write_csv(tmp_path / "d.csv", rows), prompt_column="mr", completion_column="ref")
+    encoded = encode_examples(tokenizer, examples, max_length=20)
+    assert len(encoded) == 30 and encoded[-1].index == 31
+    base, plugin = make_base("llama"), make_plugin("llama")
+    cache_dir = write_base_cache(base, encoded, tmp_path / "cache", k=96, examples_per_shard=8, pad_token_id=PAD,
+                                 progress=False)
+    batch = collate(encoded[20:], PAD)
+    logits = plugin.completion_logits(batch["input_ids"], batch["attention_mask"], loss_positions(batch["labels"]))
+    cache = CachedBaseLogits(cache_dir, encoded)
+    torch.testing.assert_close(cache.nll(logits, batch, 1.0), LiveBaseModel(base).nll(logits, batch, 1.0), atol=5e-3,
+                               rtol=0)
+    with pytest.raises(ValueError, match="Example 6 is not among the examples the cache was checked against"):
+        cache.rows([6])
+
+
 def test_task_vocabulary_cache_is_exact_where_the_task_lives(encoded, tmp_path):
     base, plugin = make_base("llama"), make_plugin("llama")
     task = task_vocabulary(encoded)

@@ -324,3 +324,20 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_leaves_no_model(
         main(common(setup, out, "--epochs", "3", "--batch-size", "4", "--learning-rate", "1e30", "--overwrite"))
     assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
     assert not any("validation_nll" in r for r in log_of(out))  # the earlier run's log was not appended to
+
+
+def test_demonstrations_with_a_cache_and_pairs_skipped_for_length(tmp_path, capsys):
+    # Used to fail at the first validation pass (an IndexError in the cache's offsets, or "The batch does not match
+    # the cache's completion positions"): skipped pairs shifted every later example onto another's cache rows.
+    folder = task_folder(tmp_path, 4, 2)
+    rows = [(" ".join([f"w{i + 20}"] + [f"w{j}" for j in range(i % 6)]), f"w{i % 7} w{i % 3} w{i % 5}") for i in range(48)]
+    write_csv(tmp_path / "varied.csv", rows)
+    argv = ["train", "--base", str(folder / "base"), "--data", str(tmp_path / "varied.csv"), "--prompt-column", "mr",
+            "--completion-column", "ref", "--validation-fraction", "0.25", "--demonstrations", "3", "--cache",
+            str(tmp_path / "cache"), "--hidden-size", "32", "--intermediate-size", "64", "--num-heads", "2",
+            "--epochs", "1", "--cpu", "--output-dir", str(tmp_path / "out"), "--max-length", "29"]
+    main(argv)
+    err = capsys.readouterr().err
+    assert "training pairs (42%) are longer than --max-length 29 and are skipped; --max-length 33 keeps 95% of them, " \
+           "33 all" in err, err
+    assert PluginModel.from_pretrained(tmp_path / "out").config.trained_max_length <= 29
