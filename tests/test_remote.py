@@ -196,9 +196,12 @@ class TopKOnly(LogitsProcessor):
             -1, kept.indices))
 
 
-def test_generation_with_a_reweighter_equals_in_process_top_k_and_chunking_saves_requests(tiny, tokenizer):
+@pytest.mark.parametrize("copy_mode", [None, "shared"])
+def test_generation_with_a_reweighter_equals_in_process_top_k_and_chunking_saves_requests(tiny, tokenizer, copy_mode):
     model, server = tiny
-    plugin = make_plugin("llama")
+    plugin = make_plugin("llama", copy_mode=copy_mode)
+    if copy_mode:  # a copy head that matters: the context's ids then depend on what was drafted and kept
+        torch.nn.init.normal_(plugin.copy_head.weight, std=2.0)
     prompts = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
     mask = (prompts != 0).long()
     reference = model.generate(prompts, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,

@@ -61,12 +61,16 @@ def tokenizer_with_chat():
     return tokenizer
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "llama-copy"])
 def setup(request):
-    """A server for a tiny base with one tiny reweighter, and the in-process pieces to check it against."""
+    """A server for a tiny base with one tiny reweighter (one with a copy mode), and the in-process pieces to check
+    it against."""
     tokenizer = tokenizer_with_chat()
-    base = make_base(request.param)
-    plugin = make_plugin(request.param)
+    arch, _, copy = request.param.partition("-")
+    base = make_base(arch)
+    plugin = make_plugin(arch, copy_mode="shared" if copy else None)
+    if copy:
+        torch.nn.init.normal_(plugin.copy_head.weight, std=2.0)
     server = Server(create_app(base, tokenizer, {"rw": plugin}, base_name=BASE,
                                limits=ServerLimits(max_prompt_tokens=40, max_tokens=60, max_n=4, max_body_bytes=4096,
                                                    max_concurrent=2)))
