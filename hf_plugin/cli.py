@@ -445,15 +445,17 @@ CHECK_TEXTS = ("The capital of France is Paris, and the capital of Italy is Rome
 def check_server(args: argparse.Namespace) -> None:
     """Compares the server's top-k log-probs with the in-process --base on a few texts."""
     from .remote import RemoteBaseError
-    from .remote.check import compare_with_local
+    from .remote.check import compare_with_local, fetch_served
 
     tokenizer = _load_tokenizer(args)
     remote = _remote_base(args, tokenizer)
-    base, _ = _load_base(args)
-    try:
-        result = compare_with_local(remote, base, [_unescape(text) for text in args.text] if args.text else CHECK_TEXTS)
+    texts = [_unescape(text) for text in args.text] if args.text else CHECK_TEXTS
+    try:  # the server first: a failing one is reported before the base model is loaded
+        served = fetch_served(remote, texts)
     except RemoteBaseError as error:
         raise SystemExit(f"error: {error}") from error
+    base, _ = _load_base(args)
+    result = compare_with_local(remote, base, texts, served=served)
     lined_up = result["aligned_offset"] == 0
     print(f"{result['positions']} positions: largest |log-prob difference| {result['max_abs_diff']:.4f} nat, median "
           f"{result['median_abs_diff']:.4f}; top-1 token the same at {100 * result['top1_agreement']:.0f}%")

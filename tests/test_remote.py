@@ -553,6 +553,11 @@ def test_cli_check_server_aligned_shifted_misaligned_and_refused_key(cli_folder,
             main(check)
 
         monkeypatch.setenv("HF_PLUGIN_REMOTE_API_KEY", "sk-wrong-key-fedcba9876")
+
+        def never(*args, **kwargs):
+            raise AssertionError("the base model was loaded before the server answered")
+
+        monkeypatch.setattr(hf_plugin.cli, "load_base_model", never)  # a failing server fails in seconds
         with pytest.raises(SystemExit, match="refused the API key") as error:
             main(check)
         assert "sk-wrong" not in str(error.value) and SECRET not in str(error.value)
