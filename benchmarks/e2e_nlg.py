@@ -432,14 +432,16 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
         # no delexicalisation. Word starts: the MR glues values to brackets (`name[Giraffe]`: `G`), the sentence
         # writes them after a space (`ĠG`), so without them the first piece of every name is outside the context.
         task_ids = caches["train"].task_ids.tolist()
-        rows = [  # name, run folder, PluginConfig options
-            ("copy shared + word starts", "copy-shared-ws", dict(copy_mode="shared", copy_word_starts=True)),
-            ("compact head + copy shared + word starts", "compact-copy-shared-ws",
+        rows = [  # name, run folder, PluginConfig options (copy_source: the prompt's ids unless "context")
+            ("copy shared + word starts", "copy-shared-ws-prompt", dict(copy_mode="shared", copy_word_starts=True)),
+            ("copy gate + word starts", "copy-gate-ws-prompt", dict(copy_mode="gate", copy_word_starts=True)),
+            ("copy shared + word starts, context source", "copy-shared-ws",
+             dict(copy_mode="shared", copy_word_starts=True, copy_source="context")),
+            ("compact head + copy shared + word starts", "compact-copy-shared-ws-prompt",
              dict(copy_mode="shared", copy_word_starts=True, head_ids=task_ids)),
             ("compact head", "compact", dict(head_ids=task_ids)),
-            ("copy shared", "copy-shared", dict(copy_mode="shared")),  # without word starts
-            ("copy gate + word starts", "copy-gate-ws", dict(copy_mode="gate", copy_word_starts=True)),
-            ("copy floor + word starts", "copy-floor-ws", dict(copy_mode="floor", copy_word_starts=True)),
+            ("copy shared", "copy-shared-prompt", dict(copy_mode="shared")),  # without word starts
+            ("copy floor + word starts", "copy-floor-ws-prompt", dict(copy_mode="floor", copy_word_starts=True)),
         ]
         for name, folder, options in rows:
             def make(options=options):

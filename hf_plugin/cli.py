@@ -20,7 +20,7 @@ from .compatibility import binding_kwargs, tokenizer_fingerprint
 from .configuration_plugin import PluginConfig
 from .hub import push_folder
 from .data import Example, chat_prompt, encode_examples, read_examples, split_by_prompt, with_demonstrations
-from .copying import COPY_MODES
+from .copying import COPY_MODES, COPY_SOURCES
 from .initialization import first_layers, uniform_start_
 from .loading import load_base_model, load_frozen_model, load_tokenizer, offline_smollm2
 from .logits_process import PluginLogitsProcessor
@@ -65,12 +65,13 @@ def _copy_options(args: argparse.Namespace, tokenizer) -> dict:
         return {}
     # Special tokens (BOS, EOS, chat markers) are structure, not content to copy.
     return {"copy_mode": args.copy_mode, "copy_ignore_ids": sorted(set(tokenizer.all_special_ids)),
-            "copy_word_starts": args.copy_word_starts}
+            "copy_source": args.copy_source, "copy_word_starts": args.copy_word_starts}
 
 
 def _check_copy_arguments(args: argparse.Namespace) -> None:
-    if args.copy_word_starts and args.copy_mode is None:
-        raise SystemExit("error: --copy-word-starts needs --copy-mode")
+    for given, name in ((args.copy_word_starts, "--copy-word-starts"), (args.copy_source, "--copy-source")):
+        if given and args.copy_mode is None:
+            raise SystemExit(f"error: {name} needs --copy-mode")
 
 
 def init(args: argparse.Namespace) -> None:
@@ -928,6 +929,9 @@ def _add_architecture_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the reweighter treats ids already in its context (default: as any other id); 'shared' "
                         "leaves the choice among them to the base, so names unseen in training are not deleted "
                         "(see hf_plugin.copying)")
+    p.add_argument("--copy-source", choices=COPY_SOURCES, default=None,
+                   help="with --copy-mode: the ids of the prompt (default) or of everything so far, generated tokens "
+                        "included")
     p.add_argument("--copy-word-starts", action="store_true",
                    help="with --copy-mode: a context token also brings its word-start form ('G' in 'name[Giraffe]' "
                         "brings 'ĠG', as in ' Giraffe')")

@@ -9,7 +9,7 @@ from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 from transformers.utils import logging
 
 from ._version import __version__
-from .copying import COPY_MODES
+from .copying import COPY_MODES, COPY_SOURCES
 
 
 logger = logging.get_logger(__name__)
@@ -88,6 +88,9 @@ class PluginConfig(PretrainedConfig):
             How the reweighter treats the ids already in its context (the prompt and the tokens generated so far):
             `None` (the paper's reweighter), `"gate"`, `"shared"` or `"floor"`; see `hf_plugin.copying`. A mode adds
             a linear copy head (`hidden_size + 1` parameters) read at every step.
+        copy_source (`str`, *optional*):
+            Which ids the copy mode treats: those of the prompt (`"prompt"`, the default with a `copy_mode`) or of
+            the whole sequence so far (`"context"`); see `hf_plugin.copying`.
         copy_ignore_ids (`list[int]`, *optional*):
             Ids never counted as context by the copy mode, typically the tokenizer's special tokens
             (`hf-plugin train` records `tokenizer.all_special_ids`). Padding is never counted.
@@ -138,6 +141,7 @@ class PluginConfig(PretrainedConfig):
         tokenizer_vocab_size: int | None = None,
         copy_mode: str | None = None,
         copy_ignore_ids: list[int] | None = None,
+        copy_source: str | None = None,
         copy_word_starts: bool = False,
         trained_max_length: int | None = None,
         head_ids: list[int] | None = None,
@@ -186,6 +190,9 @@ class PluginConfig(PretrainedConfig):
                     and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in head_ids)
                     and len(set(head_ids)) == len(head_ids)):
                 raise ValueError(f"`head_ids` must be a non-empty list of distinct ids in [0, {vocab_size}).")
+        if copy_source is not None and (copy_mode is None or copy_source not in COPY_SOURCES):
+            raise ValueError(f"`copy_source` must be one of {', '.join(COPY_SOURCES)}, with a `copy_mode`; got "
+                             f"{copy_source!r}.")
         if copy_word_starts and copy_mode is None:
             raise ValueError("`copy_word_starts` needs a `copy_mode`.")
         for name, value in (("base_vocab_size", base_vocab_size), ("tokenizer_vocab_size", tokenizer_vocab_size),
@@ -217,6 +224,7 @@ class PluginConfig(PretrainedConfig):
         self.copy_mode = copy_mode
         self.copy_ignore_ids = sorted(set(copy_ignore_ids)) if copy_ignore_ids else None
         self.copy_word_starts = bool(copy_word_starts)
+        self.copy_source = (copy_source or "prompt") if copy_mode is not None else None
         self.trained_max_length = trained_max_length
         self.head_ids = list(head_ids) if head_ids is not None else None
         self.hf_plugin_version = hf_plugin_version

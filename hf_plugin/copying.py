@@ -3,17 +3,20 @@
 A reweighter trained on a few thousand completions pushes down every token it never saw as a target, so in the
 product `p_base · r^alpha` a name the base would copy from the prompt loses to a name the reweighter memorised
 (benchmarks/README, "misses an unseen name"). A copy mode changes the reweighter's logits for the ids that occur in
-its context (the prompt and what was generated so far; padding and `ignore_ids` excluded) with one scalar per step,
-`g_t = w · h_t + b`, read from its last hidden state by a linear head:
+its prompt (`copy_source="prompt"`, the default) or in its whole context so far (`"context"`: the prompt and what
+was generated), padding and `ignore_ids` excluded, with one scalar per step, `g_t = w · h_t + b`, read from its
+last hidden state by a linear head:
 
 - `"gate"`: `z'(v) = z(v) + g_t` for context ids. The head starts at zero, so an untrained gate changes nothing.
 - `"shared"`: `z'(v) = g_t` for context ids. The reweighter cannot rank one context token above another (nor
   memorise names it would prefer to new ones); it only says how welcome copying is, and the base chooses what.
 - `"floor"`: `z'(v) = max(z(v), g_t)` for context ids: no context token falls below `g_t`.
 
-The context is the whole sequence so far rather than the prompt alone because that set can be read off the ids at
-every step, by every consumer (training, `forward`, the logits processor through beams and roll-backs, a server),
-with no record of where a prompt ended.
+Where the prompt ends: in training, where the labels begin; in `PluginModel.forward`, `prompt_lengths` (or the
+labels); in the logits processor, the sequence of the first call of a `generate()`, kept through beams and
+roll-backs (see `hf_plugin.CachedModelRunner`). The `"context"` source needs no boundary, but generated tokens then
+join the set: the reweighter can no longer hold back a token once it was written (measured on E2E: more repeated
+phrases), nor rank the frequent words it has written.
 
 Word starts. A value glued to a bracket or a colon in the prompt (`name[Giraffe]`: `G`, `ira`, `ffe`) is written
 after a space in the output (` Giraffe`: `ĠG`, `ira`, `ffe`), and the space-prefixed first piece is another id. With
@@ -31,6 +34,7 @@ import torch
 
 
 COPY_MODES = ("gate", "shared", "floor")
+COPY_SOURCES = ("prompt", "context")
 
 
 def first_occurrences(

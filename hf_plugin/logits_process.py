@@ -21,11 +21,13 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class _RunnerState:
-    """What a runner's KV cache currently holds: these ids, under this attention mask."""
+    """What a runner's KV cache currently holds: these ids, under this attention mask, the first `prompt_length`
+    columns being the prompt of the generation."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     cache: Cache
+    prompt_length: int
 
 
 class CachedModelRunner:
@@ -39,6 +41,12 @@ class CachedModelRunner:
     assisted decoding rolling back) crops the cache to the longest prefix every row still shares, or rebuilds it.
     Left padding is handled with the masks given by `attention_mask_of`: padded rows see the positions an unpadded
     row would.
+
+    A copy-aware reweighter (`PluginConfig.copy_mode`) is also given the whole sequences and where their prompt ends:
+    the length of the sequences at the first call of a generation, kept while later calls extend, reorder or roll
+    back past it. A call that keeps less of the cache than that prompt starts a new generation; a `generate()` call
+    whose prompt continues the previous call's output is taken as the same generation unless `reset()` is called
+    first (or a new processor is built).
 
     Args:
         model (`PreTrainedModel`): a causal LM (a `PluginModel` or any `AutoModelForCausalLM`), on any device or
@@ -112,13 +120,16 @@ class CachedModelRunner:
         if padded:
             position_ids = position_ids_from_attention_mask(attention_mask)[:, start:]
             inputs = {"attention_mask": attention_mask, "position_ids": position_ids}
+        same_generation = start > 0 and start >= self.state.prompt_length
+        prompt_length = self.state.prompt_length if same_generation else input_ids.shape[1]
         if self.reads_context:
             inputs["context_ids"] = input_ids
+            inputs["prompt_lengths"] = torch.full((input_ids.shape[0],), prompt_length, device=device)
         outputs = self.model(
             input_ids[:, start:], use_cache=True, **{self.cache_keyword: cache}, **inputs, **self.last_logits_only
         )
         # generate() may hand us views of buffers it later edits in place (beam search), so keep a copy.
-        self.state = _RunnerState(input_ids.clone(), attention_mask, output_cache(outputs))
+        self.state = _RunnerState(input_ids.clone(), attention_mask, output_cache(outputs), prompt_length)
         logits = outputs.logits[:, -1].float()
         if not torch.isfinite(logits).all():
             raise FloatingPointError(

@@ -307,6 +307,7 @@ class PluginModel(PluginPreTrainedModel):
         alpha: float | None = None,
         logits_to_keep: int = 0,
         context_ids: torch.LongTensor | None = None,
+        prompt_lengths: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -332,6 +333,9 @@ class PluginModel(PluginPreTrainedModel):
                 The whole sequences so far, ending with `input_ids`, for a reweighter with a `copy_mode` run on a
                 KV cache (the ids in the cache are part of its context). Defaults to `input_ids` when there is no
                 cache; ignored without a copy mode. `attention_mask` (the full one) marks its padding.
+            prompt_lengths (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                For `copy_source="prompt"`: how many columns of `context_ids` (padding included) are the prompt in
+                each row. Defaults to the columns before the first label when `labels` are given; otherwise needed.
 
         Returns:
             `CausalLMOutputWithPast`: `.logits` of shape `(batch_size, sequence_length, vocab)` (the last
@@ -361,7 +365,9 @@ class PluginModel(PluginPreTrainedModel):
         logits = outputs.logits
         if copying:
             kept = logits.shape[1]
-            first = self._first_occurrences(context_ids, logits.shape[-1], attention_mask)
+            if prompt_lengths is None and labels is not None and self.config.copy_source == "prompt":
+                prompt_lengths = (labels != -100).long().argmax(dim=1)
+            first = self._first_occurrences(context_ids, logits.shape[-1], attention_mask, prompt_lengths)
             positions = torch.arange(context_ids.shape[1] - kept, context_ids.shape[1], device=first.device)
             present = first[:, None, :] <= positions[None, :, None]
             logits = self._copy(logits, outputs.hidden_states[-1][:, -kept:], present)
@@ -428,7 +434,9 @@ class PluginModel(PluginPreTrainedModel):
         if self.config.copy_mode is None:
             return logits
         rows, positions = mask.nonzero(as_tuple=True)
-        first = self._first_occurrences(input_ids, logits.shape[-1], attention_mask)
+        # The prompt of a row ends where its first scored position predicts the first completion token.
+        prompt_lengths = mask.long().argmax(dim=1) + 1
+        first = self._first_occurrences(input_ids, logits.shape[-1], attention_mask, prompt_lengths)
         return self._copy(logits, hidden, first[rows] <= positions[:, None])
 
     def set_copy_aliases(self, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -446,7 +454,14 @@ class PluginModel(PluginPreTrainedModel):
         whole sequence as `context_ids`."""
         return self.config.copy_mode is not None
 
-    def _first_occurrences(self, context_ids, vocab_size, context_mask) -> torch.LongTensor:
+    def _first_occurrences(self, context_ids, vocab_size, context_mask, prompt_lengths) -> torch.LongTensor:
+        if self.config.copy_source == "prompt":
+            if prompt_lengths is None:
+                raise ValueError("A reweighter with copy_source='prompt' needs `prompt_lengths` (or `labels`): where "
+                                 "each row's prompt ends.")
+            columns = torch.arange(context_ids.shape[1], device=context_ids.device)
+            in_prompt = columns[None, :] < torch.as_tensor(prompt_lengths, device=context_ids.device).view(-1, 1)
+            context_mask = in_prompt if context_mask is None else in_prompt & context_mask.to(in_prompt.device).bool()
         first = first_occurrences(context_ids, vocab_size, context_mask, self.config.copy_ignore_ids)
         return add_aliases(first, self.copy_aliases) if self.config.copy_word_starts else first
 
@@ -527,6 +542,7 @@ def score_with_reweighters(
     attention_mask: torch.Tensor | None = None,
     alphas: Sequence[float] | None = None,
     labels: torch.LongTensor | None = None,
+    prompt_lengths: torch.LongTensor | None = None,
 ) -> CausalLMOutputWithPast:
     """Scores whole sequences under a base model and several stacked reweighters, `p ∝ p_base · Π_i r_i^alpha_i`.
 
@@ -540,6 +556,8 @@ def score_with_reweighters(
         attention_mask (`torch.Tensor`, *optional*): 1 for real tokens, 0 for padding.
         alphas (`Sequence[float]`, *optional*): one strength per reweighter; defaults to each config's `alpha`.
         labels (`torch.LongTensor`, *optional*): targets aligned with `input_ids`; -100 is ignored.
+        prompt_lengths (`torch.LongTensor` of shape `(batch_size,)`, *optional*): where each row's prompt ends, for
+            reweighters with `copy_source="prompt"` (see `PluginModel.forward`).
 
     Returns:
         `CausalLMOutputWithPast`: `.logits` are the combined log-probabilities, `.loss` the NLL of `labels`.
@@ -550,12 +568,14 @@ def score_with_reweighters(
             f"got {tuple(base_logits.shape)}."
         )
     alphas = [p.config.alpha for p in plugins] if alphas is None else list(alphas)
+    if prompt_lengths is None and labels is not None:  # the prompt ends where the labels begin
+        prompt_lengths = (labels != -100).long().argmax(dim=1)
     width = base_logits.shape[-1]
     reweighter_logits = []
     for plugin in plugins:
         check_vocab_width(plugin.config, width)
         mask = attention_mask.to(plugin.device) if attention_mask is not None else None
-        logits = plugin(input_ids.to(plugin.device), attention_mask=mask).logits
+        logits = plugin(input_ids.to(plugin.device), attention_mask=mask, prompt_lengths=prompt_lengths).logits
         reweighter_logits.append(align_vocab(logits.to(base_logits.device), width))
     combined = combine_logits(base_logits, reweighter_logits, alphas)
     loss = next_token_nll(combined, labels) if labels is not None else None

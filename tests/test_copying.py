@@ -21,11 +21,12 @@ from test_logits_process import MODES, assert_every_call_exact, assert_finished_
 
 
 ARCHS = ["llama", "gpt2"]
+SOURCES = ["prompt", "context"]
 
 
-def copy_plugin(arch: str, mode: str, **kwargs) -> PluginModel:
+def copy_plugin(arch: str, mode: str, source: str = "context", **kwargs) -> PluginModel:
     """A tiny reweighter with a copy mode and a copy head that visibly matters (trained ones are not zero)."""
-    plugin = make_plugin(arch, copy_mode=mode, copy_ignore_ids=[BOS, EOS], **kwargs)
+    plugin = make_plugin(arch, copy_mode=mode, copy_source=source, copy_ignore_ids=[BOS, EOS], **kwargs)
     torch.manual_seed(3)
     with torch.no_grad():
         plugin.copy_head.weight.normal_(std=2.0)
@@ -36,6 +37,11 @@ def copy_plugin(arch: str, mode: str, **kwargs) -> PluginModel:
 def test_config_refuses_bad_options_and_old_configs_load_without_a_copy_mode(tmp_path):
     with pytest.raises(ValueError, match="`copy_mode` must be None or one of gate, shared, floor, got 'copy'"):
         PluginConfig(vocab_size=10, copy_mode="copy")
+    with pytest.raises(ValueError, match="`copy_source` must be one of prompt, context, with a `copy_mode`"):
+        PluginConfig(vocab_size=10, copy_mode="gate", copy_source="generated")
+    with pytest.raises(ValueError, match="with a `copy_mode`"):
+        PluginConfig(vocab_size=10, copy_source="prompt")
+    assert PluginConfig(vocab_size=10, copy_mode="gate").copy_source == "prompt"
     for bad in ([-1], ["3"], 5, [True]):
         with pytest.raises(ValueError, match="`copy_ignore_ids` must be a list of non-negative token ids"):
             PluginConfig(vocab_size=10, copy_mode="gate", copy_ignore_ids=bad)
@@ -46,6 +52,7 @@ def test_config_refuses_bad_options_and_old_configs_load_without_a_copy_mode(tmp
     (tmp_path / "old/config.json").write_text(json.dumps(config))
     loaded = PluginModel.from_pretrained(tmp_path / "old")
     assert loaded.config.copy_mode is None and loaded.copy_head is None and not loaded.reads_context
+    assert loaded.config.copy_source is None
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -68,44 +75,57 @@ def test_an_untrained_gate_changes_nothing(arch):
     gated.backbone.load_state_dict(plain.backbone.state_dict())
     assert not gated.copy_head.weight.any() and not gated.copy_head.bias.any()
     ids = torch.tensor([[5, 6, 7, 6, 9]])
-    torch.testing.assert_close(gated(ids).logits, plain(ids).logits)
+    torch.testing.assert_close(gated(ids, prompt_lengths=torch.tensor([3])).logits, plain(ids).logits)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
-def test_forward_changes_exactly_the_ids_already_in_the_context(arch, mode):
-    plugin = copy_plugin(arch, mode)
+@pytest.mark.parametrize("source", SOURCES)
+def test_forward_changes_exactly_the_ids_already_in_the_context(arch, mode, source):
+    plugin = copy_plugin(arch, mode, source)
     plain = make_plugin(arch)  # same seed: the same backbone without a copy head
     ids = torch.tensor([[PAD, PAD, BOS, 5, 6, 5, 7], [BOS, 8, 9, 10, 11, 12, 13]])
     mask = (torch.arange(7) >= 2).long().expand(2, 7).clone()
     mask[1] = 1
+    prompt_lengths = torch.tensor([5, 3])  # columns, padding included: [PAD PAD BOS 5 6] and [BOS 8 9]
     with torch.no_grad():
-        out = plugin(ids, attention_mask=mask).logits
+        out = plugin(ids, attention_mask=mask, prompt_lengths=prompt_lengths).logits
         own = plain(ids, attention_mask=mask).logits
     changed = (out != own)
     for row in range(2):
         for t in range(7):
             if not mask[row, t]:
                 continue
-            seen = {int(v) for v, m in zip(ids[row, : t + 1], mask[row, : t + 1]) if m} - {BOS, EOS}
+            end = t + 1 if source == "context" else min(t + 1, int(prompt_lengths[row]))
+            seen = {int(v) for v, m in zip(ids[row, :end], mask[row, :end]) if m} - {BOS, EOS}
             where = set(changed[row, t].nonzero().flatten().tolist())
             # floor leaves a context id alone where its own logit is already above the gate
             assert where <= seen if mode == "floor" else where == seen, (row, t, where, seen)
     if mode == "shared":  # every context id at one value: the reweighter cannot rank them
-        assert out[1, -1, 8] == out[1, -1, 13]
+        assert out[1, -1, 8] == out[1, -1, 9]
+        assert (out[1, -1, 8] == out[1, -1, 13]) == (source == "context")  # 13 was generated, not prompted
+    if source == "prompt":
+        with pytest.raises(ValueError, match="needs `prompt_lengths` \\(or `labels`\\)"):
+            plugin(ids)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
-def test_completion_logits_equal_the_forward(arch, mode):
-    plugin = copy_plugin(arch, mode)
+@pytest.mark.parametrize("source", SOURCES)
+def test_completion_logits_equal_the_forward(arch, mode, source):
+    plugin = copy_plugin(arch, mode, source)
     ids = torch.tensor([[PAD, PAD, 5, 6, 5, 7, 8], [4, 8, 9, 10, 11, 12, 9]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
     selected = torch.zeros_like(ids, dtype=torch.bool)
     selected[0, 3:6] = True
     selected[1, [2, 5]] = True
+    labels = torch.full_like(ids, -100)  # what training has: the completion starts after the first scored position
+    labels[0, 4:] = ids[0, 4:]
+    labels[1, 3:] = ids[1, 3:]
     with torch.no_grad():
-        expected = plugin(ids, attention_mask=mask).logits[selected]
+        expected = plugin(ids, attention_mask=mask, labels=labels).logits[selected]
+        torch.testing.assert_close(plugin(ids, attention_mask=mask, prompt_lengths=torch.tensor([4, 3])).logits[selected],
+                                   expected)
         got = plugin.completion_logits(ids, mask, selected)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -125,10 +145,11 @@ def test_a_cached_forward_needs_the_whole_sequence():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("mode", COPY_MODES)
+@pytest.mark.parametrize("mode, source", [("shared", "prompt"), ("shared", "context"), ("gate", "context"),
+                                          ("floor", "prompt")])
 @pytest.mark.parametrize("decoding", ["greedy", "sampling_multiple_returns", "beam_multiple_returns"])
-def test_processor_matches_offline_forward(arch, mode, decoding, tokenizer):
-    base, plugin = make_base("llama"), copy_plugin(arch, mode)
+def test_processor_matches_offline_forward(arch, mode, source, decoding, tokenizer):
+    base, plugin = make_base("llama"), copy_plugin(arch, mode, source)
     input_ids, mask = prompts(tokenizer, ["w1 w2 w3 w4 w5", "w6 w7", "w8 w9 w10"])
     recorder = Recorder(PluginLogitsProcessor(plugin, pad_token_id=PAD))
     tokens = count_reweighter_tokens(plugin)
@@ -141,9 +162,11 @@ def test_processor_matches_offline_forward(arch, mode, decoding, tokenizer):
         assert_finished_sequences_exact(plugin, out, recorder.calls, mask)
 
 
-def test_two_generate_calls_in_a_row_each_read_their_own_context(tokenizer):
-    base, plugin = make_base("llama"), copy_plugin("llama", "shared")
-    recorder = Recorder(PluginLogitsProcessor(plugin, pad_token_id=PAD))
+@pytest.mark.parametrize("source", SOURCES)
+def test_two_generate_calls_in_a_row_each_read_their_own_context(source, tokenizer):
+    base, plugin = make_base("llama"), copy_plugin("llama", "shared", source)
+    processor = PluginLogitsProcessor(plugin, pad_token_id=PAD)
+    recorder = Recorder(processor)
     outputs = []
     for texts in (["w1 w2 w3", "w4"], ["w9 w8", "w7 w6 w5 w4 w3"], ["w1 w2 w3", "w4"]):
         input_ids, mask = prompts(tokenizer, texts)
@@ -152,20 +175,23 @@ def test_two_generate_calls_in_a_row_each_read_their_own_context(tokenizer):
                                      min_new_tokens=6, do_sample=False))
         assert_every_call_exact(plugin, recorder.calls, mask)
     assert torch.equal(outputs[0], outputs[2])
-    # a continuation of an earlier output is a new generation whose context includes that output
+    # A call continuing an earlier output: its prompt includes that output once the processor is reset (without a
+    # reset, the runner cannot tell it from assisted decoding rolling back, and keeps the earlier prompt).
     follow = outputs[0]
+    follow_mask = full_mask(follow, prompts(tokenizer, ["w1 w2 w3", "w4"])[1])
+    processor.reset()
     recorder.calls.clear()
-    base.generate(follow, attention_mask=full_mask(follow, prompts(tokenizer, ["w1 w2 w3", "w4"])[1]),
-                  logits_processor=[recorder], max_new_tokens=3, do_sample=False)
-    assert_every_call_exact(plugin, recorder.calls, prompts(tokenizer, ["w1 w2 w3", "w4"])[1])
+    base.generate(follow, attention_mask=follow_mask, logits_processor=[recorder], max_new_tokens=3, do_sample=False)
+    assert_every_call_exact(plugin, recorder.calls, follow_mask)
 
 
 @pytest.mark.parametrize("mode", COPY_MODES)
-def test_loss_from_a_whole_vocabulary_cache_equals_the_live_loss_and_trains_the_head(mode, tokenizer, tmp_path):
+@pytest.mark.parametrize("source", SOURCES)
+def test_loss_from_a_whole_vocabulary_cache_equals_the_live_loss_and_trains_the_head(mode, source, tokenizer, tmp_path):
     rows = [(f"w{i} w{i + 1} w{i + 2}", f"w{i + 1} w40 w{i}") for i in range(4, 28)]
     examples, _ = read_examples(write_csv(tmp_path / "d.csv", rows), prompt_column="mr", completion_column="ref")
     encoded = encode_examples(tokenizer, examples, max_length=32)
-    base, plugin = make_base("llama"), copy_plugin("llama", mode)
+    base, plugin = make_base("llama"), copy_plugin("llama", mode, source)
     cache_dir = write_base_cache(base, encoded, tmp_path / "cache", k=96, pad_token_id=PAD, progress=False)
     batch = collate(encoded[:8], PAD)
     logits = plugin.completion_logits(batch["input_ids"], batch["attention_mask"], loss_positions(batch["labels"]))
@@ -187,6 +213,7 @@ def test_train_command_records_the_mode_and_the_special_tokens(tmp_path):
           "--cpu", "--copy-mode", "shared"])
     plugin = PluginModel.from_pretrained(out)
     assert plugin.config.copy_mode == "shared" and plugin.config.copy_ignore_ids == [0, 1, 2, 3]
+    assert plugin.config.copy_source == "prompt"
     assert plugin.copy_head.bias.abs().item() > 0  # trained
     with pytest.raises(SystemExit):
         main(["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--output-dir",

@@ -27,13 +27,15 @@ def count_reweighter_tokens(plugin: PluginModel) -> list[int]:
     return seen
 
 
-def offline(plugin, input_ids, mask, base_scores_at):
-    """Runs PluginModel once over whole sequences, with the recorded base scores at the positions given."""
+def offline(plugin, input_ids, mask, base_scores_at, prompt_length=None):
+    """Runs PluginModel once over whole sequences, with the recorded base scores at the positions given (and where
+    the prompts end, for a reweighter that copies from its prompt)."""
     base_logits = torch.zeros(*input_ids.shape, base_scores_at[0][1].shape[-1])
     for position, scores in base_scores_at:
         base_logits[:, position] = scores
+    prompt_lengths = None if prompt_length is None else torch.full((input_ids.shape[0],), prompt_length)
     with torch.no_grad():
-        return plugin(input_ids, attention_mask=mask, base_logits=base_logits).logits
+        return plugin(input_ids, attention_mask=mask, base_logits=base_logits, prompt_lengths=prompt_lengths).logits
 
 
 def assert_every_call_exact(plugin, calls, prompt_mask):
@@ -41,7 +43,8 @@ def assert_every_call_exact(plugin, calls, prompt_mask):
     assert calls, "the processor was never called"
     for input_ids, scores, out in calls:
         length = input_ids.shape[1]
-        expected = offline(plugin, input_ids, full_mask(input_ids, prompt_mask), [(length - 1, scores)])[:, -1]
+        expected = offline(plugin, input_ids, full_mask(input_ids, prompt_mask), [(length - 1, scores)],
+                           prompt_mask.shape[1])[:, -1]
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
 
 
@@ -49,7 +52,8 @@ def assert_finished_sequences_exact(plugin, sequences, calls, prompt_mask):
     """One offline forward over the generated sequences reproduces the processor's output at every step."""
     prompt_length = prompt_mask.shape[1]
     positions = [(prompt_length - 1 + step, scores) for step, (_, scores, _) in enumerate(calls)]
-    combined = offline(plugin, sequences[:, : prompt_length + len(calls) - 1], full_mask(sequences, prompt_mask)[:, : prompt_length + len(calls) - 1], positions)
+    combined = offline(plugin, sequences[:, : prompt_length + len(calls) - 1],
+                       full_mask(sequences, prompt_mask)[:, : prompt_length + len(calls) - 1], positions, prompt_length)
     for step, (_, _, out) in enumerate(calls):
         torch.testing.assert_close(out, combined[:, prompt_length - 1 + step], atol=1e-4, rtol=0)
 
