@@ -28,10 +28,16 @@ Methods (hyper-parameters chosen on the held-out part only; every learned model 
                         (TGen's treatment of E2E), outputs relexicalised before scoring: the from-scratch Plugin,
                         the small model alone, the weighted combination and ICL-3; the learned Plugin and weighted
                         combination also with twice the epoch cap.
+  copy rows (--rows copy)  the from-scratch Plugin, not delexicalised, with a copy mode (`hf_plugin.copying`: the
+                        prompt's ids, or every id so far with "context source", get one learned value per step:
+                        "shared" replaces their own logits, "gate" adds to them, "floor" is their maximum; "word
+                        starts" also count `ĠG` for a `G` of the prompt), with the compact output layer
+                        (`hf_plugin.compact_head`), or both.
 
 Usage:
     python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg            # the full run (about 5 hours on 2 cores)
     python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg --quick    # a smoke run: 20+8 MRs, tiny training
+    python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg --rows copy   # the copy and compact-head rows only
     python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg --score-only   # score saved outputs not scored yet
     python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg --score-only --rescore   # all of them again
 A run can be interrupted: trained reweighters and each method's outputs are kept (in --work-dir and the results
