@@ -295,6 +295,19 @@ def test_unreachable_server_and_timeout(tokenizer):
             remote.probe()
 
 
+@pytest.mark.parametrize("content_type", ["text/html", "application/json"])
+def test_a_200_that_is_not_json_names_the_server(tokenizer, content_type):
+    class NotAnAPI:  # e.g. a web page or a proxy's login form at the URL given
+        def __call__(self, request):
+            return httpx2.Response(200, content=b"<html>Welcome</html>", headers={"content-type": content_type})
+
+    with on_loopback(NotAnAPI()) as url:
+        remote = RemoteBase(url, "tiny", tokenizer, max_retries=0, timeout=5)
+        with pytest.raises(RemoteBaseError, match=f"^{re.escape(url)} answered with a body that is not an OpenAI "
+                                                  "completion"):
+            remote.probe()
+
+
 # -- stand-in: hostile answers, secrets, concurrency -------------------------------------------------------------
 
 

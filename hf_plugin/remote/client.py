@@ -181,7 +181,10 @@ class RemoteBase:
         client = self.client if retries else self.client.with_options(max_retries=0)
         start = time.perf_counter()
         try:
-            return client.completions.create(model=self.model, prompt=prompt, **options)
+            answer = client.completions.create(model=self.model, prompt=prompt, **options)
+            if not isinstance(answer, openai.types.Completion):  # what the client returns for a non-JSON body
+                raise ValueError(f"got {type(answer).__name__} {str(answer)[:60]!r}")
+            return answer
         except openai.AuthenticationError as error:
             raise RemoteBaseError(f"{self.base_url} refused the API key (HTTP 401); set ${API_KEY_ENV}.") from error
         except openai.PermissionDeniedError as error:
@@ -195,6 +198,9 @@ class RemoteBase:
             raise RemoteBaseError(f"Cannot reach {self.base_url}: {error.__cause__ or error}.") from error
         except openai.APIStatusError as error:
             raise RemoteBaseError(f"{self.base_url} answered HTTP {error.status_code}: {_message(error)}") from error
+        except (openai.APIResponseValidationError, ValueError) as error:  # a 200 whose body is not the JSON expected
+            raise RemoteBaseError(f"{self.base_url} answered with a body that is not an OpenAI completion ({error}); "
+                                  "is it an OpenAI-compatible /v1 endpoint?") from error
         finally:
             with self._lock:
                 self.stats.seconds += time.perf_counter() - start
@@ -286,7 +292,7 @@ class RemoteBase:
             raise RemoteBaseError(f"{self.base_url} refused the API key (HTTP 401); set ${API_KEY_ENV}.") from error
         except openai.APIConnectionError as error:
             raise RemoteBaseError(f"Cannot reach {self.base_url}: {error.__cause__ or error}.") from error
-        except openai.APIStatusError:
+        except (openai.APIStatusError, openai.APIResponseValidationError, ValueError, AttributeError):
             return []  # some servers list no models; the first completion request will say whether the name exists
 
     def _echo_shift(self, tops, local: list[int], prefix: str) -> int:
