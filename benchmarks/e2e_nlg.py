@@ -604,6 +604,15 @@ def slice_tables(methods: dict, slice_name: str, extra: dict) -> list[str]:
     return lines + [""]
 
 
+# The run's own columns of a result table (also `viggo.py`'s).
+RUN_COLUMNS = {
+    "α": lambda row: f"{row.get('alpha', '')}",
+    "train s": lambda row: f"{row['train_seconds']:.0f}",
+    "generation s": lambda row: f"{row['generation_seconds']:.0f}",
+    "trainable params": lambda row: f"{row['trainable_parameters']:,}",
+}
+
+
 def markdown(result: dict) -> str:
     meta, methods = result["meta"], result["methods"]
     lines = [
@@ -620,10 +629,7 @@ def markdown(result: dict) -> str:
                   "split names.", ""]
         lines += slice_tables(methods, slice_name, {
             "misses an unseen name %": lambda row: f"{row['scores'][slice_name]['degeneration']['misses an unseen name %']:.1f}",
-            "α": lambda row: f"{row.get('alpha', '')}",
-            "train s": lambda row: f"{row['train_seconds']:.0f}",
-            "generation s": lambda row: f"{row['generation_seconds']:.0f}",
-            "trainable params": lambda row: f"{row['trainable_parameters']:,}"})
+            **RUN_COLUMNS})
     lines += [f"Cache passes (seconds): {json.dumps({k: round(v) for k, v in meta['cache_seconds'].items()})}.", "",
               f"First test MR of the random sample: `{meta['test_mrs'][0]}`", ""]
     lines += [f"- {name}: {row['outputs'][0]}" for name, row in methods.items()]

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_nlg import (AloneNLL, GENERATION, TEMPLATE, MixtureNLL, generate, icl_prompt, mixture_processor,  # noqa: E402
-                     new_reweighter, pick_alpha, score, slice_tables, train_one)
+from e2e_nlg import (RUN_COLUMNS, AloneNLL, GENERATION, TEMPLATE, MixtureNLL, generate, icl_prompt,  # noqa: E402
+                     mixture_processor, new_reweighter, pick_alpha, score, slice_tables, train_one)
 
 
 DATA = Path(__file__).parent / "data" / "viggo"
@@ -182,11 +182,7 @@ def markdown(result: dict) -> str:
         f"the MRs of 7 other genres; α picked from {meta['alpha_grid']} on held-out NLL.", "",
         f"## {slice_name} MRs", "",
     ]
-    lines += slice_tables(methods, slice_name, {
-        "α": lambda row: f"{row.get('alpha', '')}",
-        "train s": lambda row: f"{row['train_seconds']:.0f}",
-        "generation s": lambda row: f"{row['generation_seconds']:.0f}",
-        "trainable params": lambda row: f"{row['trainable_parameters']:,}"})
+    lines += slice_tables(methods, slice_name, RUN_COLUMNS)
     lines += [f"Cache passes (seconds): {json.dumps({k: round(v) for k, v in meta['cache_seconds'].items()})}.", "",
               f"First test MR: `{meta['test_mrs'][0]}`", ""]
     lines += [f"- {name}: {row['outputs'][0]}" for name, row in methods.items()]
