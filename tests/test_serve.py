@@ -226,7 +226,8 @@ def test_bad_requests_and_limits_are_openai_shaped_4xx(setup):
     ("temperature", float("nan"), "must be a finite number"), ("top_p", float("nan"), "must be a finite number"),
     ("alpha", float("nan"), "must be a finite number"), ("alpha", float("inf"), "must be a finite number"),
     ("alpha", "0.5", "must be a number, got str"), ("alpha", True, "must be a number, got bool"),
-    ("temperature", 2.5, "less than or equal to 2"),
+    ("temperature", 2.5, "less than or equal to 2"), ("temperature", 1e-300, "must be 0 \\(greedy\\) or at least 1e-05"),
+    ("alpha", 1e308, "less than or equal to 1000000"), ("seed", 10**25, "less than 18446744073709551616"),
 ])
 def test_sampling_numbers_are_refused_for_the_right_reason(field, value, message):
     with pytest.raises(APIError, match=f"Invalid value for '{field}': .*{message}") as caught:
@@ -258,6 +259,17 @@ def test_reweighter_positions_are_a_limit():
         answer = client.completions.create(model=MODEL, prompt="w1 w2 w3", temperature=0)
         assert answer.usage.completion_tokens <= 13
         assert client.completions.create(model=BASE, prompt="w1 w2 w3", max_tokens=14, temperature=0).choices
+    finally:
+        server.stop()
+
+
+def test_json_nested_too_deeply_is_a_400_and_the_connection_serves_on():
+    server = Server(create_app(make_base("llama"), tokenizer_with_chat(), {}, base_name=BASE))
+    try:
+        deep = b"[" * 100_000 + b"]" * 100_000  # under the 1 MiB limit, nested past Python's recursion limit
+        code, answer = raw(server.url + "/v1/completions", deep)
+        assert (code, answer["error"]["message"]) == (400, "The request body is nested too deeply.")
+        assert raw(server.url + "/v1/models")[0] == 200
     finally:
         server.stop()
 

@@ -123,6 +123,8 @@ def create_app(
             return json.loads(body)
         except (ValueError, UnicodeDecodeError) as error:
             raise APIError(400, f"The request body is not valid JSON: {error}.", code="invalid_json") from None
+        except RecursionError:  # JSON nested thousands deep
+            raise APIError(400, "The request body is nested too deeply.", code="invalid_json") from None
 
     @app.get("/v1/models")
     async def list_models(request: Request):

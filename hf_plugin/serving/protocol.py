@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 MAX_TOP_LOGPROBS = 20
+# Past these, scores overflow float32 (temperature divides the logits, alpha multiplies log-probs of up to ~1e2 nats).
+MIN_TEMPERATURE = 1e-5
+MAX_ALPHA = 1e6
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,12 @@ class _Request(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user identifier; accepted and not used
-    alpha: float | None = Field(default=None, ge=0.0, description="reweighting strength (an hf-plugin extension)")
+    alpha: float | None = Field(default=None, ge=0.0, le=MAX_ALPHA,
+                                description="reweighting strength (an hf-plugin extension)")
 
     # Before the range checks, which would otherwise refuse NaN for the wrong reason; and no coercion of "0.5" or true.
     @field_validator("temperature", "top_p", "alpha", mode="before")
@@ -90,6 +94,13 @@ class _Request(BaseModel):
             raise ValueError(f"must be a number, got {type(value).__name__}")
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value):
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
         return value
 
     @field_validator("stop")
