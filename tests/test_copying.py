@@ -63,7 +63,7 @@ def test_save_and_load_keep_the_mode_and_the_head(arch, mode, tmp_path):
     loaded = PluginModel.from_pretrained(tmp_path / "r")
     assert (loaded.config.copy_mode, loaded.config.copy_ignore_ids) == (mode, [BOS, EOS])
     torch.testing.assert_close(loaded.copy_head.weight, plugin.copy_head.weight)
-    assert f"Copy mode `{mode}`" in (tmp_path / "r/README.md").read_text()
+    assert f"Copy mode `{mode}` on the ids of the whole sequence so far" in (tmp_path / "r/README.md").read_text()
     ids = torch.tensor([[5, 6, 7, 6, 9]])
     torch.testing.assert_close(loaded(ids).logits, plugin(ids).logits)
 
