@@ -238,7 +238,7 @@ def test_revision_is_honoured(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("copy_mode", [None, "shared"])
 def test_with_code_loads_without_hf_plugin(tokenizer, tmp_path, copy_mode):
-    plugin = bound_plugin(tokenizer, copy_mode=copy_mode)
+    plugin = bound_plugin(tokenizer, copy_mode=copy_mode, copy_source="context" if copy_mode else None)
     if copy_mode:
         torch.nn.init.normal_(plugin.copy_head.weight)
     plugin.save_pretrained(tmp_path / "r", with_code=True)
