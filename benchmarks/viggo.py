@@ -13,6 +13,7 @@ pairs). The name-miss columns count outputs that lack the MR's `name[...]` value
 Usage:
     python benchmarks/viggo.py                 # about 2 hours on 2 cores
     python benchmarks/viggo.py --quick         # a smoke run
+    python benchmarks/viggo.py --score-only    # score the outputs saved so far (e.g. after an interrupted run)
 Results: benchmarks/results/viggo.{json,md}; trained models and caches in --work-dir, reused when run again.
 """
 
@@ -53,12 +54,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--task-vocab-size", type=int, default=2048)
     parser.add_argument("--alphas", default="0.25,0.5,0.75,1.0,1.5")
+    parser.add_argument("--score-only", action="store_true", help="no run: score the saved outputs")
     args = parser.parse_args()
-
-    from hf_plugin import PluginLogitsProcessor
-    from hf_plugin.base_logits import cached_base_sources
-    from hf_plugin.data import Example, encode_examples, with_demonstrations
-    from hf_plugin.loading import load_base_model, offline_smollm2
 
     suffix = "_quick" if args.quick else ""
     path = RESULTS / f"viggo{suffix}.json"
@@ -76,6 +73,24 @@ def main() -> None:
         train_rows, heldout_rows = train_rows[:200], heldout_rows[:60]
     slices = {f"test {len(test_mrs)}": test_mrs}
 
+    result = json.loads(path.read_text()) if path.exists() else {}
+    if result.get("meta", {}).get("test_mrs") != test_mrs:
+        result = {"methods": {}}
+    if not args.score_only:
+        run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test_mrs, result)
+    seen = {name for r in train_rows for name in [r["entity"]] if name}
+    score(result, test_groups, slices, path, seen)
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    path.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test_mrs, result) -> None:
+    from hf_plugin import PluginLogitsProcessor
+    from hf_plugin.base_logits import cached_base_sources
+    from hf_plugin.data import Example, encode_examples, with_demonstrations
+    from hf_plugin.loading import load_base_model, offline_smollm2
+
     base, tokenizer = load_base_model(offline_smollm2())
     pad = tokenizer.pad_token_id
     train_pairs = [Example(TEMPLATE.format(mr=r["mr"]), r["ref"], i) for i, r in enumerate(train_rows)]
@@ -90,9 +105,6 @@ def main() -> None:
     icl_heldout_examples = encode_examples(tokenizer, icl_heldout_pairs, 4 * MAX_LENGTH)
     print(f"train {len(train_examples)} pairs, held-out {len(heldout_examples)}, test {len(test_mrs)} MRs", flush=True)
 
-    result = json.loads(path.read_text()) if path.exists() else {}
-    if result.get("meta", {}).get("test_mrs") != test_mrs:
-        result = {"methods": {}}
     result.setdefault("meta", {}).update({
         "command": " ".join(["python benchmarks/viggo.py"] + sys.argv[1:]),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
@@ -163,12 +175,6 @@ def main() -> None:
                                                     [mixture_processor(mixture["model"], 0.75, tokenizer)]), mixture, w=0.75)
     alone = trained("alone", lambda: new_reweighter(binding), AloneNLL(), AloneNLL())
     record("small model alone", lambda: generate(alone["model"].backbone, tokenizer, plain), alone)
-
-    seen = {name for r in train_rows for name in [r["entity"]] if name}
-    score(result, test_groups, slices, path, seen)
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    path.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
 
 
 def markdown(result: dict) -> str:
