@@ -630,10 +630,15 @@ def markdown(result: dict) -> str:
         lines += slice_tables(methods, slice_name, {
             "misses an unseen name %": lambda row: f"{row['scores'][slice_name]['degeneration']['misses an unseen name %']:.1f}",
             **RUN_COLUMNS})
-    lines += [f"Cache passes (seconds): {json.dumps({k: round(v) for k, v in meta['cache_seconds'].items()})}.", "",
-              f"First test MR of the random sample: `{meta['test_mrs'][0]}`", ""]
-    lines += [f"- {name}: {row['outputs'][0]}" for name, row in methods.items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + result_tail(meta, methods, "First test MR of the random sample")) + "\n"
+
+
+def result_tail(meta: dict, methods: dict, first_label: str) -> list[str]:
+    """The end of a results page: cache-pass times, the first test MR and every method's output for it (also
+    `viggo.py`'s)."""
+    lines = [f"Cache passes (seconds): {json.dumps({k: round(v) for k, v in meta['cache_seconds'].items()})}.", "",
+             f"{first_label}: `{meta['test_mrs'][0]}`", ""]
+    return lines + [f"- {name}: {row['outputs'][0]}" for name, row in methods.items()]
 
 
 if __name__ == "__main__":

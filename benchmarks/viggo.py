@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from e2e_nlg import (RUN_COLUMNS, AloneNLL, GENERATION, TEMPLATE, MixtureNLL, generate, icl_prompt,  # noqa: E402
-                     mixture_processor, new_reweighter, pick_alpha, score, slice_tables, train_one)
+                     mixture_processor, new_reweighter, pick_alpha, result_tail, score, slice_tables, train_one)
 
 
 DATA = Path(__file__).parent / "data" / "viggo"
@@ -189,10 +189,7 @@ def markdown(result: dict) -> str:
         f"## {slice_name} MRs", "",
     ]
     lines += slice_tables(methods, slice_name, RUN_COLUMNS)
-    lines += [f"Cache passes (seconds): {json.dumps({k: round(v) for k, v in meta['cache_seconds'].items()})}.", "",
-              f"First test MR: `{meta['test_mrs'][0]}`", ""]
-    lines += [f"- {name}: {row['outputs'][0]}" for name, row in methods.items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + result_tail(meta, methods, "First test MR")) + "\n"
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from hf_plugin.training import TrainingArguments, train
 
 from conftest import (BOS, EOS, PAD, Recorder, full_mask, make_base, make_plugin, make_tokenizer, prompts, task_folder,
                       write_csv)
-from test_logits_process import MODES, assert_every_call_exact, assert_finished_sequences_exact, count_reweighter_tokens
+from test_logits_process import MODES, assert_every_call_exact, generate_left_padded_and_check
 
 
 ARCHS = ["llama", "gpt2"]
@@ -149,17 +149,7 @@ def test_a_cached_forward_needs_the_whole_sequence():
                                           ("floor", "prompt")])
 @pytest.mark.parametrize("decoding", ["greedy", "sampling_multiple_returns", "beam_multiple_returns"])
 def test_processor_matches_offline_forward(arch, mode, source, decoding, tokenizer):
-    base, plugin = make_base("llama"), copy_plugin(arch, mode, source)
-    input_ids, mask = prompts(tokenizer, ["w1 w2 w3 w4 w5", "w6 w7", "w8 w9 w10"])
-    recorder = Recorder(PluginLogitsProcessor(plugin, pad_token_id=PAD))
-    tokens = count_reweighter_tokens(plugin)
-    torch.manual_seed(0)
-    out = base.generate(input_ids, attention_mask=mask, logits_processor=[recorder], max_new_tokens=8,
-                        min_new_tokens=8, **MODES[decoding])
-    assert tokens == [input_ids.shape[1]] + [1] * (len(recorder.calls) - 1), "not incremental"
-    assert_every_call_exact(plugin, recorder.calls, mask)
-    if "beam" not in decoding:
-        assert_finished_sequences_exact(plugin, out, recorder.calls, mask)
+    generate_left_padded_and_check(make_base("llama"), copy_plugin(arch, mode, source), tokenizer, decoding)
 
 
 @pytest.mark.parametrize("source", SOURCES)

@@ -67,26 +67,30 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("base_arch,plugin_arch", ARCHS)
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_processor_matches_offline_forward_on_left_padded_batch(base_arch, plugin_arch, mode, tokenizer):
-    base, plugin = make_base(base_arch), make_plugin(plugin_arch)
+def generate_left_padded_and_check(base, plugin, tokenizer, mode):
+    """Generates for a left-padded batch through a recorded processor; checks that the reweighter ran incrementally
+    and that every step equals an offline forward (and, without beams, one forward over the finished sequences)."""
     input_ids, mask = prompts(tokenizer, ["w1 w2 w3 w4 w5", "w6 w7", "w8 w9 w10"])
-    processor = PluginLogitsProcessor(plugin, pad_token_id=PAD)
-    recorder = Recorder(processor)
+    recorder = Recorder(PluginLogitsProcessor(plugin, pad_token_id=PAD))
     tokens = count_reweighter_tokens(plugin)
     torch.manual_seed(0)
     out = base.generate(input_ids, attention_mask=mask, logits_processor=[recorder], max_new_tokens=8,
                         min_new_tokens=8, **MODES[mode])
-
     assert tokens == [input_ids.shape[1]] + [1] * (len(recorder.calls) - 1), "not incremental"
     assert_every_call_exact(plugin, recorder.calls, mask)
+    if "beam" not in mode:
+        assert_finished_sequences_exact(plugin, out, recorder.calls, mask)
+    return recorder
+
+
+@pytest.mark.parametrize("base_arch,plugin_arch", ARCHS)
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_processor_matches_offline_forward_on_left_padded_batch(base_arch, plugin_arch, mode, tokenizer):
+    recorder = generate_left_padded_and_check(make_base(base_arch), make_plugin(plugin_arch), tokenizer, mode)
     if "beam" in mode:
         # Beam search must actually have reordered rows between steps for this test to mean anything.
         reordered = [not torch.equal(b[:, :-1], a) for (a, _, _), (b, _, _) in zip(recorder.calls, recorder.calls[1:])]
         assert any(reordered)
-    else:
-        assert_finished_sequences_exact(plugin, out, recorder.calls, mask)
 
 
 @pytest.mark.parametrize("base_arch,plugin_arch", ARCHS[:2])
