@@ -439,6 +439,8 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
         # writes them after a space (`ĠG`), so without them the first piece of every name is outside the context.
         task_ids = caches["train"].task_ids.tolist()
         rows = [  # name, run folder, PluginConfig options (copy_source: the prompt's ids unless "context")
+            ("copy shared + spelled words, frequent ids kept", "copy-shared-spelled-frequent",
+             dict(copy_mode="shared", copy_word_starts=True, copy_word_pieces=3, ignore_frequent=0.5)),
             ("copy shared + word starts", "copy-shared-ws-prompt", dict(copy_mode="shared", copy_word_starts=True)),
             ("copy gate + word starts", "copy-gate-ws-prompt", dict(copy_mode="gate", copy_word_starts=True)),
             ("copy shared + word starts, context source", "copy-shared-ws",
@@ -451,11 +453,15 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
         ]
         for name, folder, options in rows:
             def make(options=options):
+                options = dict(options)
+                frequent = options.pop("ignore_frequent", None)
                 if "copy_mode" in options:
-                    options = {**options, "copy_ignore_ids": tokenizer.all_special_ids}
+                    options["copy_ignore_ids"] = tokenizer.all_special_ids
                 model = new_reweighter(binding, **options)
                 if options.get("copy_word_starts"):
                     model.set_copy_aliases(tokenizer)
+                if frequent:  # the template's and the MR keys' ids stay with the reweighter
+                    model.ignore_frequent_copy_ids([e.prompt_ids for e in train_examples], frequent)
                 return model
 
             learned = trained(f"plugin-scratch-{folder}", make, caches["train"], caches["heldout"], 1e-3)

@@ -38,6 +38,7 @@ from e2e_nlg import (RUN_COLUMNS, AloneNLL, GENERATION, TEMPLATE, MixtureNLL, ge
 DATA = Path(__file__).parent / "data" / "viggo"
 RESULTS = Path(__file__).parent / "results"
 MAX_LENGTH = 192
+SPELLED = "Plugin, copy shared + spelled words, frequent ids kept"
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--task-vocab-size", type=int, default=2048)
     parser.add_argument("--alphas", default="0.25,0.5,0.75,1.0,1.5")
+    parser.add_argument("--rows", choices=["all", "copy"], default="all",
+                        help="'copy': only the rows of the newest copy options (the others' outputs are kept)")
     parser.add_argument("--score-only", action="store_true", help="no run: score the saved outputs")
     args = parser.parse_args()
 
@@ -157,6 +160,22 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
         model.set_copy_aliases(tokenizer)
         return model
 
+    def spelling_reweighter():
+        # Word starts spelled in up to 3 pieces (`D`, `irt` → `ĠDirt`), and the ids of the template and the MR keys
+        # (in at least half of the training prompts: `Data`, `name`, `[`, the newline) left to the reweighter.
+        model = new_reweighter(binding, copy_mode="shared", copy_ignore_ids=tokenizer.all_special_ids,
+                               copy_word_starts=True, copy_word_pieces=3)
+        model.set_copy_aliases(tokenizer)
+        model.ignore_frequent_copy_ids([e.prompt_ids for e in train_examples], 0.5)
+        return model
+
+    spelled = trained("plugin-copy-shared-spelled-frequent", spelling_reweighter, caches["train"], caches["heldout"])
+    plugin_row(SPELLED, spelled, plain, caches["heldout"], heldout_examples)
+    if args.rows == "copy":
+        icl_caches, _ = cached_base_sources(lambda: base, tokenizer, {"heldout": icl_heldout_examples}, work / "cache-icl",
+                                            k=args.top_k, batch_size=8, task_vocab_size=args.task_vocab_size)
+        plugin_row(f"{SPELLED} + ICL-3", spelled, icl3, icl_caches["heldout"], icl_heldout_examples)
+        return
     copying = trained("plugin-copy-shared-ws", copy_reweighter, caches["train"], caches["heldout"])
     plugin_row("Plugin, copy shared + word starts", copying, plain, caches["heldout"], heldout_examples)
     scratch = trained("plugin-scratch", lambda: new_reweighter(binding), caches["train"], caches["heldout"])
@@ -166,6 +185,7 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
     icl_caches, _ = cached_base_sources(lambda: base, tokenizer, {"heldout": icl_heldout_examples}, work / "cache-icl",
                                         k=args.top_k, batch_size=8, task_vocab_size=args.task_vocab_size)
     timings.setdefault("3-shot held-out prompts", time.perf_counter() - started)
+    plugin_row(f"{SPELLED} + ICL-3", spelled, icl3, icl_caches["heldout"], icl_heldout_examples)
     plugin_row("Plugin, copy shared + word starts + ICL-3", copying, icl3, icl_caches["heldout"], icl_heldout_examples)
     plugin_row("Plugin, from scratch + ICL-3", scratch, icl3, icl_caches["heldout"], icl_heldout_examples)
 

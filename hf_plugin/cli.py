@@ -60,18 +60,25 @@ def _load_base(args: argparse.Namespace):
 
 
 def _copy_options(args: argparse.Namespace, tokenizer) -> dict:
-    """The `PluginConfig` arguments of --copy-mode and --copy-word-starts."""
+    """The `PluginConfig` arguments of --copy-mode, --copy-source, --copy-word-starts and --copy-word-pieces."""
     if args.copy_mode is None:
         return {}
     # Special tokens (BOS, EOS, chat markers) are structure, not content to copy.
     return {"copy_mode": args.copy_mode, "copy_ignore_ids": sorted(set(tokenizer.all_special_ids)),
-            "copy_source": args.copy_source, "copy_word_starts": args.copy_word_starts}
+            "copy_source": args.copy_source, "copy_word_starts": args.copy_word_starts,
+            "copy_word_pieces": args.copy_word_pieces}
 
 
 def _check_copy_arguments(args: argparse.Namespace) -> None:
-    for given, name in ((args.copy_word_starts, "--copy-word-starts"), (args.copy_source, "--copy-source")):
+    frequent = getattr(args, "copy_ignore_frequent", None)
+    for given, name in ((args.copy_word_starts, "--copy-word-starts"), (args.copy_source, "--copy-source"),
+                        (args.copy_word_pieces != 1, "--copy-word-pieces"), (frequent is not None, "--copy-ignore-frequent")):
         if given and args.copy_mode is None:
             raise SystemExit(f"error: {name} needs --copy-mode")
+    if args.copy_word_pieces != 1 and not args.copy_word_starts:
+        raise SystemExit("error: --copy-word-pieces needs --copy-word-starts")
+    if frequent is not None and not 0 < frequent <= 1:
+        raise SystemExit(f"error: --copy-ignore-frequent must be a fraction in (0, 1], got {frequent}")
 
 
 def init(args: argparse.Namespace) -> None:
@@ -527,6 +534,10 @@ def train_command(args: argparse.Namespace) -> None:
         ))
     if args.copy_word_starts:
         plugin.set_copy_aliases(tokenizer)
+    if args.copy_ignore_frequent is not None:
+        added = plugin.ignore_frequent_copy_ids([e.prompt_ids for e in train_examples], args.copy_ignore_frequent)
+        print(f"Copy mode: {len(added)} ids in at least {args.copy_ignore_frequent:.0%} of the training prompts are "
+              f"left to the reweighter: {tokenizer.convert_ids_to_tokens(added)[:20]}")
     if args.uniform_start:
         uniform_start_(plugin)
     card = {"datasets": [args.dataset_id]} if args.dataset_id else None
@@ -935,6 +946,9 @@ def _add_architecture_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--copy-word-starts", action="store_true",
                    help="with --copy-mode: a context token also brings its word-start form ('G' in 'name[Giraffe]' "
                         "brings 'ĠG', as in ' Giraffe')")
+    p.add_argument("--copy-word-pieces", type=int, choices=(1, 2, 3), default=1,
+                   help="with --copy-word-starts: also a marked word whose unmarked spelling takes up to this many "
+                        "pieces in a row ('D', 'irt' in 'name[Dirt]' bring 'ĠDirt')")
 
 
 def _add_training_arguments(p: argparse.ArgumentParser) -> None:
@@ -968,6 +982,9 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compact-head", action="store_true",
                    help="an output layer with one row per task-vocabulary token (--task-vocab-size) and one logit "
                         "shared by all other tokens (see hf_plugin.compact_head)")
+    p.add_argument("--copy-ignore-frequent", type=float, metavar="FRACTION",
+                   help="with --copy-mode: the ids in at least this fraction of the training prompts (the template, "
+                        "a data format's keys) stay with the reweighter, outside the copy set (e.g. 0.5)")
     p.add_argument("--dataset-id", help="Hub id of the training data, for the model card")
 
 

@@ -21,7 +21,9 @@ phrases), nor rank the frequent words it has written.
 Word starts. A value glued to a bracket or a colon in the prompt (`name[Giraffe]`: `G`, `ira`, `ffe`) is written
 after a space in the output (` Giraffe`: `ĠG`, `ira`, `ffe`), and the space-prefixed first piece is another id. With
 `word_start_aliases(tokenizer)` every context token that begins with a letter or digit also brings its word-start
-form (`G` → `ĠG`) into the context.
+form (`G` → `ĠG`) into the context. A word the vocabulary holds whole only in its marked form (`ĠDirt`, but `D`, `irt`
+unmarked) is brought in by its unmarked spelling (`word_start_spellings`, up to 3 pieces): on ViGGO the first
+piece alone covers the first token of 75% of the game names as written in references, the spellings XX%.
 
 This module imports nothing else of ours: the remote-code copy of a saved reweighter carries it.
 """
@@ -106,6 +108,81 @@ def word_start_aliases(tokenizer) -> torch.LongTensor:
         if marked is not None:
             aliases[index] = marked
     return aliases
+
+
+def word_start_spellings(tokenizer, max_pieces: int) -> torch.LongTensor:
+    """For each marked word of `tokenizer` (`ĠDirt`), the ids of the same word unmarked when it takes 2 to `max_pieces`
+    pieces (`D`, `irt`), as a value glued to a bracket in a prompt is tokenised; -1 elsewhere.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): the base's tokenizer.
+        max_pieces (`int`): the most pieces of a spelling (2 or 3; one piece is `word_start_aliases`' case).
+
+    Returns:
+        `torch.LongTensor` of shape `(len(tokenizer), max_pieces)`: row `i` spells id `i`, padded with -1.
+    """
+    vocab = tokenizer.get_vocab()
+    spellings = torch.full((max(len(tokenizer), max(vocab.values()) + 1), max_pieces), -1, dtype=torch.long)
+    markers = [m for m in _WORD_START_MARKERS if any(token.startswith(m) for token in vocab)]
+    if not markers or max_pieces < 2:
+        return spellings
+    special = set(tokenizer.all_special_ids)
+    marked = [(token, index) for token, index in vocab.items()
+              if index not in special and token.startswith(markers[0]) and token[len(markers[0]):][:1].isalnum()]
+    words = [tokenizer.convert_tokens_to_string([token]).lstrip() for token, _ in marked]
+    pieces = tokenizer(words, add_special_tokens=False)["input_ids"]
+    for (_, index), ids in zip(marked, pieces):
+        # A spelling whose first piece is itself marked (SentencePiece's dummy prefix) never occurs glued to a bracket.
+        if 2 <= len(ids) <= max_pieces and not any(tokenizer.convert_ids_to_tokens(ids[0]).startswith(m) for m in markers):
+            spellings[index, : len(ids)] = torch.tensor(ids)
+    return spellings
+
+
+def add_spelled_words(
+    first: torch.LongTensor, context_ids: torch.LongTensor, counted: torch.Tensor, spellings: torch.LongTensor
+) -> torch.LongTensor:
+    """`first_occurrences` with each marked word present from the last piece of its unmarked spelling (a new tensor).
+
+    Args:
+        first (`torch.LongTensor` of shape `(batch_size, vocab_size)`): from `first_occurrences`.
+        context_ids (`torch.LongTensor` of shape `(batch_size, length)`): the sequences.
+        counted (`torch.Tensor` of shape `(batch_size, length)`): 1 where a token counts (not padding, in the source).
+        spellings (`torch.LongTensor` of shape `(vocab_size, max_pieces)`): from `word_start_spellings`.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_plugin.copying import add_spelled_words, first_occurrences
+    >>> spellings = torch.full((6, 2), -1)
+    >>> spellings[5] = torch.tensor([1, 2])  # id 5 is spelled 1, 2 when unmarked
+    >>> context = torch.tensor([[0, 1, 2], [2, 1, 0]])
+    >>> add_spelled_words(first_occurrences(context, 6), context, torch.ones(2, 3), spellings)
+    tensor([[0, 1, 2, 3, 3, 2],
+            [2, 1, 0, 3, 3, 3]])
+
+    ```
+    """
+    rows, length = context_ids.shape
+    vocab_size = first.shape[1]
+    spellings = spellings[:vocab_size].to(first.device)
+    pieces = (spellings >= 0).sum(dim=1)
+    counted = counted.to(first.device).bool() & (context_ids >= 0) & (context_ids < vocab_size)
+    ids = context_ids.clamp(0, vocab_size - 1)
+    for n in range(2, spellings.shape[1] + 1):
+        targets = (pieces == n).nonzero().squeeze(1)
+        if not len(targets) or length < n:
+            continue
+        # One integer per n-gram (exact: vocab_size ** 3 fits in int64 for any vocabulary below 2 million).
+        scale = vocab_size ** torch.arange(n, device=first.device)
+        keys, order = (spellings[targets, :n] * scale).sum(dim=1).sort()
+        targets = targets[order]
+        windows = (ids.unfold(1, n, 1) * scale).sum(dim=-1)
+        slot = torch.searchsorted(keys, windows).clamp(max=len(keys) - 1)
+        hit = counted.unfold(1, n, 1).all(dim=-1) & (keys[slot] == windows)
+        ends = torch.arange(n - 1, length, device=first.device).expand(rows, -1)
+        first = first.scatter_reduce(1, torch.where(hit, targets[slot], 0), torch.where(hit, ends, length), reduce="amin")
+    return first
 
 
 def add_aliases(first: torch.LongTensor, aliases: torch.LongTensor) -> torch.LongTensor:

@@ -371,6 +371,12 @@ class EncodedExample:
     labels: list[int]
     index: int
 
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The ids before the first learned position."""
+        first = next((i for i, label in enumerate(self.labels) if label != -100), len(self.labels))
+        return self.input_ids[:first]
+
 
 def encode_examples(
     tokenizer: PreTrainedTokenizerBase,

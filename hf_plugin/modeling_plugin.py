@@ -22,7 +22,8 @@ from .combine import align_vocab, combine_logits
 from .compatibility import check_base_model, check_vocab_width
 from .configuration_plugin import PluginConfig
 from .compact_head import CompactHead
-from .copying import add_aliases, apply_copy_mode, first_occurrences, word_start_aliases
+from .copying import (add_aliases, add_spelled_words, apply_copy_mode, first_occurrences, word_start_aliases,
+                      word_start_spellings)
 from .initialization import first_layers
 from .hub import CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, _WEIGHTS_SHARD, card_sections, push_folder, render_model_card, write_remote_code
 # Some transformers releases (5.3, 5.8) copy only the direct relative imports of a remote-code model loaded from a
@@ -124,6 +125,10 @@ class PluginModel(PluginPreTrainedModel):
         self.copy_head = torch.nn.Linear(config.hidden_size, 1) if config.copy_mode is not None else None
         if config.copy_word_starts:  # saved with the weights: the table belongs to the tokenizer it was trained with
             self.register_buffer("copy_aliases", torch.full((config.vocab_size,), -1, dtype=torch.long))
+        if config.copy_word_pieces > 1:
+            self.register_buffer(
+                "copy_word_spellings", torch.full((config.vocab_size, config.copy_word_pieces), -1, dtype=torch.long)
+            )
         # What the model card was rendered from (training, metrics, evaluation, ...); kept across save and load.
         self.card_sections: dict = {}
         self.post_init()
@@ -440,13 +445,52 @@ class PluginModel(PluginPreTrainedModel):
         return self._copy(logits, hidden, first[rows] <= positions[:, None])
 
     def set_copy_aliases(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Fills the word-start table of a `copy_word_starts` reweighter from the base's tokenizer (see
-        `hf_plugin.copying.word_start_aliases`); `hf-plugin train` does it."""
+        """Fills the word-start tables of a `copy_word_starts` reweighter from the base's tokenizer (see
+        `hf_plugin.copying.word_start_aliases` and `word_start_spellings`); `hf-plugin train` does it."""
         if not self.config.copy_word_starts:
             raise ValueError("This reweighter has no word-start table: its config has copy_word_starts=False.")
         aliases = word_start_aliases(tokenizer)[: self.config.vocab_size]
         self.copy_aliases.fill_(-1)
         self.copy_aliases[: len(aliases)] = aliases.to(self.copy_aliases.device)
+        if self.config.copy_word_pieces > 1:
+            spellings = word_start_spellings(tokenizer, self.config.copy_word_pieces)[: self.config.vocab_size]
+            self.copy_word_spellings.fill_(-1)
+            self.copy_word_spellings[: len(spellings)] = spellings.to(self.copy_word_spellings.device)
+
+    def ignore_frequent_copy_ids(self, prompts: Sequence[Sequence[int]], min_fraction: float = 0.5) -> list[int]:
+        """Adds to `config.copy_ignore_ids` the ids in at least `min_fraction` of these prompts' copy sets.
+
+        A copy mode takes the prompt's ids out of the reweighter's own ranking; the ids of the template and of a
+        data format's keys (`Data:`, `name[`, the newline the outputs never hold) are in every prompt and are not
+        content to copy, so the reweighter keeps its say over them. Call it on the training prompts before training
+        (after `set_copy_aliases`); `hf-plugin train --copy-ignore-frequent` does.
+
+        Args:
+            prompts (`Sequence[Sequence[int]]`): token ids of the training prompts.
+            min_fraction (`float`, *optional*, defaults to 0.5): in (0, 1].
+
+        Returns:
+            `list[int]`: the ids added, in increasing order.
+        """
+        if self.config.copy_mode is None:
+            raise ValueError("Only a reweighter with a `copy_mode` has copy sets.")
+        if not 0 < min_fraction <= 1:
+            raise ValueError(f"`min_fraction` must be in (0, 1], got {min_fraction!r}.")
+        if not prompts:
+            raise ValueError("No prompts to count the copy sets of.")
+        counts = torch.zeros(self.config.vocab_size, dtype=torch.long)
+        for start in range(0, len(prompts), 64):
+            batch = prompts[start : start + 64]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in batch], device=self.device)
+            mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch], device=self.device)
+            first = self._first_occurrences(ids, self.config.vocab_size, mask, mask.sum(dim=1), ignore=False)
+            counts += (first < width).sum(dim=0).cpu()
+        frequent = (counts >= min_fraction * len(prompts)).nonzero().squeeze(1).tolist()
+        ignored = set(self.config.copy_ignore_ids or [])
+        self.config.copy_ignore_ids = sorted(ignored | set(frequent))
+        self.config.copy_ignore_frequent = float(min_fraction)
+        return sorted(set(frequent) - ignored)
 
     @property
     def reads_context(self) -> bool:
@@ -454,7 +498,7 @@ class PluginModel(PluginPreTrainedModel):
         whole sequence as `context_ids`."""
         return self.config.copy_mode is not None
 
-    def _first_occurrences(self, context_ids, vocab_size, context_mask, prompt_lengths) -> torch.LongTensor:
+    def _first_occurrences(self, context_ids, vocab_size, context_mask, prompt_lengths, ignore=True) -> torch.LongTensor:
         if self.config.copy_source == "prompt":
             if prompt_lengths is None:
                 raise ValueError("A reweighter with copy_source='prompt' needs `prompt_lengths` (or `labels`): where "
@@ -462,8 +506,17 @@ class PluginModel(PluginPreTrainedModel):
             columns = torch.arange(context_ids.shape[1], device=context_ids.device)
             in_prompt = columns[None, :] < torch.as_tensor(prompt_lengths, device=context_ids.device).view(-1, 1)
             context_mask = in_prompt if context_mask is None else in_prompt & context_mask.to(in_prompt.device).bool()
-        first = first_occurrences(context_ids, vocab_size, context_mask, self.config.copy_ignore_ids)
-        return add_aliases(first, self.copy_aliases) if self.config.copy_word_starts else first
+        first = first_occurrences(context_ids, vocab_size, context_mask)
+        if self.config.copy_word_starts:
+            first = add_aliases(first, self.copy_aliases)
+        if self.config.copy_word_pieces > 1:
+            counted = torch.ones_like(context_ids) if context_mask is None else context_mask
+            first = add_spelled_words(first, context_ids, counted, self.copy_word_spellings)
+        # Ignored ids leave the set last, so an alias or a spelling cannot bring them back.
+        if ignore and self.config.copy_ignore_ids:
+            ignored = torch.tensor([i for i in self.config.copy_ignore_ids if i < vocab_size], device=first.device)
+            first = first.index_fill(1, ignored, context_ids.shape[1])
+        return first
 
     def _copy(self, logits: torch.Tensor, hidden: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         gate = self.copy_head(hidden.to(self.copy_head.weight.dtype))
