@@ -7,11 +7,13 @@ import json
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from hf_plugin import PluginConfig, PluginLogitsProcessor, PluginModel
 from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel, loss_positions, write_base_cache
 from hf_plugin.cli import main
-from hf_plugin.copying import COPY_MODES, word_start_aliases
+from hf_plugin.copying import COPY_MODES, word_start_aliases, word_start_spellings
 from hf_plugin.data import collate, encode_examples, read_examples
 from hf_plugin.training import TrainingArguments, train
 
@@ -269,3 +271,149 @@ def test_word_starts_need_a_mode_and_a_filled_table(tmp_path):
     with pytest.raises(SystemExit, match="--copy-word-starts needs --copy-mode"):
         main(["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--output-dir",
               str(tmp_path / "x"), "--copy-word-starts"])
+
+
+def byte_level_tokenizer():
+    """Byte-level BPE built in-process, as GPT-2 and SmolLM tokenise: ` Dirt` and ` Go` are one marked token each,
+    `Dirt` (glued to a bracket) is `D`, `ir`, `t` and `Go` is `G`, `o`."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"[PAD]": PAD, "[BOS]": BOS, "[EOS]": EOS, "[UNK]": 3}
+    for token in alphabet + ["ir", "ĠD", "ĠDir", "ĠDirt", "ĠG", "ĠGo"]:
+        vocab[token] = len(vocab)
+    merges = [("i", "r"), ("Ġ", "D"), ("ĠD", "ir"), ("ĠDir", "t"), ("Ġ", "G"), ("ĠG", "o")]
+    backend = Tokenizer(models.BPE(vocab, merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+                                   unk_token="[UNK]")
+
+
+def test_word_start_spellings_spell_a_marked_word_as_it_is_glued_to_a_bracket():
+    tokenizer = byte_level_tokenizer()
+    vocab = tokenizer.get_vocab()
+    assert tokenizer.tokenize("[Dirt]") == ["[", "D", "ir", "t", "]"] and tokenizer.tokenize(" Dirt") == ["ĠDirt"]
+    two, three = word_start_spellings(tokenizer, 2), word_start_spellings(tokenizer, 3)
+    assert two.shape == (len(tokenizer), 2) and three.shape == (len(tokenizer), 3)
+    assert two[vocab["ĠGo"]].tolist() == [vocab["G"], vocab["o"]] and two[vocab["ĠDir"]].tolist() == [vocab["D"], vocab["ir"]]
+    assert two[vocab["ĠDirt"]].tolist() == [-1, -1]  # three pieces
+    assert three[vocab["ĠDirt"]].tolist() == [vocab["D"], vocab["ir"], vocab["t"]]
+    assert three[vocab["ĠD"]].tolist() == [-1, -1, -1]  # one piece: word_start_aliases' case
+    assert (word_start_spellings(make_tokenizer(), 3) == -1).all()  # no marker in the vocabulary
+
+    plugin = PluginModel(PluginConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                      copy_mode="shared", copy_word_starts=True, copy_word_pieces=3))
+    plugin.set_copy_aliases(tokenizer)
+    ids = tokenizer("x[Dirt] Go", return_tensors="pt")["input_ids"]  # x [ D ir t ] ĠGo
+    first = plugin._first_occurrences(ids, len(tokenizer), None, torch.tensor([ids.shape[1]]))[0]
+    assert first[vocab["ĠDirt"]] == 4 and first[vocab["ĠDir"]] == 3  # from the spelling's last piece on
+    assert first[vocab["ĠGo"]] == 6 and first[vocab["ĠD"]] == 2  # in the text itself; the one-piece alias of D
+
+
+def spelled_plugin(arch: str, source: str = "prompt", **kwargs) -> tuple[PluginModel, dict]:
+    """A shared-mode reweighter over `marked_tokenizer` whose spelling table says `Ġw40` is spelled `w1 w2` and
+    `Ġw41` is spelled `w3 w4 w5` (a word-level vocabulary has no multi-piece words of its own)."""
+    tokenizer = marked_tokenizer()
+    vocab = tokenizer.get_vocab()
+    plugin = copy_plugin(arch, "shared", source, copy_word_starts=True, copy_word_pieces=3, **kwargs)
+    plugin.set_copy_aliases(tokenizer)
+    plugin.copy_word_spellings[vocab["Ġw40"], :2] = torch.tensor([vocab["w1"], vocab["w2"]])
+    plugin.copy_word_spellings[vocab["Ġw41"]] = torch.tensor([vocab["w3"], vocab["w4"], vocab["w5"]])
+    return plugin, vocab
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_spelled_words_join_the_context_exactly_and_survive_save_and_load(arch, tmp_path):
+    plugin, vocab = spelled_plugin(arch)
+    w = [vocab[f"w{i}"] for i in range(10)]
+    ids = torch.tensor([[PAD, w[1], w[2], w[3], w[4], w[5], w[6]], [w[1], w[9], w[2], w[3], w[4], w[7], w[5]]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1] * 7])
+    with torch.no_grad():
+        out = plugin(ids, attention_mask=mask, prompt_lengths=torch.tensor([6, 5])).logits
+    gate = out[:, :, w[1]]
+    assert out[0, 2, vocab["Ġw40"]] == gate[0, 2] and out[0, 1, vocab["Ġw40"]] != gate[0, 1]  # w1 w2 ends at 2
+    assert out[0, 5, vocab["Ġw41"]] == gate[0, 5] and out[0, 4, vocab["Ġw41"]] != gate[0, 4]
+    assert (out[1, :, vocab["Ġw40"]] != gate[1]).all() and (out[1, :, vocab["Ġw41"]] != gate[1]).all()  # not in a row
+    labels = torch.full_like(ids, -100)
+    labels[0, 6:], labels[1, 5:] = ids[0, 6:], ids[1, 5:]
+    plugin.save_pretrained(tmp_path / "r")
+    loaded = PluginModel.from_pretrained(tmp_path / "r")
+    assert torch.equal(loaded.copy_word_spellings, plugin.copy_word_spellings)
+    assert "marked words spelled in up to 3 pieces" in (tmp_path / "r/README.md").read_text()
+    with torch.no_grad():
+        expected = plugin(ids, attention_mask=mask, labels=labels).logits
+        torch.testing.assert_close(loaded(ids, attention_mask=mask, labels=labels).logits, expected)
+        selected = loss_positions(labels)  # what training scores: the prompt ends where the labels begin
+        torch.testing.assert_close(loaded.completion_logits(ids, mask, selected), expected[selected], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("decoding", ["greedy", "sampling_multiple_returns", "beam_multiple_returns"])
+def test_processor_with_spelled_words_and_frequent_ids_matches_offline_forward(arch, decoding):
+    tokenizer = marked_tokenizer()
+    plugin, vocab = spelled_plugin(arch)
+    input_ids, mask = prompts(tokenizer, ["w1 w2 w3 w4 w5 w9", "w6 w1 w2", "w3 w4 w5 w9 w9 w9 w9"])
+    plugin.ignore_frequent_copy_ids([row[m.bool()].tolist() for row, m in zip(input_ids, mask)], 0.6)
+    base = make_base("llama")
+    recorder = Recorder(PluginLogitsProcessor(plugin, pad_token_id=PAD))
+    base.generate(input_ids, attention_mask=mask, logits_processor=[recorder], max_new_tokens=6, min_new_tokens=6,
+                  **MODES[decoding])
+    assert_every_call_exact(plugin, recorder.calls, mask)
+
+
+def test_frequent_ids_leave_the_copy_set_after_aliases_and_spellings(tmp_path):
+    plugin, vocab = spelled_plugin("llama")
+    w = {i: vocab[f"w{i}"] for i in range(10)}
+    prompts_ = [[w[1], w[2], w[7]], [w[1], w[2], w[8]], [w[3], w[4], w[5], w[1]], [w[9]]]
+    added = plugin.ignore_frequent_copy_ids(prompts_, 0.5)
+    # w1 is in 3 of 4 prompts, w2 and Ġw1, Ġw2, Ġw40 (spelled w1 w2) in 2: all at least half
+    assert added == sorted([w[1], w[2], vocab["Ġw1"], vocab["Ġw2"], vocab["Ġw40"]])
+    assert plugin.config.copy_ignore_ids == sorted([BOS, EOS] + added) and plugin.config.copy_ignore_frequent == 0.5
+    ids = torch.tensor([[w[1], w[2], w[3], w[4], w[5]]])
+    first = plugin._first_occurrences(ids, 96, None, torch.tensor([5]))[0]
+    assert first[w[1]] == 5 and first[vocab["Ġw40"]] == 5 and first[vocab["Ġw1"]] == 5  # ignored, aliases too
+    assert first[w[3]] == 2 and first[vocab["Ġw41"]] == 4
+    plugin.save_pretrained(tmp_path / "r")
+    assert "except the ids in at least 50% of the" in (tmp_path / "r/README.md").read_text()
+    assert PluginModel.from_pretrained(tmp_path / "r").config.copy_ignore_ids == plugin.config.copy_ignore_ids
+    with pytest.raises(ValueError, match=r"`min_fraction` must be in \(0, 1\]"):
+        plugin.ignore_frequent_copy_ids(prompts_, 0)
+    with pytest.raises(ValueError, match="No prompts"):
+        plugin.ignore_frequent_copy_ids([], 0.5)
+    with pytest.raises(ValueError, match="Only a reweighter with a `copy_mode`"):
+        make_plugin("llama").ignore_frequent_copy_ids(prompts_, 0.5)
+
+
+def test_spelling_and_frequency_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="`copy_word_pieces` must be 1, 2 or 3, got 4"):
+        PluginConfig(vocab_size=10, copy_mode="shared", copy_word_starts=True, copy_word_pieces=4)
+    with pytest.raises(ValueError, match="`copy_word_pieces` above 1 needs `copy_word_starts`"):
+        PluginConfig(vocab_size=10, copy_mode="shared", copy_word_pieces=2)
+    for bad in (0, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match=r"`copy_ignore_frequent` must be a fraction in \(0, 1\]"):
+            PluginConfig(vocab_size=10, copy_mode="shared", copy_ignore_frequent=bad)
+    setup = task_folder(tmp_path, 16, 4)
+    command = ["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--output-dir",
+               str(tmp_path / "x")]
+    for extra, message in ((["--copy-ignore-frequent", "0.5"], "--copy-ignore-frequent needs --copy-mode"),
+                           (["--copy-mode", "shared", "--copy-word-pieces", "2"], "--copy-word-pieces needs --copy-word-starts"),
+                           (["--copy-mode", "shared", "--copy-ignore-frequent", "1.5"], r"a fraction in \(0, 1\], got 1.5")):
+        with pytest.raises(SystemExit, match=message):
+            main(command + extra)
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_command_records_spellings_and_frequent_ids(tmp_path, capsys):
+    setup = task_folder(tmp_path, 16, 4)
+    marked_tokenizer().save_pretrained(setup / "base")  # the same words, with word-start forms
+    out = tmp_path / "run"
+    main(["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--validation-data",
+          str(setup / "validation.csv"), "--prompt-column", "mr", "--completion-column", "ref", "--output-dir", str(out),
+          "--hidden-size", "32", "--intermediate-size", "64", "--num-heads", "2", "--max-length", "32", "--epochs", "1",
+          "--cpu", "--copy-mode", "shared", "--copy-word-starts", "--copy-word-pieces", "2",
+          "--copy-ignore-frequent", "0.1"])
+    plugin = PluginModel.from_pretrained(out)
+    assert (plugin.config.copy_word_pieces, plugin.config.copy_ignore_frequent) == (2, 0.1)
+    assert "left to the reweighter" in capsys.readouterr().out
+    # task_rows' first 16 prompts: w1 in two of them (at least 10%), w0 in one
+    vocab = marked_tokenizer().get_vocab()
+    assert vocab["w1"] in plugin.config.copy_ignore_ids and vocab["w0"] not in plugin.config.copy_ignore_ids
