@@ -557,9 +557,10 @@ class PluginModel(PluginPreTrainedModel):
             )
         trained = self.config.trained_max_length
         if trained is not None and longest > trained:
+            # Once per trained length, not per sequence length: generation grows the sequence at every step.
             logger.warning_once(
-                f"A sequence of {longest} tokens is longer than any the reweighter was trained on ({trained}); it "
-                "runs on positions it never saw (RoPE extrapolates; learned position embeddings do not)."
+                f"Sequences longer than any the reweighter was trained on ({trained} tokens) run on positions it "
+                "never saw (RoPE extrapolates; learned position embeddings do not)."
             )
 
 
