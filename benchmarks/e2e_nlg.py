@@ -161,7 +161,7 @@ def mixture_processor(small, weight: float, tokenizer):
     from transformers import LogitsProcessor
 
     from hf_plugin import CachedModelRunner
-    from hf_plugin.logits_process import left_padding_mask
+    from hf_plugin.engine import left_padding_mask
 
     class MixtureLogitsProcessor(LogitsProcessor):
         def __init__(self):

@@ -8,7 +8,8 @@ from .compatibility import binding_kwargs, check_base_model, check_tokenizer, ch
 from .configuration_plugin import PluginConfig
 from .data import with_demonstrations
 from .initialization import first_layers, uniform_start_
-from .logits_process import CachedModelRunner, PluginLogitsProcessor
+from .engine import CachedModelRunner
+from .logits_process import PluginLogitsProcessor
 from .methods import (DynamicLogitFusionLogitsProcessor, LogitDifferenceLogitsProcessor, PromptedModel,
                       ProxyTuningLogitsProcessor)
 from .modeling_plugin import PluginModel, PluginPreTrainedModel, score_with_reweighters

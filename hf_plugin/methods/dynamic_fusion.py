@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..combine import align_vocab
-from .auxiliary import AuxiliaryModelsLogitsProcessor, PromptedModel, output_width
+from ..engine import AuxiliaryModelsLogitsProcessor, PromptedModel, output_width
 
 
 DEFAULT_ALPHA_GRID = tuple(i / 10 for i in range(21))  # 0.0, 0.1, ..., 2.0: the paper's grid

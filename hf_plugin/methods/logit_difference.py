@@ -7,7 +7,8 @@ import math
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .auxiliary import AuxiliaryModelsLogitsProcessor, PromptedModel, aligned_log_softmax
+from ..engine import AuxiliaryModelsLogitsProcessor, PromptedModel
+from .auxiliary import aligned_log_softmax
 
 
 def relative_top_mask(log_probs: torch.Tensor, relative_top: float) -> torch.Tensor:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .auxiliary import AuxiliaryModelsLogitsProcessor, PromptedModel, aligned_log_softmax
+from ..engine import AuxiliaryModelsLogitsProcessor, PromptedModel
+from .auxiliary import aligned_log_softmax
 
 
 def top_p_mask(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
