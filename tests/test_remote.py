@@ -346,6 +346,21 @@ def test_a_hostile_answer_is_a_clear_error_naming_the_server(tiny, tokenizer, fa
     assert "http://stand-in/v1" in str(teacher_forcing.value) and "http://stand-in/v1" in str(drafting.value)
 
 
+@pytest.mark.parametrize("shift", [2, 3])
+def test_a_server_shifted_only_after_the_probe_is_named_so_not_the_callers_start(tiny, tokenizer, tmp_path, shift):
+    """Lists missing where the probe's answer had them are the server's fault, not the caller's `start`."""
+    _, server = tiny
+    remote = stand_in_base(server, tokenizer, top_k=5)
+    with pytest.raises(RemoteBaseError, match=r"start must be at least 1 on this server"):
+        remote.prompt_logprobs(examples(1)[0].input_ids, start=0)
+    server.shift = shift  # from now on: another backend, its echo off by `shift`, behind the same URL
+    with pytest.raises(RemoteBaseError, match=r"^http://stand-in/v1 echoed no log-probs for the distribution of token "
+                                              r"\d+ of 10, though its answer to the probe had them there: its echo of "
+                                              r"this prompt is shifted from the probe's .*hf-plugin check-server") as error:
+        write_remote_caches(remote, {"train": examples(2)}, tmp_path / "cache", progress=False)
+    assert "start must" not in str(error.value)
+
+
 def test_a_draft_ends_before_a_later_position_with_fewer_than_k(tiny, tokenizer):
     """A server keying by string merges tokens sharing one (llama-cpp-python's ""): a drafted position may come back
     with fewer than k entries. The draft ends before it, and greedy output stays the per-token output."""
