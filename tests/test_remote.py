@@ -184,6 +184,22 @@ def test_remote_cache_equals_the_in_process_cache_and_resumes_after_a_failure(ti
     assert (manifest["task_vocab_size"], manifest["remote_base"]) == (0, "tiny")
 
 
+def test_a_cache_pass_that_fails_before_its_first_shard_leaves_no_manifest(tiny, tokenizer, tmp_path):
+    """Nothing to resume, so nothing left: the rerun with the mistake corrected writes the cache."""
+    _, server = tiny
+    data, cache = examples(6), tmp_path / "cache"
+    with pytest.raises(RemoteBaseError, match="does not serve a model named 'other'"):
+        write_remote_caches(stand_in_base(server, tokenizer, model="other"), {"train": data}, cache, progress=False)
+    server.fail_after = 3 + 2  # after the probe, the server fails inside the first shard
+    with pytest.raises(RemoteBaseError, match="HTTP 503"):
+        write_remote_caches(stand_in_base(server, tokenizer, max_retries=0), {"train": data}, cache,
+                            examples_per_shard=4, progress=False)
+    assert not (cache / "train/manifest.json").exists() and not list((cache / "train").glob("shard-*"))
+    server.fail_after = None
+    write_remote_caches(stand_in_base(server, tokenizer), {"train": data}, cache, examples_per_shard=4, progress=False)
+    assert json.loads((cache / "train/index.json").read_text())["remote_base"] == "tiny"
+
+
 class TopKOnly(LogitsProcessor):
     """Keeps the base's top-k scores (what a remote base gives); for the in-process reference."""
 
