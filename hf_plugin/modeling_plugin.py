@@ -125,7 +125,9 @@ class PluginModel(PluginPreTrainedModel):
 
     def __init__(self, config: PluginConfig):
         # What the caller asked for (e.g. `from_pretrained(..., attn_implementation=, dtype=)`), read before the
-        # outer model resolves its own default attention: the backbone is the network that uses them.
+        # outer model resolves its own default attention: the backbone is the network that uses them. transformers
+        # (5.3 to 5.25) has no public getter for a config's requested attention: `_attn_implementation` is the
+        # property its own models read, and the backbone is no registered sub-config it would pass the value to.
         requested = {"attn_implementation": config._attn_implementation, "dtype": config.dtype}
         super().__init__(config)
         self.backbone = AutoModelForCausalLM.from_config(
