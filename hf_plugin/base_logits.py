@@ -176,9 +176,9 @@ def write_base_cache(
     A manifest naming the data (`examples_fingerprint`), `k`, the shard layout and the base model is written
     before any shard, and each shard records the fingerprint and its number in its safetensors metadata. Shards
     of `examples_per_shard` consecutive examples are written atomically (a temporary name, then a rename), so an
-    interrupted run is resumed by calling this again with the same arguments: finished shards are kept. A
-    directory holding a cache of other data, another `k` or another base raises, unless `overwrite=True`, which
-    deletes that cache first.
+    interrupted run is resumed by calling this again with the same arguments: finished shards are kept (a run that
+    fails before its first shard removes the manifest again, leaving no cache behind). A directory holding a cache
+    of other data, another `k` or another base raises, unless `overwrite=True`, which deletes that cache first.
 
     With several processes, call it on every process: process `i` of `n` writes every `n`-th shard, the main
     process waits for all of them and writes the index (`index.json`, the manifest marked complete), and every
@@ -228,15 +228,23 @@ def write_base_cache(
     mine = [number for number in range(state.process_index, len(shards), state.num_processes)
             if not _shard_is_written(directory / names[number], fingerprint, number)]
     positions = sum(_completion_counts([examples[i] for n in mine for i in shards[n]]))
-    with tqdm(total=positions, unit="pos", unit_scale=True, desc=f"Base-logit cache {directory.name}",
-              disable=not (progress and state.is_main_process)) as bar:
-        for number in mine:
-            chunk = [examples[i] for i in shards[number]]
-            tensors = (model.shard_tensors(chunk, k, bar) if remote else
-                       _shard_tensors(model.eval(), chunk, k, batch_size, pad_token_id, bar, task_ids))
-            temporary = (directory / names[number]).with_suffix(".tmp")
-            save_file(tensors, str(temporary), metadata={"examples_fingerprint": fingerprint, "shard": str(number)})
-            os.replace(temporary, directory / names[number])
+    try:
+        with tqdm(total=positions, unit="pos", unit_scale=True, desc=f"Base-logit cache {directory.name}",
+                  disable=not (progress and state.is_main_process)) as bar:
+            for number in mine:
+                chunk = [examples[i] for i in shards[number]]
+                tensors = (model.shard_tensors(chunk, k, bar) if remote else
+                           _shard_tensors(model.eval(), chunk, k, batch_size, pad_token_id, bar, task_ids))
+                temporary = (directory / names[number]).with_suffix(".tmp")
+                save_file(tensors, str(temporary), metadata={"examples_fingerprint": fingerprint, "shard": str(number)})
+                os.replace(temporary, directory / names[number])
+    except BaseException:
+        # A pass that failed before any shard (a server down or refusing the key, a wrong model name) leaves no
+        # manifest: one naming a cache that holds nothing would make the corrected rerun refuse it as another cache,
+        # and training call it unfinished. Once a shard is written the manifest stays: resuming checks against it.
+        if state.is_main_process and not any(directory.glob(SHARD_PATTERN)):
+            (directory / MANIFEST_FILE).unlink(missing_ok=True)
+        raise
     state.wait_for_everyone()  # the index needs every process's shards
     if state.is_main_process:
         _write_json(directory / INDEX_FILE, manifest)
@@ -395,7 +403,7 @@ def cached_base_sources(
     task_ids = task_vocabulary(splits.get("train", next(iter(splits.values()))), task_vocab_size) if task_vocab_size else None
     task_fields = _task_vocab_fields(_check_task_vocab(task_ids, len(tokenizer)))
     directories = {name: Path(cache_dir) / name for name in splits}
-    to_write = []
+    to_write, unstarted, through_server = [], [], None
     for name, examples in splits.items():
         # A complete cache is read with its own k; an unfinished one is resumed only with the same k.
         complete = (directories[name] / INDEX_FILE).exists()
@@ -407,7 +415,10 @@ def cached_base_sources(
             identity = base_model_identity(base_name_or_path, base_model_id)
             expected.update(zip(("base_model_name_or_path", "base_model_file"), identity))
         written = json.loads(found.read_text()) if found.exists() else {}
+        if not found.exists():
+            unstarted.append(name)
         if written.get("remote_base"):  # written through a server: bound by name and tokenizer, not by --base
+            through_server = written["remote_base"]
             if not complete:  # the in-process base must not finish it
                 raise ValueError(f"{directories[name]} holds an unfinished cache written through a server (model "
                                  f"{written['remote_base']!r}): finish it with hf-plugin cache --base-url.")
@@ -420,6 +431,10 @@ def cached_base_sources(
             raise _stale_cache_error(directories[name], differences)
         if differences or not complete:
             to_write.append(name)
+    if through_server is not None and unstarted:  # a server's pass stopped before these splits (no manifest left)
+        raise ValueError(f"{Path(cache_dir)} holds an unfinished cache written through a server (model "
+                         f"{through_server!r}; no {', '.join(unstarted)} split yet): finish it with hf-plugin cache "
+                         "--base-url.")
     if to_write:
         base = load_base()
         if accelerator is not None:

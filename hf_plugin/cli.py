@@ -223,6 +223,12 @@ def _load_causal_lm(path: str, option: str, tokenizer, force: bool = False):
         if not Path(path).exists():
             raise SystemExit(f"error: {option} {path}: no such directory, nor a model on the Hub") from error
         raise SystemExit(f"error: {option} {path}: {str(error).strip().splitlines()[0]}") from error
+    # Safetensors only, as for reweighters: a pickle checkpoint (pytorch_model.bin) is read with torch.load, which can
+    # run code from the file, and small models are often someone else's download. Checked before anything is loaded.
+    if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
+        raise SystemExit(f"error: {option} {path} holds no *.safetensors weights (pickle checkpoints such as "
+                         "pytorch_model.bin are never loaded: unpickling can run code); convert it where you trust it "
+                         "(from_pretrained, then save_pretrained writes model.safetensors) and pass the folder again")
     if isinstance(config, PluginConfig):  # its recorded fingerprint is checked by the processor
         return PluginModel.from_pretrained(path).requires_grad_(False).eval()
     try:
@@ -239,7 +245,7 @@ def _load_causal_lm(path: str, option: str, tokenizer, force: bool = False):
             raise SystemExit(f"error: {message}; pass --force to use it anyway")
         logger.warning(f"{message}; continuing because of --force.")
     try:
-        return load_frozen_model(path)
+        return load_frozen_model(path, safetensors_only=True)
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {option} {path}: {str(error).strip().splitlines()[0]}") from error
 

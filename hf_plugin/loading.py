@@ -76,10 +76,13 @@ def load_frozen_model(
     revision: str | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    safetensors_only: bool = False,
 ) -> PreTrainedModel:
     """The model of `load_base_model` without its tokenizer: in eval mode, gradients off; code from the model's
-    repository is never run."""
+    repository is never run, nor, with `safetensors_only`, a pickle checkpoint (`pytorch_model.bin`) read."""
     name, kwargs = _source(name_or_path, revision)
+    if safetensors_only and not kwargs.get("gguf_file"):
+        kwargs["use_safetensors"] = True
     # trust_remote_code=False: transformers would otherwise ask on the terminal for a folder with an `auto_map`.
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, trust_remote_code=False, **kwargs)
     if kwargs.get("gguf_file"):

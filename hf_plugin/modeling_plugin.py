@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
-from huggingface_hub import CommitInfo, ModelCard
+from huggingface_hub import CommitInfo, ModelCard, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from safetensors import SafetensorError
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import cached_file, logging
+from transformers.utils import logging
 
 from .combine import align_vocab, combine_logits
 from .compatibility import check_base_model, check_vocab_width
@@ -70,6 +71,18 @@ def next_token_nll(log_probs: torch.Tensor, labels: torch.LongTensor) -> torch.T
     return F.nll_loss(log_probs[:, :-1].reshape(-1, log_probs.shape[-1]), targets, ignore_index=-100)
 
 
+def _card_file(name_or_path: str | os.PathLike, subfolder: str = "", **hub_kwargs) -> str | None:
+    """The model card beside a reweighter's weights (a folder's, or a Hub repository's at `revision`), or None where
+    there is none or the Hub cannot be reached: the weights are already loaded, and the card is only their record."""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, subfolder, CARD_FILE)
+        return path if os.path.isfile(path) else None
+    try:
+        return hf_hub_download(str(name_or_path), CARD_FILE, subfolder=subfolder or None, **hub_kwargs)
+    except EntryNotFoundError:  # missing there, or (offline, unreachable) not in the local cache
+        return None
+
+
 class PluginPreTrainedModel(PreTrainedModel):
     """Base class wiring `PluginConfig` into transformers' loading, saving and initialisation machinery."""
 
@@ -113,7 +126,9 @@ class PluginModel(PluginPreTrainedModel):
 
     def __init__(self, config: PluginConfig):
         # What the caller asked for (e.g. `from_pretrained(..., attn_implementation=, dtype=)`), read before the
-        # outer model resolves its own default attention: the backbone is the network that uses them.
+        # outer model resolves its own default attention: the backbone is the network that uses them. transformers
+        # (5.3 to 5.25) has no public getter for a config's requested attention: `_attn_implementation` is the
+        # property its own models read, and the backbone is no registered sub-config it would pass the value to.
         requested = {"attn_implementation": config._attn_implementation, "dtype": config.dtype}
         super().__init__(config)
         self.backbone = AutoModelForCausalLM.from_config(
@@ -168,10 +183,7 @@ class PluginModel(PluginPreTrainedModel):
         if problems:
             raise ValueError(f"{pretrained_model_name_or_path} does not hold weights matching its config: {problems}")
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token", "subfolder") if k in kwargs}
-        card_path = cached_file(
-            pretrained_model_name_or_path, CARD_FILE, _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False, **hub_kwargs,
-        )
+        card_path = _card_file(pretrained_model_name_or_path, **hub_kwargs)
         model.card_sections = card_sections(ModelCard.load(card_path)) if card_path else {}
         return (model, info) if want_info else model
 

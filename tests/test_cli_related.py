@@ -44,6 +44,11 @@ def folders(tmp_path_factory):
     sharpened_base(7).save_pretrained(root / "other_tokenizer")
     make_tokenizer([f"v{i}" for i in range(92)]).save_pretrained(root / "other_tokenizer")
     sharpened_base(8).save_pretrained(root / "no_tokenizer")
+    for name, model in (("pickle_only", sharpened_base(9)), ("pickle_only_saved", make_plugin("llama", seed=9))):
+        model.save_pretrained(root / name)  # then its weights as a pickle checkpoint only, as older tools wrote them
+        torch.save(model.state_dict(), root / name / "pytorch_model.bin")
+        (root / name / "model.safetensors").unlink()
+    tokenizer.save_pretrained(root / "pickle_only")
     return root
 
 
@@ -113,11 +118,15 @@ def no_base(monkeypatch):
      r"`plausibility_top_p` must be in \(0, 1\]"),
     (["--uld-assistant", "{saved_a}", "--relative-top", "0"], r"`relative_top` must be in \(0, 1\]"),
     (["--uld-assistant", "{tmp}/absent"], r"--uld-assistant .*absent: no such directory"),
+    (["--proxy-expert", "{pickle_only}", "--anti-expert", "{saved_b}"],
+     r"^error: --proxy-expert .*pickle_only holds no \*\.safetensors weights \(pickle checkpoints such as "
+     r"pytorch_model\.bin are never loaded.*convert it"),
+    (["--uld-assistant", "{pickle_only_saved}"], r"^error: --uld-assistant .*pickle_only_saved holds no \*\.safetensors"),
     (["--uld-assistant", "{saved_a}", "--prompt", " ".join(["w2"] * 125)],
      r"prompt 2 \('w2 w2 .*'\) has 125 tokens; with --max-new-tokens 5 that passes the --uld-assistant's 128"),
 ])
 def test_related_errors_are_one_line_and_come_before_the_base(folders, tmp_path, no_base, options, message):
-    names = {n: folders / n for n in ("saved_a", "saved_b", "other_vocab")}
+    names = {n: folders / n for n in ("saved_a", "saved_b", "other_vocab", "pickle_only", "pickle_only_saved")}
     argv = ["generate", "--base", str(folders / "base"), "--max-new-tokens", "5", "--prompt", "w1"]
     argv += [option.format(tmp=tmp_path, **names) for option in options]
     with pytest.raises(SystemExit, match=message) as caught:

@@ -236,6 +236,17 @@ def test_revision_is_honoured(tokenizer, tmp_path):
     torch.testing.assert_close(logits_of(load("a" * 40)), logits_of(old))
 
 
+def test_the_card_of_a_hub_snapshot_is_read_and_a_missing_one_is_none(tokenizer, tmp_path):
+    bound_plugin(tokenizer).save_pretrained(tmp_path / "r", model_card={"training": TRAINING})
+    files = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+    snapshot(tmp_path / "cache", "someone/r", files, "c" * 40, ["main"])
+    snapshot(tmp_path / "cache", "someone/no-card", {k: v for k, v in files.items() if k != "README.md"}, "d" * 40,
+             ["main"])
+    load = lambda repo_id: PluginModel.from_pretrained(repo_id, cache_dir=tmp_path / "cache", local_files_only=True)
+    assert load("someone/r").card_sections["training"] == TRAINING
+    assert load("someone/no-card").card_sections == {}  # not in the cache, and the Hub not asked: no card, no error
+
+
 @pytest.mark.parametrize("copy_mode", [None, "shared"])
 def test_with_code_loads_without_hf_plugin(tokenizer, tmp_path, copy_mode):
     plugin = bound_plugin(tokenizer, copy_mode=copy_mode, copy_source="context" if copy_mode else None)

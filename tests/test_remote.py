@@ -184,6 +184,22 @@ def test_remote_cache_equals_the_in_process_cache_and_resumes_after_a_failure(ti
     assert (manifest["task_vocab_size"], manifest["remote_base"]) == (0, "tiny")
 
 
+def test_a_cache_pass_that_fails_before_its_first_shard_leaves_no_manifest(tiny, tokenizer, tmp_path):
+    """Nothing to resume, so nothing left: the rerun with the mistake corrected writes the cache."""
+    _, server = tiny
+    data, cache = examples(6), tmp_path / "cache"
+    with pytest.raises(RemoteBaseError, match="does not serve a model named 'other'"):
+        write_remote_caches(stand_in_base(server, tokenizer, model="other"), {"train": data}, cache, progress=False)
+    server.fail_after = 3 + 2  # after the probe, the server fails inside the first shard
+    with pytest.raises(RemoteBaseError, match="HTTP 503"):
+        write_remote_caches(stand_in_base(server, tokenizer, max_retries=0), {"train": data}, cache,
+                            examples_per_shard=4, progress=False)
+    assert not (cache / "train/manifest.json").exists() and not list((cache / "train").glob("shard-*"))
+    server.fail_after = None
+    write_remote_caches(stand_in_base(server, tokenizer), {"train": data}, cache, examples_per_shard=4, progress=False)
+    assert json.loads((cache / "train/index.json").read_text())["remote_base"] == "tiny"
+
+
 class TopKOnly(LogitsProcessor):
     """Keeps the base's top-k scores (what a remote base gives); for the in-process reference."""
 
@@ -344,6 +360,21 @@ def test_a_hostile_answer_is_a_clear_error_naming_the_server(tiny, tokenizer, fa
     with pytest.raises(RemoteBaseError, match=expected) as drafting:
         remote.draft(ids, 4)
     assert "http://stand-in/v1" in str(teacher_forcing.value) and "http://stand-in/v1" in str(drafting.value)
+
+
+@pytest.mark.parametrize("shift", [2, 3])
+def test_a_server_shifted_only_after_the_probe_is_named_so_not_the_callers_start(tiny, tokenizer, tmp_path, shift):
+    """Lists missing where the probe's answer had them are the server's fault, not the caller's `start`."""
+    _, server = tiny
+    remote = stand_in_base(server, tokenizer, top_k=5)
+    with pytest.raises(RemoteBaseError, match=r"start must be at least 1 on this server"):
+        remote.prompt_logprobs(examples(1)[0].input_ids, start=0)
+    server.shift = shift  # from now on: another backend, its echo off by `shift`, behind the same URL
+    with pytest.raises(RemoteBaseError, match=r"^http://stand-in/v1 echoed no log-probs for the distribution of token "
+                                              r"\d+ of 10, though its answer to the probe had them there: its echo of "
+                                              r"this prompt is shifted from the probe's .*hf-plugin check-server") as error:
+        write_remote_caches(remote, {"train": examples(2)}, tmp_path / "cache", progress=False)
+    assert "start must" not in str(error.value)
 
 
 def test_a_draft_ends_before_a_later_position_with_fewer_than_k(tiny, tokenizer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import json
 import socket
@@ -345,6 +346,37 @@ def test_generation_failure_is_a_500_without_traceback():
         error = _error(lambda: server.client().completions.create(model=MODEL, prompt="w1", max_tokens=2), 500)
         assert error["message"] == "Internal server error." and "Traceback" not in json.dumps(error)
     finally:
+        server.stop()
+
+
+def test_after_a_500_the_keep_alive_connection_serves_on(monkeypatch):
+    server = Server(create_app(make_base("llama"), tokenizer_with_chat(), {}, base_name=BASE))
+    engine = server.app.state.engine
+    generate, calls = engine._generate, []
+
+    def fails_once(*args):  # an unexpected exception inside the first request only
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return generate(*args)
+
+    monkeypatch.setattr(engine, "_generate", fails_once)
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        answers, sockets = [], []
+        for _ in range(2):  # http.client reuses its one socket; a closed one would fail or be replaced
+            connection.request("POST", "/v1/completions", json.dumps({"model": BASE, "prompt": "w1", "max_tokens": 2}),
+                               {"Content-Type": "application/json"})
+            sockets.append(connection.sock)
+            response = connection.getresponse()
+            answers.append((response.status, json.loads(response.read())))
+        assert answers[0] == (500, {"error": {"message": "Internal server error.", "type": "server_error",
+                                              "param": None, "code": None}})
+        assert answers[1][0] == 200 and answers[1][1]["usage"]["completion_tokens"] >= 1
+        assert sockets[0] is sockets[1] and connection.sock is sockets[0]
+    finally:
+        connection.close()
         server.stop()
 
 

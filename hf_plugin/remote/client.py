@@ -399,9 +399,15 @@ class RemoteBase:
         for row, target in enumerate(range(start, len(ids))):
             entry = target - capabilities.echo_shift
             top = (tops[entry] if 0 <= entry < len(tops) else None) or {}
-            if not top:
+            if not top and target < 1 + capabilities.echo_shift:  # the caller's: before the first echoed list
                 raise RemoteBaseError(f"{self.base_url} echoed no log-probs for the distribution of token {target} "
                                       f"(start must be at least {1 + capabilities.echo_shift} on this server).")
+            if not top:  # the server's: the probe's text had a list at this place, this prompt has none
+                raise RemoteBaseError(
+                    f"{self.base_url} echoed no log-probs for the distribution of token {target} of {len(ids)}, "
+                    "though its answer to the probe had them there: its echo of this prompt is shifted from the "
+                    "probe's (another backend behind the URL?); compare it with a local copy on one of your prompts: "
+                    "hf-plugin check-server --text PROMPT.")
             top_ids, values, ambiguous = self._parse(top, k, f"at token {target} of {len(ids)}")
             if len(top_ids) < k:
                 raise RemoteBaseError(f"{self.base_url} gave {len(top_ids)} identifiable log-probs at token {target} "

@@ -95,10 +95,7 @@ def create_app(
     async def http_error(request: Request, error: StarletteHTTPException):
         return JSONResponse(APIError(error.status_code, str(error.detail), code=None).body(), status_code=error.status_code)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception):
-        logger.exception("request failed")
-        return JSONResponse(APIError(500, "Internal server error.", type="server_error").body(), status_code=500)
+    app.add_middleware(_InternalErrors)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -159,6 +156,34 @@ def create_app(
         return await _respond(engine, body, job, "chatcmpl", _chat_choice, "chat.completion")
 
     return app
+
+
+class _InternalErrors:
+    """Answers an unexpected exception with a JSON 500, as an ordinary response. Starlette's handler for `Exception`
+    re-raises once it has answered, and uvicorn then closes the connection: every 500 would cost a keep-alive client
+    its connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception:
+            if started:  # half an answer cannot be replaced by another: the connection has to go
+                raise
+            logger.exception("request failed")
+            error = APIError(500, "Internal server error.", type="server_error")
+            await JSONResponse(error.body(), status_code=500)(scope, receive, send)
 
 
 def _model_card(model_id: str, created: int) -> dict:
