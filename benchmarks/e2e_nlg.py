@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -187,12 +188,32 @@ def mixture_processor(small, weight: float, tokenizer):
 
 # ------------------------------------------------------------------------------------------ training
 
+# Word starts spelled in up to 3 pieces (`Gir`, `affe` → `ĠGiraffe`), and the ids in at least half of the training
+# prompts (the template, the MR keys) left to the reweighter's own head.
+SPELLED_FREQUENT = dict(copy_mode="shared", copy_word_starts=True, copy_word_pieces=3, ignore_frequent=0.5)
+
+
 def new_reweighter(binding: dict, **options):
     from hf_plugin import PluginConfig, PluginModel
 
     torch.manual_seed(0)
     return PluginModel(PluginConfig(vocab_size=binding["base_vocab_size"], max_position_embeddings=512, **binding,
                                     **options))
+
+
+def copy_reweighter(binding: dict, tokenizer, train_examples, options: dict):
+    """`new_reweighter` with copy options: the special tokens ignored, the word-start tables filled, and with
+    `ignore_frequent` the ids of at least that fraction of the training prompts left to the reweighter."""
+    options = dict(options)
+    frequent = options.pop("ignore_frequent", None)
+    if "copy_mode" in options:
+        options["copy_ignore_ids"] = tokenizer.all_special_ids
+    model = new_reweighter(binding, **options)
+    if options.get("copy_word_starts"):
+        model.set_copy_aliases(tokenizer)
+    if frequent:
+        model.ignore_frequent_copy_ids([example.prompt_ids for example in train_examples], frequent)
+    return model
 
 
 def train_one(name: str, make_model, train_examples, heldout_examples, train_source, heldout_source, work: Path,
@@ -439,8 +460,11 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
         # writes them after a space (`ĠG`), so without them the first piece of every name is outside the context.
         task_ids = caches["train"].task_ids.tolist()
         rows = [  # name, run folder, PluginConfig options (copy_source: the prompt's ids unless "context")
-            ("copy shared + spelled words, frequent ids kept", "copy-shared-spelled-frequent",
-             dict(copy_mode="shared", copy_word_starts=True, copy_word_pieces=3, ignore_frequent=0.5)),
+            ("copy shared + spelled words, frequent ids kept", "copy-shared-spelled-frequent", SPELLED_FREQUENT),
+            ("copy floor + spelled words, frequent ids kept", "copy-floor-spelled-frequent",
+             {**SPELLED_FREQUENT, "copy_mode": "floor"}),
+            ("compact head + copy shared + spelled words, frequent ids kept", "compact-copy-shared-spelled-frequent",
+             {**SPELLED_FREQUENT, "head_ids": task_ids}),
             ("copy shared + word starts", "copy-shared-ws-prompt", dict(copy_mode="shared", copy_word_starts=True)),
             ("copy gate + word starts", "copy-gate-ws-prompt", dict(copy_mode="gate", copy_word_starts=True)),
             ("copy shared + word starts, context source", "copy-shared-ws",
@@ -452,18 +476,7 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
             ("copy floor + word starts", "copy-floor-ws-prompt", dict(copy_mode="floor", copy_word_starts=True)),
         ]
         for name, folder, options in rows:
-            def make(options=options):
-                options = dict(options)
-                frequent = options.pop("ignore_frequent", None)
-                if "copy_mode" in options:
-                    options["copy_ignore_ids"] = tokenizer.all_special_ids
-                model = new_reweighter(binding, **options)
-                if options.get("copy_word_starts"):
-                    model.set_copy_aliases(tokenizer)
-                if frequent:  # the template's and the MR keys' ids stay with the reweighter
-                    model.ignore_frequent_copy_ids([e.prompt_ids for e in train_examples], frequent)
-                return model
-
+            make = functools.partial(copy_reweighter, binding, tokenizer, train_examples, options)
             learned = trained(f"plugin-scratch-{folder}", make, caches["train"], caches["heldout"], 1e-3)
             plugin_row(f"Plugin, from scratch, {name}", learned, plain, alpha_cache, alpha_examples)
         return

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_nlg import (RUN_COLUMNS, AloneNLL, GENERATION, TEMPLATE, MixtureNLL, generate, icl_prompt,  # noqa: E402
-                     mixture_processor, new_reweighter, pick_alpha, result_tail, score, slice_tables, train_one)
+from e2e_nlg import (RUN_COLUMNS, SPELLED_FREQUENT, AloneNLL, GENERATION, TEMPLATE, MixtureNLL,  # noqa: E402
+                     copy_reweighter, generate, icl_prompt, mixture_processor, new_reweighter, pick_alpha, result_tail,
+                     score, slice_tables, train_one)
 
 
 DATA = Path(__file__).parent / "data" / "viggo"
@@ -154,29 +155,19 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
                                           work / "cache", k=args.top_k, batch_size=16, task_vocab_size=args.task_vocab_size)
     timings.setdefault("plain prompts", time.perf_counter() - started)
 
-    def copy_reweighter():
-        model = new_reweighter(binding, copy_mode="shared", copy_ignore_ids=tokenizer.all_special_ids,
-                               copy_word_starts=True)
-        model.set_copy_aliases(tokenizer)
-        return model
+    def copy_model(options):
+        return lambda: copy_reweighter(binding, tokenizer, train_examples, options)
 
-    def spelling_reweighter():
-        # Word starts spelled in up to 3 pieces (`D`, `irt` → `ĠDirt`), and the ids of the template and the MR keys
-        # (in at least half of the training prompts: `Data`, `name`, `[`, the newline) left to the reweighter.
-        model = new_reweighter(binding, copy_mode="shared", copy_ignore_ids=tokenizer.all_special_ids,
-                               copy_word_starts=True, copy_word_pieces=3)
-        model.set_copy_aliases(tokenizer)
-        model.ignore_frequent_copy_ids([e.prompt_ids for e in train_examples], 0.5)
-        return model
-
-    spelled = trained("plugin-copy-shared-spelled-frequent", spelling_reweighter, caches["train"], caches["heldout"])
+    spelled = trained("plugin-copy-shared-spelled-frequent", copy_model(SPELLED_FREQUENT), caches["train"],
+                      caches["heldout"])
     plugin_row(SPELLED, spelled, plain, caches["heldout"], heldout_examples)
     if args.rows == "copy":
         icl_caches, _ = cached_base_sources(lambda: base, tokenizer, {"heldout": icl_heldout_examples}, work / "cache-icl",
                                             k=args.top_k, batch_size=8, task_vocab_size=args.task_vocab_size)
         plugin_row(f"{SPELLED} + ICL-3", spelled, icl3, icl_caches["heldout"], icl_heldout_examples)
         return
-    copying = trained("plugin-copy-shared-ws", copy_reweighter, caches["train"], caches["heldout"])
+    copying = trained("plugin-copy-shared-ws", copy_model(dict(copy_mode="shared", copy_word_starts=True)),
+                      caches["train"], caches["heldout"])
     plugin_row("Plugin, copy shared + word starts", copying, plain, caches["heldout"], heldout_examples)
     scratch = trained("plugin-scratch", lambda: new_reweighter(binding), caches["train"], caches["heldout"])
     plugin_row("Plugin, from scratch", scratch, plain, caches["heldout"], heldout_examples)

@@ -275,12 +275,13 @@ def _task_vocab_fields(task_ids: torch.Tensor | None) -> dict:
 def _claim_directory(directory: Path, manifest: dict, overwrite: bool, state) -> None:
     """Refuses (or, with `overwrite`, clears) a directory holding a cache of other data, then writes the manifest."""
     found = directory / MANIFEST_FILE
-    stale = any(directory.glob(SHARD_PATTERN)) or (directory / INDEX_FILE).exists()
-    differences = _differences(json.loads(found.read_text()), manifest) if found.exists() else (
-        ["shards or an index without a manifest"] if stale else [])
+    holds = any(directory.glob(SHARD_PATTERN)) or (directory / INDEX_FILE).exists()
+    # A manifest alone (a pass killed before its first shard) holds nothing to protect: it is claimed anew.
+    differences = _differences(json.loads(found.read_text()), manifest) if found.exists() and holds else (
+        ["shards or an index without a manifest"] if holds else [])
     if differences and not overwrite:
         raise _stale_cache_error(directory, differences)
-    if state.is_main_process and (differences or not found.exists()):
+    if state.is_main_process and (differences or not holds):
         directory.mkdir(parents=True, exist_ok=True)
         for path in [*directory.glob(SHARD_PATTERN), directory / INDEX_FILE]:
             path.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging
 
-from .base_logits import DEFAULT_TASK_VOCAB_SIZE, LiveBaseModel, cached_base_sources, task_vocabulary
+from .base_logits import DEFAULT_TASK_VOCAB_SIZE, SHARD_PATTERN, LiveBaseModel, cached_base_sources, task_vocabulary
 from .compatibility import binding_kwargs, tokenizer_fingerprint
 from .configuration_plugin import PluginConfig
 from .hub import push_folder
@@ -443,9 +443,9 @@ def _remote_cache(args: argparse.Namespace, tokenizer, splits) -> None:
         report = write_remote_caches(remote, splits, args.cache, k=args.top_k, base_model_id=args.base_id,
                                      overwrite=args.overwrite_cache)
     except RemoteBaseError as error:
-        stats = remote.stats
-        raise SystemExit(f"error: {error} (finished shards are kept: rerun to resume; {stats.requests} requests "
-                         f"sent)") from error
+        written = len(list(Path(args.cache).glob(f"*/{SHARD_PATTERN}")))
+        kept = f"{written} finished shard(s) kept: rerun to resume" if written else "no shard was finished"
+        raise SystemExit(f"error: {error} ({kept}; {remote.stats.requests} requests sent)") from error
     print(f"Base-logit caches are in {args.cache}: {report['requests']} requests, {report['tokens_sent']:,} tokens "
           f"sent, {report['wall_seconds']:.1f} s; {report['bounded_labels']} true-token log-probs replaced by an "
           f"upper bound, {report['dropped_ambiguous']} ambiguous entries dropped. Train with --cache {args.cache} "

@@ -214,6 +214,18 @@ def test_cache_of_other_data_is_refused_not_restamped(encoded, tmp_path, interru
                                CachedBaseLogits(fresh, other).label_logprobs)
 
 
+def test_a_manifest_alone_from_a_pass_killed_before_its_first_shard_is_claimed_anew(encoded, tmp_path):
+    base, other = make_base("llama"), encoded[::-1]
+    cache_dir = write_base_cache(base, other, tmp_path / "cache", k=8, examples_per_shard=16, pad_token_id=PAD)
+    for written in [cache_dir / "index.json", *cache_dir.glob("shard-*")]:  # as a kill before any shard leaves it
+        written.unlink()
+    assert (cache_dir / "manifest.json").exists()
+    write_base_cache(base, encoded, cache_dir, k=8, examples_per_shard=16, pad_token_id=PAD)  # no --overwrite needed
+    fresh = write_base_cache(base, encoded, tmp_path / "fresh", k=8, examples_per_shard=16, pad_token_id=PAD)
+    torch.testing.assert_close(CachedBaseLogits(cache_dir, encoded).label_logprobs,
+                               CachedBaseLogits(fresh, encoded).label_logprobs)
+
+
 def test_cached_base_sources_loads_the_base_only_to_write(encoded, tokenizer, tmp_path):
     loads = []
 

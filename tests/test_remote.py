@@ -521,8 +521,8 @@ def test_cli_cache_guard_report_resume_identity_then_train_and_generate(cli_fold
         cache = ["cache", *data_arguments(root), "--cache", str(root / "cache"), "--base-url", url, "--model", "tiny",
                  "--base-id", "org/tiny", "--top-k", "5", "--task-vocab-size", "0", "--concurrency", "3"]
         # The probe (3) and the training split (12) fit in 17; the validation split's 4 would not: not one is sent.
-        with pytest.raises(SystemExit, match=r"next 4 requests would pass max_requests=17 .*rerun to resume; 15 "
-                                             r"requests sent"):
+        with pytest.raises(SystemExit, match=r"next 4 requests would pass max_requests=17 .*1 finished shard\(s\) kept: "
+                                             r"rerun to resume; 15 requests sent"):
             main(cache + ["--max-requests", "17"])
         assert server.completions == 15
         assert (root / "cache/train/index.json").exists() and not (root / "cache/validation/index.json").exists()
