@@ -144,9 +144,9 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
         record(name, lambda: generate(base, tokenizer, prompts, [processor]), learned, alpha=alpha,
                heldout_nll_by_alpha=nlls)
 
-    def trained(name, make_model, train_source, heldout_source):
-        return train_one(name, make_model, train_examples, heldout_examples, train_source, heldout_source, work,
-                         tokenizer, epochs, 1e-3)
+    def trained(name, make_model, train_source, heldout_source, train_=None, heldout_=None):
+        return train_one(name, make_model, train_ or train_examples, heldout_ or heldout_examples, train_source,
+                         heldout_source, work, tokenizer, epochs, 1e-3)
 
     record("zero-shot", lambda: generate(base, tokenizer, plain))
     record("ICL-3", lambda: generate(base, tokenizer, icl3))
@@ -165,6 +165,17 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
         icl_caches, _ = cached_base_sources(lambda: base, tokenizer, {"heldout": icl_heldout_examples}, work / "cache-icl",
                                             k=args.top_k, batch_size=8, task_vocab_size=args.task_vocab_size)
         plugin_row(f"{SPELLED} + ICL-3", spelled, icl3, icl_caches["heldout"], icl_heldout_examples)
+        # Trained on 3-shot prompts (3 random train pairs before each of the first 1,000), so that the demonstrations'
+        # words are in its copy sets in training as they are with ICL-3; its frequent ids are counted on them.
+        icl_train_pairs = with_demonstrations(train_pairs[:1000], train_pairs, 3, seed=0)
+        icl_train_examples = encode_examples(tokenizer, icl_train_pairs, 4 * MAX_LENGTH)
+        icl_train_cache, _ = cached_base_sources(lambda: base, tokenizer, {"train": icl_train_examples},
+                                                 work / "cache-icl-train", k=args.top_k, batch_size=8,
+                                                 task_vocab_size=args.task_vocab_size)
+        with_icl = trained("plugin-icl-copy-shared-spelled-frequent",
+                           lambda: copy_reweighter(binding, tokenizer, icl_train_examples, SPELLED_FREQUENT),
+                           icl_train_cache["train"], icl_caches["heldout"], icl_train_examples, icl_heldout_examples)
+        plugin_row(f"{SPELLED}, trained with ICL + ICL-3", with_icl, icl3, icl_caches["heldout"], icl_heldout_examples)
         return
     copying = trained("plugin-copy-shared-ws", copy_model(dict(copy_mode="shared", copy_word_starts=True)),
                       caches["train"], caches["heldout"])
