@@ -168,7 +168,7 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
         # Trained on 3-shot prompts (3 random train pairs before each of the first 1,000), so that the demonstrations'
         # words are in its copy sets in training as they are with ICL-3; its frequent ids are counted on them.
         icl_train_pairs = with_demonstrations(train_pairs[:1000], train_pairs, 3, seed=0)
-        icl_train_examples = encode_examples(tokenizer, icl_train_pairs, 4 * MAX_LENGTH)
+        icl_train_examples = encode_examples(tokenizer, icl_train_pairs, 512)  # new_reweighter's positions
         icl_train_cache, _ = cached_base_sources(lambda: base, tokenizer, {"train": icl_train_examples},
                                                  work / "cache-icl-train", k=args.top_k, batch_size=8,
                                                  task_vocab_size=args.task_vocab_size)
