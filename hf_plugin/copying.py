@@ -22,8 +22,15 @@ Word starts. A value glued to a bracket or a colon in the prompt (`name[Giraffe]
 after a space in the output (` Giraffe`: `ĠG`, `ira`, `ffe`), and the space-prefixed first piece is another id. With
 `word_start_aliases(tokenizer)` every context token that begins with a letter or digit also brings its word-start
 form (`G` → `ĠG`) into the context. A word the vocabulary holds whole only in its marked form (`ĠDirt`, but `D`, `irt`
-unmarked) is brought in by its unmarked spelling (`word_start_spellings`, up to 3 pieces): on ViGGO the first
-piece alone covers the first token of 75% of the game names as written in references, the spellings XX%.
+unmarked) is brought in by its unmarked spelling (`word_start_spellings`, up to 3 pieces). Measured with SmolLM2's
+tokenizer on the first reference of each MR that names its subject: the first token of the name is in the copy set
+for 71.7% of ViGGO's test games with word starts alone and 95.3% with spellings of up to 3 pieces (E2E's devel
+restaurants: 67.1% and 100%).
+
+Frequent ids. The template and a data format's keys (`Data:`, `name[`, the newline that ends an output) are in every
+prompt: in a copy set, the reweighter could not hold them back. `PluginModel.ignore_frequent_copy_ids` adds the ids
+in at least a given fraction of the training prompts' copy sets to `copy_ignore_ids`, which leave the set after
+aliases and spellings.
 
 This module imports nothing else of ours: the remote-code copy of a saved reweighter carries it.
 """
