@@ -188,9 +188,12 @@ def mixture_processor(small, weight: float, tokenizer):
 
 # ------------------------------------------------------------------------------------------ training
 
-# Word starts spelled in up to 3 pieces (`Gir`, `affe` → `ĠGiraffe`), and the ids in at least half of the training
-# prompts (the template, the MR keys) left to the reweighter's own head.
-SPELLED_FREQUENT = dict(copy_mode="shared", copy_word_starts=True, copy_word_pieces=3, ignore_frequent=0.5)
+# Word starts spelled in up to 3 pieces (`Gir`, `affe` → `ĠGiraffe`), and the ids the training prompts hold but
+# their completions do not repeat (the template, the MR keys) left to the reweighter's own head.
+SPELLED_UNCOPIED = dict(copy_mode="shared", copy_word_starts=True, copy_word_pieces=3,
+                        ignore_uncopied=dict(min_fraction=0.01, max_copy_rate=0.05))
+# The first rule tried: every id of at least half of the prompts, copied or not (`The` of E2E's names among them).
+SPELLED_FREQUENT = {**SPELLED_UNCOPIED, "ignore_uncopied": dict(min_fraction=0.5, max_copy_rate=1.0)}
 
 
 def new_reweighter(binding: dict, **options):
@@ -203,16 +206,17 @@ def new_reweighter(binding: dict, **options):
 
 def copy_reweighter(binding: dict, tokenizer, train_examples, options: dict):
     """`new_reweighter` with copy options: the special tokens ignored, the word-start tables filled, and with
-    `ignore_frequent` the ids of at least that fraction of the training prompts left to the reweighter."""
+    `ignore_uncopied` (`PluginModel.ignore_uncopied_ids`' arguments) the ids the training completions do not repeat
+    left to the reweighter."""
     options = dict(options)
-    frequent = options.pop("ignore_frequent", None)
+    uncopied = options.pop("ignore_uncopied", None)
     if "copy_mode" in options:
         options["copy_ignore_ids"] = tokenizer.all_special_ids
     model = new_reweighter(binding, **options)
     if options.get("copy_word_starts"):
         model.set_copy_aliases(tokenizer)
-    if frequent:
-        model.ignore_frequent_copy_ids([example.prompt_ids for example in train_examples], frequent)
+    if uncopied:
+        model.ignore_uncopied_ids([(e.prompt_ids, e.completion_ids) for e in train_examples], **uncopied)
     return model
 
 
@@ -460,11 +464,12 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
         # writes them after a space (`ĠG`), so without them the first piece of every name is outside the context.
         task_ids = caches["train"].task_ids.tolist()
         rows = [  # name, run folder, PluginConfig options (copy_source: the prompt's ids unless "context")
+            ("copy shared + spelled words, uncopied ids kept", "copy-shared-spelled-uncopied", SPELLED_UNCOPIED),
+            ("compact head + copy shared + spelled words, uncopied ids kept", "compact-copy-shared-spelled-uncopied",
+             {**SPELLED_UNCOPIED, "head_ids": task_ids}),
             ("copy shared + spelled words, frequent ids kept", "copy-shared-spelled-frequent", SPELLED_FREQUENT),
-            ("copy floor + spelled words, frequent ids kept", "copy-floor-spelled-frequent",
-             {**SPELLED_FREQUENT, "copy_mode": "floor"}),
-            ("compact head + copy shared + spelled words, frequent ids kept", "compact-copy-shared-spelled-frequent",
-             {**SPELLED_FREQUENT, "head_ids": task_ids}),
+            ("copy floor + spelled words, uncopied ids kept", "copy-floor-spelled-uncopied",
+             {**SPELLED_UNCOPIED, "copy_mode": "floor"}),
             ("copy shared + word starts", "copy-shared-ws-prompt", dict(copy_mode="shared", copy_word_starts=True)),
             ("copy gate + word starts", "copy-gate-ws-prompt", dict(copy_mode="gate", copy_word_starts=True)),
             ("copy shared + word starts, context source", "copy-shared-ws",

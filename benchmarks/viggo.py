@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_nlg import (RUN_COLUMNS, SPELLED_FREQUENT, AloneNLL, GENERATION, TEMPLATE, MixtureNLL,  # noqa: E402
+from e2e_nlg import (RUN_COLUMNS, SPELLED_FREQUENT, SPELLED_UNCOPIED, AloneNLL, GENERATION, TEMPLATE, MixtureNLL,  # noqa: E402
                      copy_reweighter, generate, icl_prompt, mixture_processor, new_reweighter, pick_alpha, result_tail,
                      score, slice_tables, train_one)
 
@@ -40,6 +40,7 @@ DATA = Path(__file__).parent / "data" / "viggo"
 RESULTS = Path(__file__).parent / "results"
 MAX_LENGTH = 192
 SPELLED = "Plugin, copy shared + spelled words, frequent ids kept"
+UNCOPIED = "Plugin, copy shared + spelled words, uncopied ids kept"
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -166,16 +167,16 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
                                             k=args.top_k, batch_size=8, task_vocab_size=args.task_vocab_size)
         plugin_row(f"{SPELLED} + ICL-3", spelled, icl3, icl_caches["heldout"], icl_heldout_examples)
         # Trained on 3-shot prompts (3 random train pairs before each of the first 1,000), so that the demonstrations'
-        # words are in its copy sets in training as they are with ICL-3; its frequent ids are counted on them.
+        # words are in its copy sets in training as they are with ICL-3; its uncopied ids are counted on them.
         icl_train_pairs = with_demonstrations(train_pairs[:1000], train_pairs, 3, seed=0)
         icl_train_examples = encode_examples(tokenizer, icl_train_pairs, 512)  # new_reweighter's positions
         icl_train_cache, _ = cached_base_sources(lambda: base, tokenizer, {"train": icl_train_examples},
                                                  work / "cache-icl-train", k=args.top_k, batch_size=8,
                                                  task_vocab_size=args.task_vocab_size)
-        with_icl = trained("plugin-icl-copy-shared-spelled-frequent",
-                           lambda: copy_reweighter(binding, tokenizer, icl_train_examples, SPELLED_FREQUENT),
+        with_icl = trained("plugin-icl-copy-shared-spelled-uncopied",
+                           lambda: copy_reweighter(binding, tokenizer, icl_train_examples, SPELLED_UNCOPIED),
                            icl_train_cache["train"], icl_caches["heldout"], icl_train_examples, icl_heldout_examples)
-        plugin_row(f"{SPELLED}, trained with ICL + ICL-3", with_icl, icl3, icl_caches["heldout"], icl_heldout_examples)
+        plugin_row(f"{UNCOPIED}, trained with ICL + ICL-3", with_icl, icl3, icl_caches["heldout"], icl_heldout_examples)
         return
     copying = trained("plugin-copy-shared-ws", copy_model(dict(copy_mode="shared", copy_word_starts=True)),
                       caches["train"], caches["heldout"])

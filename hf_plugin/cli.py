@@ -70,15 +70,15 @@ def _copy_options(args: argparse.Namespace, tokenizer) -> dict:
 
 
 def _check_copy_arguments(args: argparse.Namespace) -> None:
-    frequent = getattr(args, "copy_ignore_frequent", None)
+    rate = getattr(args, "copy_ignore_uncopied", None)
     for given, name in ((args.copy_word_starts, "--copy-word-starts"), (args.copy_source, "--copy-source"),
-                        (args.copy_word_pieces != 1, "--copy-word-pieces"), (frequent is not None, "--copy-ignore-frequent")):
+                        (args.copy_word_pieces != 1, "--copy-word-pieces"), (rate is not None, "--copy-ignore-uncopied")):
         if given and args.copy_mode is None:
             raise SystemExit(f"error: {name} needs --copy-mode")
     if args.copy_word_pieces != 1 and not args.copy_word_starts:
         raise SystemExit("error: --copy-word-pieces needs --copy-word-starts")
-    if frequent is not None and not 0 < frequent <= 1:
-        raise SystemExit(f"error: --copy-ignore-frequent must be a fraction in (0, 1], got {frequent}")
+    if rate is not None and not 0 <= rate <= 1:
+        raise SystemExit(f"error: --copy-ignore-uncopied must be a rate in [0, 1], got {rate}")
 
 
 def init(args: argparse.Namespace) -> None:
@@ -540,10 +540,11 @@ def train_command(args: argparse.Namespace) -> None:
         ))
     if args.copy_word_starts:
         plugin.set_copy_aliases(tokenizer)
-    if args.copy_ignore_frequent is not None:
-        added = plugin.ignore_frequent_copy_ids([e.prompt_ids for e in train_examples], args.copy_ignore_frequent)
-        print(f"Copy mode: {len(added)} ids in at least {args.copy_ignore_frequent:.0%} of the training prompts are "
-              f"left to the reweighter: {tokenizer.convert_ids_to_tokens(added)[:20]}")
+    if args.copy_ignore_uncopied is not None:
+        added = plugin.ignore_uncopied_ids([(e.prompt_ids, e.completion_ids) for e in train_examples],
+                                           max_copy_rate=args.copy_ignore_uncopied)
+        print(f"Copy mode: {len(added)} ids the training prompts hold but their completions do not repeat are left to "
+              f"the reweighter: {tokenizer.convert_ids_to_tokens(added)[:20]}")
     if args.uniform_start:
         uniform_start_(plugin)
     card = {"datasets": [args.dataset_id]} if args.dataset_id else None
@@ -988,9 +989,9 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compact-head", action="store_true",
                    help="an output layer with one row per task-vocabulary token (--task-vocab-size) and one logit "
                         "shared by all other tokens (see hf_plugin.compact_head)")
-    p.add_argument("--copy-ignore-frequent", type=float, metavar="FRACTION",
-                   help="with --copy-mode: the ids in at least this fraction of the training prompts (the template, "
-                        "a data format's keys) stay with the reweighter, outside the copy set (e.g. 0.5)")
+    p.add_argument("--copy-ignore-uncopied", type=float, metavar="RATE",
+                   help="with --copy-mode: ids in at least 1%% of the training prompts whose completions repeat them at "
+                        "most this often (the template, a data format's keys) stay with the reweighter (e.g. 0.05)")
     p.add_argument("--dataset-id", help="Hub id of the training data, for the model card")
 
 

@@ -107,9 +107,9 @@ class PluginConfig(PretrainedConfig):
         copy_word_pieces (`int`, *optional*, defaults to 1):
             With `copy_word_starts`, also count a marked word whose unmarked spelling takes up to this many pieces
             when they occur in a row (`D`, `irt` → `ĠDirt`); 1, 2 or 3. Above 1 a second table is a buffer.
-        copy_ignore_frequent (`float`, *optional*):
-            Recorded by `PluginModel.ignore_frequent_copy_ids`: the ids in at least this fraction of the training
-            prompts' copy sets (the template, the keys of a data format) were added to `copy_ignore_ids`.
+        copy_ignore_uncopied (`dict`, *optional*):
+            Recorded by `PluginModel.ignore_uncopied_ids`: `{"min_fraction", "max_copy_rate"}` of the rule by which
+            ids the training prompts hold but their completions do not repeat were added to `copy_ignore_ids`.
 
     Examples:
 
@@ -150,7 +150,7 @@ class PluginConfig(PretrainedConfig):
         copy_source: str | None = None,
         copy_word_starts: bool = False,
         copy_word_pieces: int = 1,
-        copy_ignore_frequent: float | None = None,
+        copy_ignore_uncopied: dict[str, float] | None = None,
         trained_max_length: int | None = None,
         head_ids: list[int] | None = None,
         hf_plugin_version: str = __version__,
@@ -207,12 +207,14 @@ class PluginConfig(PretrainedConfig):
             raise ValueError(f"`copy_word_pieces` must be 1, 2 or 3, got {copy_word_pieces!r}.")
         if copy_word_pieces > 1 and not copy_word_starts:
             raise ValueError("`copy_word_pieces` above 1 needs `copy_word_starts`.")
-        if copy_ignore_frequent is not None and (
-            copy_mode is None or isinstance(copy_ignore_frequent, bool)
-            or not isinstance(copy_ignore_frequent, (int, float)) or not 0 < copy_ignore_frequent <= 1
+        if copy_ignore_uncopied is not None and (
+            copy_mode is None or not isinstance(copy_ignore_uncopied, dict)
+            or set(copy_ignore_uncopied) != {"min_fraction", "max_copy_rate"}
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+                       for v in copy_ignore_uncopied.values())
         ):
-            raise ValueError(f"`copy_ignore_frequent` must be a fraction in (0, 1], with a `copy_mode`; got "
-                             f"{copy_ignore_frequent!r}.")
+            raise ValueError("`copy_ignore_uncopied` must be {'min_fraction': f, 'max_copy_rate': r} with both in "
+                             f"[0, 1], with a `copy_mode`; got {copy_ignore_uncopied!r:.80}.")
         for name, value in (("base_vocab_size", base_vocab_size), ("tokenizer_vocab_size", tokenizer_vocab_size),
                             ("trained_max_length", trained_max_length)):
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -243,7 +245,7 @@ class PluginConfig(PretrainedConfig):
         self.copy_ignore_ids = sorted(set(copy_ignore_ids)) if copy_ignore_ids else None
         self.copy_word_starts = bool(copy_word_starts)
         self.copy_word_pieces = copy_word_pieces
-        self.copy_ignore_frequent = None if copy_ignore_frequent is None else float(copy_ignore_frequent)
+        self.copy_ignore_uncopied = dict(copy_ignore_uncopied) if copy_ignore_uncopied is not None else None
         self.copy_source = (copy_source or "prompt") if copy_mode is not None else None
         self.trained_max_length = trained_max_length
         self.head_ids = list(head_ids) if head_ids is not None else None

@@ -377,6 +377,11 @@ class EncodedExample:
         first = next((i for i, label in enumerate(self.labels) if label != -100), len(self.labels))
         return self.input_ids[:first]
 
+    @property
+    def completion_ids(self) -> list[int]:
+        """The learned ids (the completion and its EOS)."""
+        return [label for label in self.labels if label != -100]
+
 
 def encode_examples(
     tokenizer: PreTrainedTokenizerBase,

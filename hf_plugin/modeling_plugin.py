@@ -469,40 +469,57 @@ class PluginModel(PluginPreTrainedModel):
             self.copy_word_spellings.fill_(-1)
             self.copy_word_spellings[: len(spellings)] = spellings.to(self.copy_word_spellings.device)
 
-    def ignore_frequent_copy_ids(self, prompts: Sequence[Sequence[int]], min_fraction: float = 0.5) -> list[int]:
-        """Adds to `config.copy_ignore_ids` the ids in at least `min_fraction` of these prompts' copy sets.
+    def ignore_uncopied_ids(
+        self,
+        pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+        min_fraction: float = 0.01,
+        max_copy_rate: float = 0.05,
+    ) -> list[int]:
+        """Adds to `config.copy_ignore_ids` the ids that training prompts hold but their completions do not repeat.
 
-        A copy mode takes the prompt's ids out of the reweighter's own ranking; the ids of the template and of a
-        data format's keys (`Data:`, `name[`, the newline the outputs never hold) are in every prompt and are not
-        content to copy, so the reweighter keeps its say over them. Call it on the training prompts before training
-        (after `set_copy_aliases`); `hf-plugin train --copy-ignore-frequent` does.
+        A copy mode takes the prompt's ids out of the reweighter's own ranking. The template and a data format's keys
+        (`Data:`, `name[`, the newline that ends no output) are in the prompts but not content to copy: the
+        reweighter keeps its say over them. An id leaves the copy set when it is in at least `min_fraction` of the
+        prompts' copy sets and, of those pairs, at most `max_copy_rate` have it in their completion. Values that are
+        copied (`The` of `The Eagle`) stay however frequent; ids too rare to judge, unseen names among them, stay.
+        Call it on the training pairs before training (after `set_copy_aliases`); `hf-plugin train
+        --copy-ignore-uncopied` does. `max_copy_rate=1` ignores every id in `min_fraction` of the prompts.
 
         Args:
-            prompts (`Sequence[Sequence[int]]`): token ids of the training prompts.
-            min_fraction (`float`, *optional*, defaults to 0.5): in (0, 1].
+            pairs (`Sequence[tuple[Sequence[int], Sequence[int]]]`): (prompt ids, completion ids) of the training pairs.
+            min_fraction (`float`, *optional*, defaults to 0.01): in (0, 1].
+            max_copy_rate (`float`, *optional*, defaults to 0.05): in [0, 1].
 
         Returns:
             `list[int]`: the ids added, in increasing order.
         """
         if self.config.copy_mode is None:
             raise ValueError("Only a reweighter with a `copy_mode` has copy sets.")
-        if not 0 < min_fraction <= 1:
-            raise ValueError(f"`min_fraction` must be in (0, 1], got {min_fraction!r}.")
-        if not prompts:
-            raise ValueError("No prompts to count the copy sets of.")
-        counts = torch.zeros(self.config.vocab_size, dtype=torch.long)
-        for start in range(0, len(prompts), 64):
-            batch = prompts[start : start + 64]
-            width = max(len(p) for p in batch)
-            ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in batch], device=self.device)
-            mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch], device=self.device)
-            first = self._first_occurrences(ids, self.config.vocab_size, mask, mask.sum(dim=1), ignore=False)
-            counts += (first < width).sum(dim=0).cpu()
-        frequent = (counts >= min_fraction * len(prompts)).nonzero().squeeze(1).tolist()
+        if not 0 < min_fraction <= 1 or not 0 <= max_copy_rate <= 1:
+            raise ValueError(f"`min_fraction` must be in (0, 1] and `max_copy_rate` in [0, 1], got {min_fraction!r} "
+                             f"and {max_copy_rate!r}.")
+        if not pairs:
+            raise ValueError("No training pairs to count the copy sets of.")
+        vocab_size = self.config.vocab_size
+        present_in = torch.zeros(vocab_size, dtype=torch.long)
+        copied_in = torch.zeros(vocab_size, dtype=torch.long)
+        for start in range(0, len(pairs), 64):
+            prompts = [list(prompt) for prompt, _ in pairs[start : start + 64]]
+            width = max(len(p) for p in prompts)
+            ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
+            mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=self.device)
+            present = (self._first_occurrences(ids, vocab_size, mask, mask.sum(dim=1), ignore=False) < width).cpu()
+            completed = torch.zeros_like(present)
+            for row, (_, completion) in enumerate(pairs[start : start + 64]):
+                completed[row, [i for i in completion if 0 <= i < vocab_size]] = True
+            present_in += present.sum(dim=0)
+            copied_in += (present & completed).sum(dim=0)
+        chosen = (present_in >= min_fraction * len(pairs)) & (copied_in <= max_copy_rate * present_in) & (present_in > 0)
+        chosen = chosen.nonzero().squeeze(1).tolist()
         ignored = set(self.config.copy_ignore_ids or [])
-        self.config.copy_ignore_ids = sorted(ignored | set(frequent))
-        self.config.copy_ignore_frequent = float(min_fraction)
-        return sorted(set(frequent) - ignored)
+        self.config.copy_ignore_ids = sorted(ignored | set(chosen))
+        self.config.copy_ignore_uncopied = {"min_fraction": float(min_fraction), "max_copy_rate": float(max_copy_rate)}
+        return sorted(set(chosen) - ignored)
 
     @property
     def reads_context(self) -> bool:

@@ -352,7 +352,7 @@ def test_processor_with_spelled_words_and_frequent_ids_matches_offline_forward(a
     tokenizer = marked_tokenizer()
     plugin, vocab = spelled_plugin(arch)
     input_ids, mask = prompts(tokenizer, ["w1 w2 w3 w4 w5 w9", "w6 w1 w2", "w3 w4 w5 w9 w9 w9 w9"])
-    plugin.ignore_frequent_copy_ids([row[m.bool()].tolist() for row, m in zip(input_ids, mask)], 0.6)
+    plugin.ignore_uncopied_ids([(row[m.bool()].tolist(), []) for row, m in zip(input_ids, mask)], min_fraction=0.6)
     base = make_base("llama")
     recorder = Recorder(PluginLogitsProcessor(plugin, pad_token_id=PAD))
     base.generate(input_ids, attention_mask=mask, logits_processor=[recorder], max_new_tokens=6, min_new_tokens=6,
@@ -360,27 +360,41 @@ def test_processor_with_spelled_words_and_frequent_ids_matches_offline_forward(a
     assert_every_call_exact(plugin, recorder.calls, mask)
 
 
-def test_frequent_ids_leave_the_copy_set_after_aliases_and_spellings(tmp_path):
+def test_uncopied_ids_leave_the_copy_set_after_aliases_and_spellings(tmp_path):
     plugin, vocab = spelled_plugin("llama")
     w = {i: vocab[f"w{i}"] for i in range(10)}
-    prompts_ = [[w[1], w[2], w[7]], [w[1], w[2], w[8]], [w[3], w[4], w[5], w[1]], [w[9]]]
-    added = plugin.ignore_frequent_copy_ids(prompts_, 0.5)
-    # w1 is in 3 of 4 prompts, w2 and Ġw1, Ġw2, Ġw40 (spelled w1 w2) in 2: all at least half
-    assert added == sorted([w[1], w[2], vocab["Ġw1"], vocab["Ġw2"], vocab["Ġw40"]])
-    assert plugin.config.copy_ignore_ids == sorted([BOS, EOS] + added) and plugin.config.copy_ignore_frequent == 0.5
+    pairs = [([w[1], w[2], w[7]], [w[7], EOS]), ([w[1], w[2], w[8]], [w[8], EOS]),
+             ([w[3], w[4], w[5], w[1]], [vocab["Ġw3"], EOS]), ([w[9]], [w[9], EOS])]
+    # in at least half of the prompts' copy sets: w1 (3 of 4), w2, Ġw1, Ġw2 and Ġw40 (spelled w1 w2) (2 of 4);
+    # no completion repeats any of them
+    expected = sorted([w[1], w[2], vocab["Ġw1"], vocab["Ġw2"], vocab["Ġw40"]])
+    assert plugin.ignore_uncopied_ids(pairs, min_fraction=0.5) == expected
+    assert plugin.config.copy_ignore_ids == sorted([BOS, EOS] + expected)
+    assert plugin.config.copy_ignore_uncopied == {"min_fraction": 0.5, "max_copy_rate": 0.05}
     ids = torch.tensor([[w[1], w[2], w[3], w[4], w[5]]])
     first = plugin._first_occurrences(ids, 96, None, torch.tensor([5]))[0]
     assert first[w[1]] == 5 and first[vocab["Ġw40"]] == 5 and first[vocab["Ġw1"]] == 5  # ignored, aliases too
     assert first[w[3]] == 2 and first[vocab["Ġw41"]] == 4
     plugin.save_pretrained(tmp_path / "r")
-    assert "except the ids in at least 50% of the" in (tmp_path / "r/README.md").read_text()
+    assert "except the ids that at least 50.0% of the" in (tmp_path / "r/README.md").read_text()
     assert PluginModel.from_pretrained(tmp_path / "r").config.copy_ignore_ids == plugin.config.copy_ignore_ids
-    with pytest.raises(ValueError, match=r"`min_fraction` must be in \(0, 1\]"):
-        plugin.ignore_frequent_copy_ids(prompts_, 0)
-    with pytest.raises(ValueError, match="No prompts"):
-        plugin.ignore_frequent_copy_ids([], 0.5)
+
+    # a frequent id that the completions repeat stays, however frequent: w1 copied in 2 of its 3 pairs
+    copied = [(prompt, [w[1], EOS]) if w[1] in prompt[:3] and prompt[0] == w[1] else (prompt, completion)
+              for prompt, completion in pairs]
+    again, _ = spelled_plugin("llama")
+    assert w[1] not in again.ignore_uncopied_ids(copied, min_fraction=0.5, max_copy_rate=0.5)
+    assert w[2] in again.config.copy_ignore_ids
+    # max_copy_rate=1: every id in min_fraction of the prompts, copied or not
+    anyway, _ = spelled_plugin("llama")
+    assert w[1] in anyway.ignore_uncopied_ids(copied, min_fraction=0.5, max_copy_rate=1.0)
+    for bad in (dict(min_fraction=0), dict(max_copy_rate=1.5)):
+        with pytest.raises(ValueError, match=r"`min_fraction` must be in \(0, 1\] and `max_copy_rate` in \[0, 1\]"):
+            plugin.ignore_uncopied_ids(pairs, **bad)
+    with pytest.raises(ValueError, match="No training pairs"):
+        plugin.ignore_uncopied_ids([])
     with pytest.raises(ValueError, match="Only a reweighter with a `copy_mode`"):
-        make_plugin("llama").ignore_frequent_copy_ids(prompts_, 0.5)
+        make_plugin("llama").ignore_uncopied_ids(pairs)
 
 
 def test_spelling_and_frequency_options_are_checked(tmp_path):
@@ -388,21 +402,22 @@ def test_spelling_and_frequency_options_are_checked(tmp_path):
         PluginConfig(vocab_size=10, copy_mode="shared", copy_word_starts=True, copy_word_pieces=4)
     with pytest.raises(ValueError, match="`copy_word_pieces` above 1 needs `copy_word_starts`"):
         PluginConfig(vocab_size=10, copy_mode="shared", copy_word_pieces=2)
-    for bad in (0, 1.5, True, "0.5"):
-        with pytest.raises(ValueError, match=r"`copy_ignore_frequent` must be a fraction in \(0, 1\]"):
-            PluginConfig(vocab_size=10, copy_mode="shared", copy_ignore_frequent=bad)
+    for bad in (0.05, {"min_fraction": 0.01}, {"min_fraction": 0.01, "max_copy_rate": 2}, {"min_fraction": True,
+                                                                                          "max_copy_rate": 0}):
+        with pytest.raises(ValueError, match="`copy_ignore_uncopied` must be"):
+            PluginConfig(vocab_size=10, copy_mode="shared", copy_ignore_uncopied=bad)
     setup = task_folder(tmp_path, 16, 4)
     command = ["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--output-dir",
                str(tmp_path / "x")]
-    for extra, message in ((["--copy-ignore-frequent", "0.5"], "--copy-ignore-frequent needs --copy-mode"),
+    for extra, message in ((["--copy-ignore-uncopied", "0.05"], "--copy-ignore-uncopied needs --copy-mode"),
                            (["--copy-mode", "shared", "--copy-word-pieces", "2"], "--copy-word-pieces needs --copy-word-starts"),
-                           (["--copy-mode", "shared", "--copy-ignore-frequent", "1.5"], r"a fraction in \(0, 1\], got 1.5")):
+                           (["--copy-mode", "shared", "--copy-ignore-uncopied", "1.5"], r"a rate in \[0, 1\], got 1.5")):
         with pytest.raises(SystemExit, match=message):
             main(command + extra)
     assert not (tmp_path / "x").exists()
 
 
-def test_train_command_records_spellings_and_frequent_ids(tmp_path, capsys):
+def test_train_command_records_spellings_and_uncopied_ids(tmp_path, capsys):
     setup = task_folder(tmp_path, 16, 4)
     marked_tokenizer().save_pretrained(setup / "base")  # the same words, with word-start forms
     out = tmp_path / "run"
@@ -410,10 +425,12 @@ def test_train_command_records_spellings_and_frequent_ids(tmp_path, capsys):
           str(setup / "validation.csv"), "--prompt-column", "mr", "--completion-column", "ref", "--output-dir", str(out),
           "--hidden-size", "32", "--intermediate-size", "64", "--num-heads", "2", "--max-length", "32", "--epochs", "1",
           "--cpu", "--copy-mode", "shared", "--copy-word-starts", "--copy-word-pieces", "2",
-          "--copy-ignore-frequent", "0.1"])
+          "--copy-ignore-uncopied", "0"])
     plugin = PluginModel.from_pretrained(out)
-    assert (plugin.config.copy_word_pieces, plugin.config.copy_ignore_frequent) == (2, 0.1)
+    assert plugin.config.copy_word_pieces == 2
+    assert plugin.config.copy_ignore_uncopied == {"min_fraction": 0.01, "max_copy_rate": 0.0}
     assert "left to the reweighter" in capsys.readouterr().out
-    # task_rows' first 16 prompts: w1 in two of them (at least 10%), w0 in one
+    # task_rows: completions hold w20..w39 only, so every prompt word (w0..w18) is uncopied
     vocab = marked_tokenizer().get_vocab()
-    assert vocab["w1"] in plugin.config.copy_ignore_ids and vocab["w0"] not in plugin.config.copy_ignore_ids
+    assert {vocab["w0"], vocab["w1"], vocab["Ġw1"]} <= set(plugin.config.copy_ignore_ids)
+    assert vocab["w20"] not in plugin.config.copy_ignore_ids
