@@ -381,7 +381,7 @@ def push_folder(
         for name in names:
             shutil.copyfile(directory / name, Path(staging) / name)
         custom_generate = _ships_custom_generate(card_sections(read_model_card(staging)), with_code)
-        update_model_card(staging, repo_id=repo_id, custom_generate=custom_generate)
+        update_model_card(staging, repo_id=repo_id, custom_generate=custom_generate or None)  # None: left out
         names = {*names, CARD_FILE}
         if with_code:
             names.update(write_remote_code(staging, custom_generate=custom_generate))

@@ -221,7 +221,9 @@ class PluginModel(PluginPreTrainedModel):
             tokenizer.save_pretrained(save_directory)
         self.card_sections = {**self.card_sections, **(model_card or {})}
         custom_generate = _ships_custom_generate(self.card_sections, with_code)
-        self.card_sections["custom_generate"] = custom_generate
+        self.card_sections.pop("custom_generate", None)  # what this save writes decides, not an earlier card
+        if custom_generate:
+            self.card_sections["custom_generate"] = True
         sections = {**self.card_sections, "num_parameters": self.num_parameters()}
         render_model_card(self.config, sections).save(Path(save_directory) / CARD_FILE)
         if with_code:
