@@ -77,7 +77,8 @@ def load_reweighter(location: str, device: torch.device, **hub_kwargs) -> Plugin
     if key in _LOADED:
         _LOADED.move_to_end(key)
         return _LOADED[key]
-    plugin = PluginModel.from_pretrained(location, **hub_kwargs).to(device).eval()
+    with torch.random.fork_rng(devices=[]):  # a seeded sampling call sees the random stream it would without us
+        plugin = PluginModel.from_pretrained(location, **hub_kwargs).to(device).eval()
     _LOADED[key] = plugin
     while len(_LOADED) > _KEEP_LOADED:
         _LOADED.popitem(last=False)

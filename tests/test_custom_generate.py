@@ -26,9 +26,9 @@ from test_hub import bound_plugin, front_matter, intercepted_hub, snapshot  # no
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["w1 w2 w3 w4", "w5"]  # left-padded as a batch
-MODES = {
-    "greedy": dict(do_sample=False),
+MODES = {  # sampling first: loading the reweighter must not move the random stream the sampling sees
     "sampling": dict(do_sample=True, num_return_sequences=2, top_k=0),
+    "greedy": dict(do_sample=False),
     "beams": dict(do_sample=False, num_beams=3, num_return_sequences=2),
     "alpha": dict(do_sample=False, alpha=0.4),
 }
