@@ -14,11 +14,11 @@ from __future__ import annotations
 import collections
 import inspect
 import os
+import re
 from pathlib import Path
 
 import torch
 from transformers import LogitsProcessorList
-from transformers.utils import logging
 
 # transformers 5.3 copies only the relative imports written in this very file (later releases follow them
 # recursively): every module the processor needs is therefore imported here.
@@ -35,8 +35,6 @@ from .logits_process import PluginLogitsProcessor
 from .model_card_template import REWEIGHTER_CARD_TEMPLATE  # noqa: F401
 from .modeling_plugin import PluginModel
 
-
-logger = logging.get_logger(__name__)
 
 # What `generate(..., custom_generate=..., revision=...)` passes on for loading this repository: it locates the
 # weights too, and the standard `generate()` would reject it as an unused model argument.
@@ -62,6 +60,16 @@ def calling_repository(model) -> str | None:
         return None
     finally:
         del frame  # frames hold their locals: do not keep a cycle alive
+
+
+def code_commit() -> str | None:
+    """The commit this file was downloaded at, when it came from the Hub, else `None`.
+
+    transformers keeps a Hub repository's code under `.../<commit>/custom_generate/`: loading the weights at that
+    commit keeps code and weights of one revision even if the branch moves in between.
+    """
+    name = Path(__file__).resolve().parents[1].name
+    return name if re.fullmatch(r"[0-9a-f]{40}", name) else None
 
 
 def load_reweighter(location: str, device: torch.device, **hub_kwargs) -> PluginModel:
@@ -121,6 +129,8 @@ def generate(
     if location is None:
         raise ValueError("Cannot tell which repository this custom generate() belongs to; pass reweighter=<its folder "
                          "or Hub id>.")
+    if reweighter is None and not os.path.isdir(location) and code_commit() is not None:
+        hub_kwargs["revision"] = code_commit()
     plugin = load_reweighter(str(location), model.device, **hub_kwargs)
     tokenizer = kwargs.get("tokenizer")  # also used by generate() itself (stop strings): left in kwargs
     generation_config = kwargs.get("generation_config") or model.generation_config

@@ -305,7 +305,7 @@ def write_custom_generate(directory: str | Path) -> list[str]:
 
     `custom_generate/generate.py` is `hf_plugin/custom_generate.py`, copied with the modules it imports (the engine,
     the processor, the model): `base.generate(**inputs, custom_generate=repo_or_folder, trust_remote_code=True,
-    alpha=...)` then applies the reweighter beside it, loaded from safetensors at the `revision` given, after
+    alpha=...)` then applies the reweighter beside it, loaded from safetensors (from the Hub at the commit the code came from), after
     checking its binding against `base` (and `tokenizer=`, when given), with only transformers, torch, safetensors
     and huggingface_hub installed. `custom_generate/requirements.txt` lists those, which transformers checks.
 
