@@ -305,16 +305,18 @@ def write_custom_generate(directory: str | Path) -> list[str]:
 
     `custom_generate/generate.py` is `hf_plugin/custom_generate.py`, copied with the modules it imports (the engine,
     the processor, the model): `base.generate(**inputs, custom_generate=repo_or_folder, trust_remote_code=True,
-    alpha=...)` then applies the reweighter beside it, loaded from safetensors (from the Hub at the commit the code came from), after
-    checking its binding against `base` (and `tokenizer=`, when given), with only transformers, torch, safetensors
-    and huggingface_hub installed. `custom_generate/requirements.txt` lists those, which transformers checks.
+    alpha=...)` then applies the reweighter beside it, loaded from safetensors (from the Hub at the commit the code
+    came from), after checking its binding against `base` (and `tokenizer=`, when given), with only transformers,
+    torch, safetensors and huggingface_hub installed. `custom_generate/requirements.txt` lists those, which
+    transformers checks (it never installs them).
 
     Returns:
         `list[str]`: the file names written, relative to `directory`.
     """
     target = Path(directory) / CUSTOM_GENERATE_FOLDER
-    names = [name for name in _copy_modules(target, [_CUSTOM_GENERATE_MODULE]) if name != f"{_CUSTOM_GENERATE_MODULE}.py"]
-    (target / f"{_CUSTOM_GENERATE_MODULE}.py").rename(target / "generate.py")
+    entry = f"{_CUSTOM_GENERATE_MODULE}.py"
+    names = [name for name in _copy_modules(target, [_CUSTOM_GENERATE_MODULE]) if name != entry]
+    (target / entry).rename(target / "generate.py")
     (target / "requirements.txt").write_text("\n".join(CUSTOM_GENERATE_REQUIREMENTS) + "\n", encoding="utf-8")
     return [f"{CUSTOM_GENERATE_FOLDER}/{name}" for name in sorted([*names, "generate.py", "requirements.txt"])]
 
