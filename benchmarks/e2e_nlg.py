@@ -191,7 +191,7 @@ def mixture_processor(small, weight: float, tokenizer):
 # Word starts spelled in up to 3 pieces (`Gir`, `affe` → `ĠGiraffe`), and the ids the training prompts hold but
 # their completions do not repeat (the template, the MR keys) left to the reweighter's own head.
 SPELLED_UNCOPIED = dict(copy_mode="shared", copy_word_starts=True, copy_word_pieces=3,
-                        ignore_uncopied=dict(min_fraction=0.01, max_copy_rate=0.05))
+                        ignore_uncopied=dict(min_fraction=0.1, max_copy_rate=0.05))
 # The first rule tried: every id of at least half of the prompts, copied or not (`The` of E2E's names among them).
 SPELLED_FREQUENT = {**SPELLED_UNCOPIED, "ignore_uncopied": dict(min_fraction=0.5, max_copy_rate=1.0)}
 

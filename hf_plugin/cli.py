@@ -991,7 +991,7 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="an output layer with one row per task-vocabulary token (--task-vocab-size) and one logit "
                         "shared by all other tokens (see hf_plugin.compact_head)")
     p.add_argument("--copy-ignore-uncopied", type=float, metavar="RATE",
-                   help="with --copy-mode: ids in at least 1%% of the training prompts whose completions repeat them at "
+                   help="with --copy-mode: ids in at least 10%% of the training prompts whose completions repeat them at "
                         "most this often (the template, a data format's keys) stay with the reweighter (e.g. 0.05)")
     p.add_argument("--dataset-id", help="Hub id of the training data, for the model card")
 

@@ -480,7 +480,7 @@ class PluginModel(PluginPreTrainedModel):
     def ignore_uncopied_ids(
         self,
         pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-        min_fraction: float = 0.01,
+        min_fraction: float = 0.1,
         max_copy_rate: float = 0.05,
     ) -> list[int]:
         """Adds to `config.copy_ignore_ids` the ids that training prompts hold but their completions do not repeat.
@@ -489,13 +489,15 @@ class PluginModel(PluginPreTrainedModel):
         (`Data:`, `name[`, the newline that ends no output) are in the prompts but not content to copy: the
         reweighter keeps its say over them. An id leaves the copy set when it is in at least `min_fraction` of the
         prompts' copy sets and, of those pairs, at most `max_copy_rate` have it in their completion. Values that are
-        copied (`The` of `The Eagle`) stay however frequent; ids too rare to judge, unseen names among them, stay.
+        copied stay however frequent; ids too rare to judge, unseen names among them, stay. Only ids written in the
+        prompts are judged, not the word-start forms their aliases and spellings bring.
         Call it on the training pairs before training (after `set_copy_aliases`); `hf-plugin train
         --copy-ignore-uncopied` does. `max_copy_rate=1` ignores every id in `min_fraction` of the prompts.
 
         Args:
             pairs (`Sequence[tuple[Sequence[int], Sequence[int]]]`): (prompt ids, completion ids) of the training pairs.
-            min_fraction (`float`, *optional*, defaults to 0.01): in (0, 1].
+            min_fraction (`float`, *optional*, defaults to 0.1): in (0, 1]. Low values also judge the pieces of
+                names that many training prompts share, which an unseen name may need.
             max_copy_rate (`float`, *optional*, defaults to 0.05): in [0, 1].
 
         Returns:
@@ -516,7 +518,9 @@ class PluginModel(PluginPreTrainedModel):
             width = max(len(p) for p in prompts)
             ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
             mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=self.device)
-            present = (self._first_occurrences(ids, vocab_size, mask, mask.sum(dim=1), ignore=False) < width).cpu()
+            # The ids written in the prompts only: a word-start form stays however the training names were written
+            # (`ĠT` of `T`, `aste` is no less needed for an unseen name because `ĠTaste` is one token).
+            present = (first_occurrences(ids, vocab_size, mask) < width).cpu()
             completed = torch.zeros_like(present)
             for row, (_, completion) in enumerate(pairs[start : start + 64]):
                 completed[row, [i for i in completion if 0 <= i < vocab_size]] = True
@@ -535,7 +539,7 @@ class PluginModel(PluginPreTrainedModel):
         whole sequence as `context_ids`."""
         return self.config.copy_mode is not None
 
-    def _first_occurrences(self, context_ids, vocab_size, context_mask, prompt_lengths, ignore=True) -> torch.LongTensor:
+    def _first_occurrences(self, context_ids, vocab_size, context_mask, prompt_lengths) -> torch.LongTensor:
         if self.config.copy_source == "prompt":
             if prompt_lengths is None:
                 raise ValueError("A reweighter with copy_source='prompt' needs `prompt_lengths` (or `labels`): where "
@@ -550,7 +554,7 @@ class PluginModel(PluginPreTrainedModel):
             counted = torch.ones_like(context_ids) if context_mask is None else context_mask
             first = add_spelled_words(first, context_ids, counted, self.copy_word_spellings)
         # Ignored ids leave the set last, so an alias or a spelling cannot bring them back.
-        if ignore and self.config.copy_ignore_ids:
+        if self.config.copy_ignore_ids:
             ignored = torch.tensor([i for i in self.config.copy_ignore_ids if i < vocab_size], device=first.device)
             first = first.index_fill(1, ignored, context_ids.shape[1])
         return first

@@ -365,16 +365,18 @@ def test_uncopied_ids_leave_the_copy_set_after_aliases_and_spellings(tmp_path):
     w = {i: vocab[f"w{i}"] for i in range(10)}
     pairs = [([w[1], w[2], w[7]], [w[7], EOS]), ([w[1], w[2], w[8]], [w[8], EOS]),
              ([w[3], w[4], w[5], w[1]], [vocab["Ġw3"], EOS]), ([w[9]], [w[9], EOS])]
-    # in at least half of the prompts' copy sets: w1 (3 of 4), w2, Ġw1, Ġw2 and Ġw40 (spelled w1 w2) (2 of 4);
-    # no completion repeats any of them
-    expected = sorted([w[1], w[2], vocab["Ġw1"], vocab["Ġw2"], vocab["Ġw40"]])
-    assert plugin.ignore_uncopied_ids(pairs, min_fraction=0.5) == expected
-    assert plugin.config.copy_ignore_ids == sorted([BOS, EOS] + expected)
+    # written in at least half of the prompts: w1 (3 of 4) and w2 (2 of 4), which no completion repeats; their word
+    # starts Ġw1, Ġw2 and Ġw40 (spelled w1 w2) are judged by nothing written and stay
+    assert plugin.ignore_uncopied_ids(pairs, min_fraction=0.5) == [w[1], w[2]]
+    assert plugin.config.copy_ignore_ids == sorted([BOS, EOS, w[1], w[2]])
     assert plugin.config.copy_ignore_uncopied == {"min_fraction": 0.5, "max_copy_rate": 0.05}
     ids = torch.tensor([[w[1], w[2], w[3], w[4], w[5]]])
     first = plugin._first_occurrences(ids, 96, None, torch.tensor([5]))[0]
-    assert first[w[1]] == 5 and first[vocab["Ġw40"]] == 5 and first[vocab["Ġw1"]] == 5  # ignored, aliases too
+    assert first[w[1]] == 5 and first[w[2]] == 5  # ignored
+    assert first[vocab["Ġw1"]] == 0 and first[vocab["Ġw40"]] == 1  # brought by the ignored ids, still counted
     assert first[w[3]] == 2 and first[vocab["Ġw41"]] == 4
+    plugin.config.copy_ignore_ids.append(vocab["Ġw40"])  # an ignored id leaves the set after the spellings
+    assert plugin._first_occurrences(ids, 96, None, torch.tensor([5]))[0, vocab["Ġw40"]] == 5
     plugin.save_pretrained(tmp_path / "r")
     assert "except the ids that at least 50.0% of the" in (tmp_path / "r/README.md").read_text()
     assert PluginModel.from_pretrained(tmp_path / "r").config.copy_ignore_ids == plugin.config.copy_ignore_ids
@@ -428,9 +430,10 @@ def test_train_command_records_spellings_and_uncopied_ids(tmp_path, capsys):
           "--copy-ignore-uncopied", "0"])
     plugin = PluginModel.from_pretrained(out)
     assert plugin.config.copy_word_pieces == 2
-    assert plugin.config.copy_ignore_uncopied == {"min_fraction": 0.01, "max_copy_rate": 0.0}
+    assert plugin.config.copy_ignore_uncopied == {"min_fraction": 0.1, "max_copy_rate": 0.0}
     assert "left to the reweighter" in capsys.readouterr().out
-    # task_rows: completions hold w20..w39 only, so every prompt word (w0..w18) is uncopied
+    # task_rows: completions hold w20..w39 only, so every prompt word (w0..w18) is uncopied; w1 is in 2 of the 16
+    # prompts (at least 10%), w0 in 1 (too rare to judge)
     vocab = marked_tokenizer().get_vocab()
-    assert {vocab["w0"], vocab["w1"], vocab["Ġw1"]} <= set(plugin.config.copy_ignore_ids)
-    assert vocab["w20"] not in plugin.config.copy_ignore_ids
+    assert vocab["w1"] in plugin.config.copy_ignore_ids and vocab["w0"] not in plugin.config.copy_ignore_ids
+    assert vocab["Ġw1"] not in plugin.config.copy_ignore_ids and vocab["w20"] not in plugin.config.copy_ignore_ids
