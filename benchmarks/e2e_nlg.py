@@ -465,11 +465,8 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
         task_ids = caches["train"].task_ids.tolist()
         rows = [  # name, run folder, PluginConfig options (copy_source: the prompt's ids unless "context")
             ("copy shared + spelled words, uncopied ids kept", "copy-shared-spelled-uncopied", SPELLED_UNCOPIED),
-            ("compact head + copy shared + spelled words, uncopied ids kept", "compact-copy-shared-spelled-uncopied",
-             {**SPELLED_UNCOPIED, "head_ids": task_ids}),
             ("copy shared + spelled words, frequent ids kept", "copy-shared-spelled-frequent", SPELLED_FREQUENT),
-            ("copy floor + spelled words, uncopied ids kept", "copy-floor-spelled-uncopied",
-             {**SPELLED_UNCOPIED, "copy_mode": "floor"}),
+            ("copy floor + word starts", "copy-floor-ws-prompt", dict(copy_mode="floor", copy_word_starts=True)),
             ("copy shared + word starts", "copy-shared-ws-prompt", dict(copy_mode="shared", copy_word_starts=True)),
             ("copy gate + word starts", "copy-gate-ws-prompt", dict(copy_mode="gate", copy_word_starts=True)),
             ("copy shared + word starts, context source", "copy-shared-ws",
@@ -478,7 +475,6 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
              dict(copy_mode="shared", copy_word_starts=True, head_ids=task_ids)),
             ("compact head", "compact", dict(head_ids=task_ids)),
             ("copy shared", "copy-shared-prompt", dict(copy_mode="shared")),  # without word starts
-            ("copy floor + word starts", "copy-floor-ws-prompt", dict(copy_mode="floor", copy_word_starts=True)),
         ]
         for name, folder, options in rows:
             make = functools.partial(copy_reweighter, binding, tokenizer, train_examples, options)
