@@ -71,6 +71,7 @@ def _copy_options(args: argparse.Namespace, tokenizer) -> dict:
 
 def _check_copy_arguments(args: argparse.Namespace) -> None:
     rate = getattr(args, "copy_ignore_uncopied", None)
+    fraction = getattr(args, "copy_ignore_min_fraction", None)
     for given, name in ((args.copy_word_starts, "--copy-word-starts"), (args.copy_source, "--copy-source"),
                         (args.copy_word_pieces != 1, "--copy-word-pieces"), (rate is not None, "--copy-ignore-uncopied")):
         if given and args.copy_mode is None:
@@ -79,6 +80,9 @@ def _check_copy_arguments(args: argparse.Namespace) -> None:
         raise SystemExit("error: --copy-word-pieces needs --copy-word-starts")
     if rate is not None and not 0 <= rate <= 1:
         raise SystemExit(f"error: --copy-ignore-uncopied must be a rate in [0, 1], got {rate}")
+    if fraction is not None and (rate is None or not 0 < fraction <= 1):
+        raise SystemExit(f"error: --copy-ignore-min-fraction needs --copy-ignore-uncopied and a fraction in (0, 1], "
+                         f"got {fraction}")
 
 
 def init(args: argparse.Namespace) -> None:
@@ -541,8 +545,9 @@ def train_command(args: argparse.Namespace) -> None:
     if args.copy_word_starts:
         plugin.set_copy_aliases(tokenizer)
     if args.copy_ignore_uncopied is not None:
+        fraction = {} if args.copy_ignore_min_fraction is None else {"min_fraction": args.copy_ignore_min_fraction}
         added = plugin.ignore_uncopied_ids([(e.prompt_ids, e.completion_ids) for e in train_examples],
-                                           max_copy_rate=args.copy_ignore_uncopied)
+                                           max_copy_rate=args.copy_ignore_uncopied, **fraction)
         print(f"Copy mode: {len(added)} ids the training prompts hold but their completions do not repeat are left to "
               f"the reweighter: {tokenizer.convert_ids_to_tokens(added)[:20]}")
     if args.uniform_start:
@@ -992,7 +997,11 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
                         "shared by all other tokens (see hf_plugin.compact_head)")
     p.add_argument("--copy-ignore-uncopied", type=float, metavar="RATE",
                    help="with --copy-mode: ids in at least 10%% of the training prompts whose completions repeat them at "
-                        "most this often (the template, a data format's keys) stay with the reweighter (e.g. 0.05)")
+                        "most this often (the template, a data format's keys) stay with the reweighter (e.g. 0.05; "
+                        "1 with --copy-ignore-min-fraction 0.5: every id of half the prompts, see hf_plugin.copying)")
+    p.add_argument("--copy-ignore-min-fraction", type=float, metavar="FRACTION",
+                   help="with --copy-ignore-uncopied: judge the ids in at least this fraction of the training prompts "
+                        "(default 0.1)")
     p.add_argument("--dataset-id", help="Hub id of the training data, for the model card")
 
 

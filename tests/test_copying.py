@@ -413,7 +413,9 @@ def test_spelling_and_frequency_options_are_checked(tmp_path):
                str(tmp_path / "x")]
     for extra, message in ((["--copy-ignore-uncopied", "0.05"], "--copy-ignore-uncopied needs --copy-mode"),
                            (["--copy-mode", "shared", "--copy-word-pieces", "2"], "--copy-word-pieces needs --copy-word-starts"),
-                           (["--copy-mode", "shared", "--copy-ignore-uncopied", "1.5"], r"a rate in \[0, 1\], got 1.5")):
+                           (["--copy-mode", "shared", "--copy-ignore-uncopied", "1.5"], r"a rate in \[0, 1\], got 1.5"),
+                           (["--copy-mode", "shared", "--copy-ignore-min-fraction", "0.5"],
+                            "--copy-ignore-min-fraction needs --copy-ignore-uncopied")):
         with pytest.raises(SystemExit, match=message):
             main(command + extra)
     assert not (tmp_path / "x").exists()
@@ -427,7 +429,7 @@ def test_train_command_records_spellings_and_uncopied_ids(tmp_path, capsys):
           str(setup / "validation.csv"), "--prompt-column", "mr", "--completion-column", "ref", "--output-dir", str(out),
           "--hidden-size", "32", "--intermediate-size", "64", "--num-heads", "2", "--max-length", "32", "--epochs", "1",
           "--cpu", "--copy-mode", "shared", "--copy-word-starts", "--copy-word-pieces", "2",
-          "--copy-ignore-uncopied", "0"])
+          "--copy-ignore-uncopied", "0", "--copy-ignore-min-fraction", "0.1"])
     plugin = PluginModel.from_pretrained(out)
     assert plugin.config.copy_word_pieces == 2
     assert plugin.config.copy_ignore_uncopied == {"min_fraction": 0.1, "max_copy_rate": 0.0}
