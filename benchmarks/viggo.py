@@ -6,12 +6,14 @@ against all references of an MR, and the built-in ones). Trained on the train ca
 and α on the held-out pairs (train categories, other MRs); tested on the 445 MRs of 7 other categories.
 
 Rows: zero-shot; ICL-3 (the first 3 distinct train MRs with their first reference); the weighted combination and the
-small model alone (as in `e2e_nlg.py`, w = 0.75); the from-scratch Plugin; the Plugin with a copy mode (`shared`
-with word starts, see `hf_plugin.copying`); both Plugins used with the ICL-3 prompt (α picked on 3-shot held-out
-pairs). The name-miss columns count outputs that lack the MR's `name[...]` value (every test game is unseen).
+small model alone (as in `e2e_nlg.py`, w = 0.75); the from-scratch Plugin; the Plugin with copy modes (`shared` with
+word starts; with spelled words and the frequent ids kept by the reweighter, see `hf_plugin.copying`); these used
+with the ICL-3 prompt (α picked on 3-shot held-out pairs); and a copy-mode Plugin trained on 3-shot prompts, used
+with ICL-3. The name-miss columns count outputs that lack the MR's `name[...]` value (every test game is unseen).
 
 Usage:
     python benchmarks/viggo.py                 # about 2 hours on 2 cores
+    python benchmarks/viggo.py --rows copy     # the copy-mode rows only (--rows baselines: the others)
     python benchmarks/viggo.py --quick         # a smoke run
     python benchmarks/viggo.py --score-only    # score the outputs saved so far (e.g. after an interrupted run)
 Results: benchmarks/results/viggo.{json,md}; trained models and caches in --work-dir, reused when run again.
@@ -57,8 +59,9 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--task-vocab-size", type=int, default=2048)
     parser.add_argument("--alphas", default="0.25,0.5,0.75,1.0,1.5")
-    parser.add_argument("--rows", choices=["all", "copy"], default="all",
-                        help="'copy': only the rows of the newest copy options (the others' outputs are kept)")
+    parser.add_argument("--rows", choices=["all", "copy", "baselines"], default="all",
+                        help="only the copy-mode rows, or only the from-scratch Plugin and the baselines (outputs "
+                             "already in the results are kept either way)")
     parser.add_argument("--score-only", action="store_true", help="no run: score the saved outputs")
     args = parser.parse_args()
 
@@ -159,13 +162,19 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
     def copy_model(options):
         return lambda: copy_reweighter(binding, tokenizer, train_examples, options)
 
-    spelled = trained("plugin-copy-shared-spelled-frequent", copy_model(SPELLED_FREQUENT), caches["train"],
-                      caches["heldout"])
-    plugin_row(SPELLED, spelled, plain, caches["heldout"], heldout_examples)
-    if args.rows == "copy":
-        icl_caches, _ = cached_base_sources(lambda: base, tokenizer, {"heldout": icl_heldout_examples}, work / "cache-icl",
-                                            k=args.top_k, batch_size=8, task_vocab_size=args.task_vocab_size)
-        plugin_row(f"{SPELLED} + ICL-3", spelled, icl3, icl_caches["heldout"], icl_heldout_examples)
+    def icl_heldout():
+        started = time.perf_counter()
+        icl_caches, _ = cached_base_sources(lambda: base, tokenizer, {"heldout": icl_heldout_examples},
+                                            work / "cache-icl", k=args.top_k, batch_size=8,
+                                            task_vocab_size=args.task_vocab_size)
+        timings.setdefault("3-shot held-out prompts", time.perf_counter() - started)
+        return icl_caches["heldout"]
+
+    if args.rows in ("all", "copy"):
+        spelled = trained("plugin-copy-shared-spelled-frequent", copy_model(SPELLED_FREQUENT), caches["train"],
+                          caches["heldout"])
+        plugin_row(SPELLED, spelled, plain, caches["heldout"], heldout_examples)
+        plugin_row(f"{SPELLED} + ICL-3", spelled, icl3, icl_heldout(), icl_heldout_examples)
         # Trained on 3-shot prompts (3 random train pairs before each of the first 1,000), so that the demonstrations'
         # words are in its copy sets in training as they are with ICL-3; its uncopied ids are counted on them.
         icl_train_pairs = with_demonstrations(train_pairs[:1000], train_pairs, 3, seed=0)
@@ -175,29 +184,23 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
                                                  task_vocab_size=args.task_vocab_size)
         with_icl = trained("plugin-icl-copy-shared-spelled-uncopied",
                            lambda: copy_reweighter(binding, tokenizer, icl_train_examples, SPELLED_UNCOPIED),
-                           icl_train_cache["train"], icl_caches["heldout"], icl_train_examples, icl_heldout_examples)
-        plugin_row(f"{UNCOPIED}, trained with ICL + ICL-3", with_icl, icl3, icl_caches["heldout"], icl_heldout_examples)
-        return
-    copying = trained("plugin-copy-shared-ws", copy_model(dict(copy_mode="shared", copy_word_starts=True)),
-                      caches["train"], caches["heldout"])
-    plugin_row("Plugin, copy shared + word starts", copying, plain, caches["heldout"], heldout_examples)
-    scratch = trained("plugin-scratch", lambda: new_reweighter(binding), caches["train"], caches["heldout"])
-    plugin_row("Plugin, from scratch", scratch, plain, caches["heldout"], heldout_examples)
-
-    started = time.perf_counter()
-    icl_caches, _ = cached_base_sources(lambda: base, tokenizer, {"heldout": icl_heldout_examples}, work / "cache-icl",
-                                        k=args.top_k, batch_size=8, task_vocab_size=args.task_vocab_size)
-    timings.setdefault("3-shot held-out prompts", time.perf_counter() - started)
-    plugin_row(f"{SPELLED} + ICL-3", spelled, icl3, icl_caches["heldout"], icl_heldout_examples)
-    plugin_row("Plugin, copy shared + word starts + ICL-3", copying, icl3, icl_caches["heldout"], icl_heldout_examples)
-    plugin_row("Plugin, from scratch + ICL-3", scratch, icl3, icl_caches["heldout"], icl_heldout_examples)
-
-    mixture = trained("mixture-w0.75", lambda: new_reweighter(binding), MixtureNLL(caches["train"], 0.75),
-                      MixtureNLL(caches["heldout"], 0.75))
-    record("weighted combination", lambda: generate(base, tokenizer, plain,
-                                                    [mixture_processor(mixture["model"], 0.75, tokenizer)]), mixture, w=0.75)
-    alone = trained("alone", lambda: new_reweighter(binding), AloneNLL(), AloneNLL())
-    record("small model alone", lambda: generate(alone["model"].backbone, tokenizer, plain), alone)
+                           icl_train_cache["train"], icl_heldout(), icl_train_examples, icl_heldout_examples)
+        plugin_row(f"{UNCOPIED}, trained with ICL + ICL-3", with_icl, icl3, icl_heldout(), icl_heldout_examples)
+        copying = trained("plugin-copy-shared-ws", copy_model(dict(copy_mode="shared", copy_word_starts=True)),
+                          caches["train"], caches["heldout"])
+        plugin_row("Plugin, copy shared + word starts", copying, plain, caches["heldout"], heldout_examples)
+        plugin_row("Plugin, copy shared + word starts + ICL-3", copying, icl3, icl_heldout(), icl_heldout_examples)
+    if args.rows in ("all", "baselines"):
+        scratch = trained("plugin-scratch", lambda: new_reweighter(binding), caches["train"], caches["heldout"])
+        plugin_row("Plugin, from scratch", scratch, plain, caches["heldout"], heldout_examples)
+        mixture = trained("mixture-w0.75", lambda: new_reweighter(binding), MixtureNLL(caches["train"], 0.75),
+                          MixtureNLL(caches["heldout"], 0.75))
+        record("weighted combination", lambda: generate(base, tokenizer, plain,
+                                                        [mixture_processor(mixture["model"], 0.75, tokenizer)]),
+               mixture, w=0.75)
+        alone = trained("alone", lambda: new_reweighter(binding), AloneNLL(), AloneNLL())
+        record("small model alone", lambda: generate(alone["model"].backbone, tokenizer, plain), alone)
+        plugin_row("Plugin, from scratch + ICL-3", scratch, icl3, icl_heldout(), icl_heldout_examples)
 
 
 def markdown(result: dict) -> str:
