@@ -192,8 +192,10 @@ def mixture_processor(small, weight: float, tokenizer):
 # their completions do not repeat (the template, the MR keys) left to the reweighter's own head.
 SPELLED_UNCOPIED = dict(copy_mode="shared", copy_word_starts=True, copy_word_pieces=3,
                         ignore_uncopied=dict(min_fraction=0.1, max_copy_rate=0.05))
-# The first rule tried: every id of at least half of the prompts, copied or not (`The` of E2E's names among them).
-SPELLED_FREQUENT = {**SPELLED_UNCOPIED, "ignore_uncopied": dict(min_fraction=0.5, max_copy_rate=1.0)}
+# The first rule tried: every id of at least half of the prompts' copy sets, copied or not (`The` and `ĠThe` of
+# E2E's names among them).
+SPELLED_FREQUENT = {**SPELLED_UNCOPIED,
+                    "ignore_uncopied": dict(min_fraction=0.5, max_copy_rate=1.0, judge_word_starts=True)}
 
 
 def new_reweighter(binding: dict, **options):

@@ -108,7 +108,8 @@ class PluginConfig(PretrainedConfig):
             With `copy_word_starts`, also count a marked word whose unmarked spelling takes up to this many pieces
             when they occur in a row (`D`, `irt` → `ĠDirt`); 1, 2 or 3. Above 1 a second table is a buffer.
         copy_ignore_uncopied (`dict`, *optional*):
-            Recorded by `PluginModel.ignore_uncopied_ids`: `{"min_fraction", "max_copy_rate"}` of the rule by which
+            Recorded by `PluginModel.ignore_uncopied_ids`: its arguments (`min_fraction`, `max_copy_rate`,
+            `judge_word_starts`), the rule by which
             ids the training prompts hold but their completions do not repeat were added to `copy_ignore_ids`.
 
     Examples:
@@ -209,12 +210,14 @@ class PluginConfig(PretrainedConfig):
             raise ValueError("`copy_word_pieces` above 1 needs `copy_word_starts`.")
         if copy_ignore_uncopied is not None and (
             copy_mode is None or not isinstance(copy_ignore_uncopied, dict)
-            or set(copy_ignore_uncopied) != {"min_fraction", "max_copy_rate"}
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
-                       for v in copy_ignore_uncopied.values())
+            or set(copy_ignore_uncopied) != {"min_fraction", "max_copy_rate", "judge_word_starts"}
+            or not all(isinstance(copy_ignore_uncopied[k], (int, float)) and not isinstance(copy_ignore_uncopied[k], bool)
+                       and 0 <= copy_ignore_uncopied[k] <= 1 for k in ("min_fraction", "max_copy_rate"))
+            or not isinstance(copy_ignore_uncopied["judge_word_starts"], bool)
         ):
-            raise ValueError("`copy_ignore_uncopied` must be {'min_fraction': f, 'max_copy_rate': r} with both in "
-                             f"[0, 1], with a `copy_mode`; got {copy_ignore_uncopied!r:.80}.")
+            raise ValueError("`copy_ignore_uncopied` must be {'min_fraction': f, 'max_copy_rate': r, "
+                             "'judge_word_starts': b} with f and r in [0, 1], with a `copy_mode`; got "
+                             f"{copy_ignore_uncopied!r:.80}.")
         for name, value in (("base_vocab_size", base_vocab_size), ("tokenizer_vocab_size", tokenizer_vocab_size),
                             ("trained_max_length", trained_max_length)):
             if value is not None and (not isinstance(value, int) or value <= 0):

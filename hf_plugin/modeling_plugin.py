@@ -482,6 +482,7 @@ class PluginModel(PluginPreTrainedModel):
         pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
         min_fraction: float = 0.1,
         max_copy_rate: float = 0.05,
+        judge_word_starts: bool = False,
     ) -> list[int]:
         """Adds to `config.copy_ignore_ids` the ids that training prompts hold but their completions do not repeat.
 
@@ -490,7 +491,8 @@ class PluginModel(PluginPreTrainedModel):
         reweighter keeps its say over them. An id leaves the copy set when it is in at least `min_fraction` of the
         prompts' copy sets and, of those pairs, at most `max_copy_rate` have it in their completion. Values that are
         copied stay however frequent; ids too rare to judge, unseen names among them, stay. Only ids written in the
-        prompts are judged, not the word-start forms their aliases and spellings bring.
+        prompts are judged, unless `judge_word_starts`: the word-start forms their aliases and spellings bring are
+        then judged too (`ĠThe` of the many E2E names that begin with `The`).
         Call it on the training pairs before training (after `set_copy_aliases`); `hf-plugin train
         --copy-ignore-uncopied` does. `max_copy_rate=1` ignores every id in `min_fraction` of the prompts.
 
@@ -498,6 +500,7 @@ class PluginModel(PluginPreTrainedModel):
             pairs (`Sequence[tuple[Sequence[int], Sequence[int]]]`): (prompt ids, completion ids) of the training pairs.
             min_fraction (`float`, *optional*, defaults to 0.1): in (0, 1]. Low values also judge the pieces of
                 names that many training prompts share, which an unseen name may need.
+            judge_word_starts (`bool`, *optional*, defaults to `False`): judge the word-start forms in the copy sets.
             max_copy_rate (`float`, *optional*, defaults to 0.05): in [0, 1].
 
         Returns:
@@ -520,7 +523,9 @@ class PluginModel(PluginPreTrainedModel):
             mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=self.device)
             # The ids written in the prompts only: a word-start form stays however the training names were written
             # (`ĠT` of `T`, `aste` is no less needed for an unseen name because `ĠTaste` is one token).
-            present = (first_occurrences(ids, vocab_size, mask) < width).cpu()
+            first = (self._first_occurrences(ids, vocab_size, mask, mask.sum(dim=1)) if judge_word_starts
+                     else first_occurrences(ids, vocab_size, mask))
+            present = (first < width).cpu()
             completed = torch.zeros_like(present)
             for row, (_, completion) in enumerate(pairs[start : start + 64]):
                 completed[row, [i for i in completion if 0 <= i < vocab_size]] = True
@@ -530,7 +535,8 @@ class PluginModel(PluginPreTrainedModel):
         chosen = chosen.nonzero().squeeze(1).tolist()
         ignored = set(self.config.copy_ignore_ids or [])
         self.config.copy_ignore_ids = sorted(ignored | set(chosen))
-        self.config.copy_ignore_uncopied = {"min_fraction": float(min_fraction), "max_copy_rate": float(max_copy_rate)}
+        self.config.copy_ignore_uncopied = {"min_fraction": float(min_fraction), "max_copy_rate": float(max_copy_rate),
+                                            "judge_word_starts": bool(judge_word_starts)}
         return sorted(set(chosen) - ignored)
 
     @property

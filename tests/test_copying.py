@@ -369,7 +369,7 @@ def test_uncopied_ids_leave_the_copy_set_after_aliases_and_spellings(tmp_path):
     # starts Ġw1, Ġw2 and Ġw40 (spelled w1 w2) are judged by nothing written and stay
     assert plugin.ignore_uncopied_ids(pairs, min_fraction=0.5) == [w[1], w[2]]
     assert plugin.config.copy_ignore_ids == sorted([BOS, EOS, w[1], w[2]])
-    assert plugin.config.copy_ignore_uncopied == {"min_fraction": 0.5, "max_copy_rate": 0.05}
+    assert plugin.config.copy_ignore_uncopied == {"min_fraction": 0.5, "max_copy_rate": 0.05, "judge_word_starts": False}
     ids = torch.tensor([[w[1], w[2], w[3], w[4], w[5]]])
     first = plugin._first_occurrences(ids, 96, None, torch.tensor([5]))[0]
     assert first[w[1]] == 5 and first[w[2]] == 5  # ignored
@@ -387,9 +387,14 @@ def test_uncopied_ids_leave_the_copy_set_after_aliases_and_spellings(tmp_path):
     again, _ = spelled_plugin("llama")
     assert w[1] not in again.ignore_uncopied_ids(copied, min_fraction=0.5, max_copy_rate=0.5)
     assert w[2] in again.config.copy_ignore_ids
-    # max_copy_rate=1: every id in min_fraction of the prompts, copied or not
+    # max_copy_rate=1: every id in min_fraction of the prompts, copied or not; with judge_word_starts, the word-start
+    # forms of the copy sets too (the frequency rule the E2E and ViGGO "frequent ids kept" rows were trained with)
     anyway, _ = spelled_plugin("llama")
     assert w[1] in anyway.ignore_uncopied_ids(copied, min_fraction=0.5, max_copy_rate=1.0)
+    assert vocab["Ġw40"] not in anyway.config.copy_ignore_ids
+    starts, _ = spelled_plugin("llama")
+    assert {w[1], w[2], vocab["Ġw1"], vocab["Ġw2"], vocab["Ġw40"]} <= set(
+        starts.ignore_uncopied_ids(copied, min_fraction=0.5, max_copy_rate=1.0, judge_word_starts=True))
     for bad in (dict(min_fraction=0), dict(max_copy_rate=1.5)):
         with pytest.raises(ValueError, match=r"`min_fraction` must be in \(0, 1\] and `max_copy_rate` in \[0, 1\]"):
             plugin.ignore_uncopied_ids(pairs, **bad)
@@ -404,8 +409,9 @@ def test_spelling_and_frequency_options_are_checked(tmp_path):
         PluginConfig(vocab_size=10, copy_mode="shared", copy_word_starts=True, copy_word_pieces=4)
     with pytest.raises(ValueError, match="`copy_word_pieces` above 1 needs `copy_word_starts`"):
         PluginConfig(vocab_size=10, copy_mode="shared", copy_word_pieces=2)
-    for bad in (0.05, {"min_fraction": 0.01}, {"min_fraction": 0.01, "max_copy_rate": 2}, {"min_fraction": True,
-                                                                                          "max_copy_rate": 0}):
+    for bad in (0.05, {"min_fraction": 0.01}, {"min_fraction": 0.01, "max_copy_rate": 2, "judge_word_starts": False},
+                {"min_fraction": True, "max_copy_rate": 0, "judge_word_starts": False},
+                {"min_fraction": 0.1, "max_copy_rate": 0, "judge_word_starts": 1}):
         with pytest.raises(ValueError, match="`copy_ignore_uncopied` must be"):
             PluginConfig(vocab_size=10, copy_mode="shared", copy_ignore_uncopied=bad)
     setup = task_folder(tmp_path, 16, 4)
@@ -432,7 +438,7 @@ def test_train_command_records_spellings_and_uncopied_ids(tmp_path, capsys):
           "--copy-ignore-uncopied", "0", "--copy-ignore-min-fraction", "0.1"])
     plugin = PluginModel.from_pretrained(out)
     assert plugin.config.copy_word_pieces == 2
-    assert plugin.config.copy_ignore_uncopied == {"min_fraction": 0.1, "max_copy_rate": 0.0}
+    assert plugin.config.copy_ignore_uncopied == {"min_fraction": 0.1, "max_copy_rate": 0.0, "judge_word_starts": False}
     assert "left to the reweighter" in capsys.readouterr().out
     # task_rows: completions hold w20..w39 only, so every prompt word (w0..w18) is uncopied; w1 is in 2 of the 16
     # prompts (at least 10%), w0 in 1 (too rare to judge)
