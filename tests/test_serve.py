@@ -203,8 +203,8 @@ def test_bad_requests_and_limits_are_openai_shaped_4xx(setup):
     create = client.completions.create
     assert "nope" in _error(lambda: create(model="nope", prompt="w1", max_tokens=2), 404)["message"]
     assert _error(lambda: create(model=MODEL, prompt="w1", max_tokens=-1), 400)["param"] == "max_tokens"
-    error = _error(lambda: create(model=MODEL, prompt="w1", max_tokens=2, frequency_penalty=0.5, logit_bias={"5": 1}), 400)
-    assert "frequency_penalty" in error["message"] and "logit_bias" in error["message"]
+    error = _error(lambda: create(model=MODEL, prompt="w1", max_tokens=2, frequency_penalty=0.5, presence_penalty=1), 400)
+    assert "frequency_penalty" in error["message"] and "presence_penalty" in error["message"]
     assert "colour" in _error(lambda: create(model=MODEL, prompt="w1", extra_body={"colour": 1}), 400)["message"]
     assert _error(lambda: create(model=BASE, prompt="w1", extra_body={"alpha": 0.5}), 400)["param"] == "alpha"
     assert _error(lambda: create(model=MODEL, prompt="w1", extra_body={"alpha": -1}), 400)["param"] == "alpha"

@@ -1,9 +1,10 @@
-"""Generation for the server: one `generate()` call per request, in a bounded pool of worker threads.
+"""Generation for the server: one `generate()` call per prompt, in a bounded pool of worker threads.
 
-Each request gets its own `PluginLogitsProcessor` (a processor holds its reweighter's KV cache, so it is never
+Each prompt gets its own `PluginLogitsProcessor` (a processor holds its reweighter's KV cache, so it is never
 shared between requests), runs alone in its `generate()` call, and therefore gets exactly the answer it would get
 in-process. Tokens reach the request's handler as they are drawn, through a streamer; its text is cut at the
-first stop sequence and held back while it may still become one.
+first stop sequence and held back while it may still become one. An echoed prompt is scored in one teacher-forced
+forward of the base (and the reweighter), before any generation.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     StoppingCriteria,
+    SequenceBiasLogitsProcessor,
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
 from transformers.generation.streamers import BaseStreamer
 
 from ..logits_process import PluginLogitsProcessor
-from ..modeling_plugin import PluginModel
+from ..modeling_plugin import PluginModel, score_with_reweighters
 from .protocol import APIError, ServerLimits
 
 
@@ -54,7 +56,12 @@ class ServedModel:
 
 @dataclass
 class GenerationJob:
-    """A validated request, in token ids: what one `generate()` call needs."""
+    """A validated prompt of a request, in token ids: what one `generate()` call needs.
+
+    `echo_text` (the prompt as the client sent it, or the ids decoded) is returned before the completion when the
+    client asked for `echo`; `max_new_tokens` may then be 0. `logit_bias` is added to the scores the token is drawn
+    from, after the log-probs are read. `token_ids` names tokens `token_id:N` rather than by their text.
+    """
 
     model: ServedModel
     prompt_ids: list[int]
@@ -66,16 +73,21 @@ class GenerationJob:
     stops: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no log-probs
     alpha: float | None = None
+    echo_text: str | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    token_ids: bool = False
+    index: int = 0  # the index of the job's first choice in the response (prompt number times n)
 
 
 @dataclass
 class TokenLogprob:
-    """A drawn token and its log-probability under the distribution it was drawn from, with the top alternatives."""
+    """A token and its log-probability with the top alternatives, under the distribution it was drawn from (a
+    generated token) or the model's distribution at its position (an echoed prompt token; `None` for the first)."""
 
     token_id: int
     token: str
-    logprob: float
-    top: list[tuple[str, float]]
+    logprob: float | None
+    top: list[tuple[str, float]] | None
 
 
 @dataclass
@@ -188,6 +200,7 @@ class _Choices(BaseStreamer):
         self.rows = [_ChoiceText(tokenizer, context, job.stops, eos_ids) for _ in range(rows)]
         self.copies = job.n // rows  # greedy n > 1: one row, the same answer n times
         self.tokenizer, self.recorder, self.emit, self.top = tokenizer, recorder, emit, job.top_logprobs
+        self.first, self.token_ids = job.index, job.token_ids
         self.prompt_seen = False
 
     def over(self) -> bool:
@@ -216,17 +229,24 @@ class _Choices(BaseStreamer):
     def _deltas(self, r: int, piece, finish_reason) -> list[ChoiceDelta]:
         if piece is None or (not piece[0] and not piece[1] and finish_reason is None):
             return []
-        return [ChoiceDelta(r * self.copies + j, piece[0], piece[1], finish_reason) for j in range(self.copies)]
+        return [ChoiceDelta(self.first + r * self.copies + j, piece[0], piece[1], finish_reason)
+                for j in range(self.copies)]
 
     def _logprob(self, logprobs: torch.Tensor, token: int) -> TokenLogprob:
-        top = []
-        if self.top:
-            values, ids = logprobs.topk(self.top)
-            top = [(self.tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist()) if v > float("-inf")]
-        return TokenLogprob(token, self.tokenizer.decode([token]), float(logprobs[token]), top)
+        return token_logprob(self.tokenizer, logprobs, token, self.top, self.token_ids)
 
     def completion_tokens(self) -> int:
         return sum(row.count for row in self.rows) * self.copies
+
+
+def token_logprob(tokenizer, logprobs: torch.Tensor, token: int, top: int, token_ids: bool = False) -> TokenLogprob:
+    """`token` and its log-prob in `logprobs` (one position's log-softmax), with the `top` best alternatives."""
+    render = (lambda i: f"token_id:{i}") if token_ids else (lambda i: tokenizer.decode([i]))
+    best = []
+    if top:
+        values, ids = logprobs.topk(top)
+        best = [(render(i), v) for i, v in zip(ids.tolist(), values.tolist()) if v > float("-inf")]
+    return TokenLogprob(token, render(token), float(logprobs[token]), best)
 
 
 class GenerationEngine:
@@ -288,7 +308,35 @@ class GenerationEngine:
                 self.cancelled += 1
         return GenerationResult(choices.completion_tokens(), cancelled.is_set())
 
+    def prompt_logprobs(self, job: GenerationJob) -> list[TokenLogprob]:
+        """The log-prob of each prompt token under the served model's distribution at its position: the base's, or
+        the combination with the reweighter (whose copy source, if any, is the whole prompt), without temperature
+        or top_p; the first token has none."""
+        plugin, ids = job.model.plugin, torch.tensor([job.prompt_ids], device=self.base.device)
+        with torch.no_grad():
+            logits = self.base(input_ids=ids).logits
+            if plugin is None:
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+            else:
+                alpha = plugin.config.alpha if job.alpha is None else job.alpha
+                logprobs = score_with_reweighters([plugin], ids, logits, alphas=[alpha],
+                                                  prompt_lengths=torch.tensor([ids.shape[1]])).logits
+        first = job.prompt_ids[0]
+        render = f"token_id:{first}" if job.token_ids else self.tokenizer.decode([first])
+        tokens = [TokenLogprob(first, render, None, None)]
+        for position, token in enumerate(job.prompt_ids[1:]):
+            tokens.append(token_logprob(self.tokenizer, logprobs[0, position], token, job.top_logprobs or 0,
+                                        job.token_ids))
+        return tokens
+
+    def _echo(self, job: GenerationJob, emit) -> None:
+        logprobs = self.prompt_logprobs(job) if job.top_logprobs is not None else []
+        finish = "length" if job.max_new_tokens == 0 else None
+        emit([ChoiceDelta(job.index + i, job.echo_text, logprobs, finish) for i in range(job.n)])
+
     def _generate(self, job: GenerationJob, emit, cancelled: threading.Event) -> _Choices:
+        if job.echo_text is not None:
+            self._echo(job, emit)
         sample = job.temperature > 0
         rows = job.n if sample else 1
         processors: list[LogitsProcessor] = []
@@ -303,7 +351,11 @@ class GenerationEngine:
         # distribution each token is drawn from.
         recorder = _Recorder() if job.top_logprobs is not None else None
         processors += [recorder] if recorder is not None else []
+        if job.logit_bias:  # after the recorder: log-probs are the model's, as vLLM reports them
+            processors.append(SequenceBiasLogitsProcessor([[[token], bias] for token, bias in job.logit_bias.items()]))
         choices = _Choices(self.tokenizer, job, rows, recorder, emit, self.eos_ids)
+        if job.max_new_tokens == 0:
+            return choices
         input_ids = torch.tensor([job.prompt_ids], device=self.base.device)
         with self._sampling if sample else contextlib.nullcontext(), torch.no_grad():
             if sample and job.seed is not None:

@@ -10,10 +10,12 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 
 MAX_TOP_LOGPROBS = 20
+# OpenAI's range for `logit_bias` values: -100 bans a token, 100 all but forces it.
+MAX_LOGIT_BIAS = 100.0
 # Past these, scores overflow float32 (temperature divides the logits, alpha multiplies log-probs of up to ~1e2 nats).
 MIN_TEMPERATURE = 1e-5
 MAX_ALPHA = 1e6
@@ -33,6 +35,9 @@ class ServerLimits:
         max_concurrent (`int`, *optional*, defaults to 1): generations running at the same time.
         max_queued (`int`, *optional*, defaults to 64): requests admitted (running or waiting) before new ones are
             refused with a 503.
+        max_prompts (`int`, *optional*, defaults to 32): prompts in one completions request (a list of prompts).
+        max_logprobs (`int`, *optional*, defaults to 20): largest `logprobs` / `top_logprobs` (vLLM's
+            `--max-logprobs`; OpenAI's cap is 20).
     """
 
     max_prompt_tokens: int = 2048
@@ -41,6 +46,8 @@ class ServerLimits:
     max_body_bytes: int = 1 << 20
     max_concurrent: int = 1
     max_queued: int = 64
+    max_prompts: int = 32
+    max_logprobs: int = MAX_TOP_LOGPROBS
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -73,6 +80,7 @@ class _Request(BaseModel):
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
+    logit_bias: dict[str, float] | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1)
@@ -96,6 +104,16 @@ class _Request(BaseModel):
             raise ValueError("must be a finite number")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value):
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids, got {key!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"values are between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}, got {bias}")
+        return value
+
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, value):
@@ -116,19 +134,37 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    """`POST /v1/completions`: one prompt (a string, or a list holding one string)."""
+    """`POST /v1/completions`: one or several prompts, each a string or a list of token ids.
 
-    prompt: str | list[str]
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    `echo` returns the prompt before the completion, and with `logprobs` the log-probs of its tokens (the first has
+    none); `max_tokens=0` with `echo` scores the prompt without generating (what log-likelihood evaluation sends).
+    `return_tokens_as_token_ids` (vLLM's extension) names tokens `token_id:N` instead of by their text.
+    """
 
-    @field_validator("prompt")
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=0)
+    echo: bool = False
+    return_tokens_as_token_ids: bool | None = None
+
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value):
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError("one prompt per request (a string, or a list of one string)")
-            value = value[0]
+    def _prompts(cls, value):
+        def ids(item):
+            return isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one prompt")
+        if not (isinstance(value, str) or ids(value) or (isinstance(value, list) and (
+                all(isinstance(item, str) for item in value) or all(ids(item) for item in value)))):
+            raise ValueError("must be a string, a list of token ids, or a list of either (all of one kind)")
         return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or a list of token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
     def top_logprobs(self) -> int | None:
         """How many alternatives to return per token, or None for no log-probs."""
@@ -159,7 +195,7 @@ class ChatCompletionRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=0)
 
     def top_logprobs_count(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -167,11 +203,32 @@ class ChatCompletionRequest(_Request):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-def parse_request(model: type[_Request], payload) -> _Request:
+class TokenizeRequest(BaseModel):
+    """`POST /tokenize` (vLLM's route, which lm-evaluation-harness probes): a prompt or chat messages to token ids."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    """`POST /detokenize`: token ids to text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[StrictInt]
+
+
+def parse_request(model: type[BaseModel], payload) -> BaseModel:
     """Validates a decoded JSON body; any problem becomes one 400 naming the fields.
 
     Args:
-        model (`type`): `CompletionRequest` or `ChatCompletionRequest`.
+        model (`type`): `CompletionRequest`, `ChatCompletionRequest`, `TokenizeRequest` or `DetokenizeRequest`.
         payload: the decoded JSON body.
 
     Examples:
@@ -181,10 +238,10 @@ def parse_request(model: type[_Request], payload) -> _Request:
     >>> parse_request(CompletionRequest, {"model": "m", "prompt": "Hi", "max_tokens": 4, "alpha": 0.5}).alpha
     0.5
     >>> try:
-    ...     parse_request(CompletionRequest, {"model": "m", "prompt": "Hi", "logit_bias": {"5": 1}})
+    ...     parse_request(CompletionRequest, {"model": "m", "prompt": "Hi", "frequency_penalty": 1})
     ... except APIError as error:
     ...     print(error.status, error.body()["error"]["message"])
-    400 Unsupported field(s): logit_bias.
+    400 Unsupported field(s): frequency_penalty.
 
     ```
     """
@@ -206,4 +263,6 @@ def parse_request(model: type[_Request], payload) -> _Request:
                        code="invalid_value") from None
     if isinstance(request, ChatCompletionRequest) and request.max_tokens and request.max_completion_tokens:
         raise APIError(400, "Give max_tokens or max_completion_tokens, not both.", param="max_completion_tokens")
+    if isinstance(request, TokenizeRequest) and (request.prompt is None) == (request.messages is None):
+        raise APIError(400, "Give a prompt or messages to tokenize, one of the two.", param="prompt")
     return request
