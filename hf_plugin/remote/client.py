@@ -29,7 +29,7 @@ from threading import Lock
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .tokens import ID_PREFIX, TokenStrings
+from .tokens import ID_PREFIX, TokenStrings, served_string
 
 
 API_KEY_ENV = "HF_PLUGIN_REMOTE_API_KEY"
@@ -280,7 +280,7 @@ class RemoteBase:
                 raise RemoteBaseError(f"{self.base_url} returned {widest} log-probs per position, fewer than the "
                                       f"{self.top_k} asked for (top_k above the server's cap?).")
         capabilities = ServerCapabilities(prompt_logprobs, shift, token_ids, False, special_as_text, models)
-        capabilities.prompt_ids = self._accepts_ids(local)
+        capabilities.prompt_ids = self._accepts_ids(local, token_ids)
         self.capabilities = capabilities
 
     def _models(self) -> list[str]:
@@ -315,7 +315,7 @@ class RemoteBase:
                                   "with a local copy of the model: hf-plugin check-server.")
         return matches[0]
 
-    def _accepts_ids(self, local: list[int]) -> bool:
+    def _accepts_ids(self, local: list[int], token_ids: bool) -> bool:
         try:
             response = self._complete(local, len(local), retries=False, max_tokens=1, temperature=0.0, echo=True,
                                       logprobs=1)
@@ -324,10 +324,9 @@ class RemoteBase:
         logprobs = _logprobs(response)
         tokens = logprobs.tokens if logprobs is not None else []
         echoed = _echoed(list(tokens or []), len(local))
-        return [self._key_id(token) for token in echoed] == local
-
-    def _key_id(self, key: str) -> int | None:
-        return self.strings.lookup(key)
+        if token_ids:
+            return [self.strings.lookup(token) for token in echoed] == local
+        return echoed == [self.strings.render(token) for token in local]  # strings shared by several ids included
 
     # -- log-probs --------------------------------------------------------------------------------------------
 
@@ -410,8 +409,11 @@ class RemoteBase:
                     "hf-plugin check-server --text PROMPT.")
             top_ids, values, ambiguous = self._parse(top, k, f"at token {target} of {len(ids)}")
             if len(top_ids) < k:
+                hint = "" if capabilities.token_ids else (
+                    "; a server that names tokens by id identifies them all (vLLM or hf-plugin serve with "
+                    "--return-tokens-as-token-ids)")
                 raise RemoteBaseError(f"{self.base_url} gave {len(top_ids)} identifiable log-probs at token {target} "
-                                      f"of {len(ids)}, fewer than k={k} ({ambiguous} ambiguous strings dropped).")
+                                      f"of {len(ids)}, fewer than k={k} ({ambiguous} ambiguous strings dropped){hint}.")
             rows.dropped_ambiguous += ambiguous
             rows.set(row, top_ids, values)
             label = ids[target]
@@ -550,10 +552,33 @@ class PositionLogprobs:
         self.topk_logprobs[row, : len(values)] = torch.tensor(values)
 
 
-def _logprobs(response):
-    """The `logprobs` of a response's first choice, or `None` (no choices, or no log-probs)."""
+@dataclass
+class _ServedLogprobs:
+    tokens: list
+    token_logprobs: list
+    top_logprobs: list
+
+
+def _logprobs(response) -> _ServedLogprobs | None:
+    """The `logprobs` of a response's first choice, or `None` (no choices, or no log-probs).
+
+    Token strings are read as `TokenStrings` renders ids: a server that shows the lone bytes of a multi-byte
+    character as U+FFFD (vLLM, `hf-plugin serve`) and one that drops them (llama-cpp-python) then read alike.
+    """
     choices = getattr(response, "choices", None) or []
-    return choices[0].logprobs if choices else None
+    logprobs = choices[0].logprobs if choices else None
+    if logprobs is None:
+        return None
+    tops = []
+    for top in list(logprobs.top_logprobs or []):
+        if isinstance(top, dict):
+            merged = {}
+            for key, value in top.items():
+                merged.setdefault(served_string(key), value)  # keys that now read alike: the likeliest kept
+            top = merged
+        tops.append(top)
+    tokens = [served_string(token) for token in logprobs.tokens] if logprobs.tokens is not None else None
+    return _ServedLogprobs(tokens, logprobs.token_logprobs, tops if logprobs.top_logprobs is not None else None)
 
 
 def _displayed(url: str) -> str:

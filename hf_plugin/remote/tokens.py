@@ -18,6 +18,12 @@ from transformers import PreTrainedTokenizerBase
 ID_PREFIX = "token_id:"
 
 
+def served_string(key):
+    """A server's token string as `TokenStrings` renders ids: U+FFFD, which some servers write for a byte that is
+    no character alone, dropped (as llama-cpp-python's server drops the byte itself). Other values pass unchanged."""
+    return key.replace("\ufffd", "") if isinstance(key, str) else key
+
+
 class TokenStrings:
     """Renders local ids as a server's strings and maps those strings back to ids.
 
