@@ -8,12 +8,14 @@ base alone and for base + reweighter in turn, CLIENTS threads each send REQUESTS
 with the in-process `generate()` answer for its prompt (with a fresh `PluginLogitsProcessor` for the reweighted
 model). Records requests answered, wrong answers, latency percentiles (time to the first token and to the last),
 completion tokens per second over each phase, and the cost of reweighting as ratios measured in this one run.
+With several `--max-batch` values the whole load runs once per value, against a fresh server each time, and the
+gain of batching is the ratio of throughputs measured in this one run.
 
 Bounded: loopback only; every request has a timeout and the whole run a deadline (`--time-limit`); the server
 subprocess is stopped at the end, whatever happens.
 
 Usage:
-    python benchmarks/serve_load.py                                   # the recorded configuration
+    python benchmarks/serve_load.py                                   # the recorded configuration (batch 1 and 16)
     python benchmarks/serve_load.py --clients 4 --requests 1 --max-tokens 8 --output /tmp/serve_smoke.json
 """
 
@@ -155,12 +157,48 @@ def run_phase(url: str, model: str, conversations, expected: list[str], args, de
     }
 
 
+def ratio(numerator, denominator) -> float | None:
+    return round(numerator / denominator, 3) if numerator and denominator else None
+
+
+def serve_and_load(smollm2, reweighter_folder: str, max_batch: int, conversations, expected, args,
+                   deadline: float) -> dict:
+    """Starts a server with `--max-batch max_batch`, runs the load for the base and base + reweighter, stops it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    command = [sys.executable, "-m", "hf_plugin", "serve", "--base", str(smollm2), "--reweighter",
+               f"rw={reweighter_folder}", "--port", str(port), "--max-concurrent", str(args.max_concurrent),
+               "--max-batch", str(max_batch), "--max-queued", str(args.clients)]
+    with tempfile.TemporaryDirectory() as logs:
+        log = open(Path(logs) / "server.log", "w")
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)})
+        try:
+            wait_until_up(url, server, deadline)
+            base_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+            return {name: run_phase(url, model, conversations, expected[name], args, deadline)
+                    for name, model in (("base", base_id), ("base+reweighter", base_id + "+rw"))}
+        except BaseException:
+            print("server log (last lines):\n" + "".join((Path(logs) / "server.log").read_text().splitlines(True)[-20:]),
+                  file=sys.stderr)
+            raise
+        finally:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+            log.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=4, help="requests per client, one after the other")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-concurrent", type=int, default=1, help="the server's --max-concurrent")
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[1, 16],
+                        help="the server's --max-batch: one server, and the whole load, per value")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the server and of the reference generation (OMP_NUM_THREADS)")
     parser.add_argument("--request-timeout", type=float, default=900.0)
@@ -178,51 +216,38 @@ def main() -> None:
     torch.manual_seed(0)
     plugin = PluginModel(PluginConfig(vocab_size=len(tokenizer), **binding_kwargs(base, tokenizer))).eval()
     conversations = prompts()
+    began = time.perf_counter()
+    expected = {name: reference_answers(base, tokenizer, reweighter, conversations, args.max_tokens)
+                for name, reweighter in (("base", None), ("base+reweighter", plugin))}
+    reference_s = time.perf_counter() - began
+    runs = {}
     with tempfile.TemporaryDirectory() as folder:
         plugin.save_pretrained(folder)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}/v1"
-        command = [sys.executable, "-m", "hf_plugin", "serve", "--base", str(smollm2), "--reweighter",
-                   f"rw={folder}", "--port", str(port), "--max-concurrent", str(args.max_concurrent),
-                   "--max-queued", str(args.clients)]
-        log = open(Path(folder) / "server.log", "w")
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1",
-                                                                     "OMP_NUM_THREADS": str(args.threads)})
-        try:
-            began = time.perf_counter()
-            expected = {name: reference_answers(base, tokenizer, reweighter, conversations, args.max_tokens)
-                        for name, reweighter in (("base", None), ("base+reweighter", plugin))}
-            reference_s = time.perf_counter() - began
-            wait_until_up(url, server, deadline)
-            base_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
-            phases = {name: run_phase(url, model, conversations, expected[name], args, deadline)
-                      for name, model in (("base", base_id), ("base+reweighter", base_id + "+rw"))}
-        except BaseException:
-            print("server log (last lines):\n" + "".join((Path(folder) / "server.log").read_text().splitlines(True)[-20:]),
-                  file=sys.stderr)
-            raise
-        finally:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-            log.close()
-    alone, reweighted = phases["base"], phases["base+reweighter"]
+        for max_batch in args.max_batch:
+            runs[f"max_batch={max_batch}"] = serve_and_load(smollm2, folder, max_batch, conversations, expected, args,
+                                                            deadline)
+    summary = {}
+    for name, phases in runs.items():
+        alone, reweighted = phases["base"], phases["base+reweighter"]
+        summary[name] = {
+            "tokens_per_s_base_over_reweighted": ratio(alone["tokens_per_s"], reweighted["tokens_per_s"]),
+            "latency_p50_reweighted_over_base": ratio(reweighted["latency_p50_s"], alone["latency_p50_s"]),
+        }
+    first, *others = runs
+    batching = {f"{other} over {first}": {
+        phase: {"tokens_per_s": ratio(runs[other][phase]["tokens_per_s"], runs[first][phase]["tokens_per_s"]),
+                "latency_p50": ratio(runs[other][phase]["latency_p50_s"], runs[first][phase]["latency_p50_s"])}
+        for phase in ("base", "base+reweighter")} for other in others}
     result = {
         "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
         "server": "hf-plugin serve --base <SmolLM2 GGUF> --reweighter rw=<untrained default PluginConfig> "
-                  f"--max-concurrent {args.max_concurrent} (OMP_NUM_THREADS={args.threads})",
+                  f"--max-concurrent {args.max_concurrent} --max-batch B (OMP_NUM_THREADS={args.threads})",
         "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
         "decoding": "greedy (temperature 0), streamed chat completions, 16 distinct prompts",
         "reweighter": f"untrained default PluginConfig ({plugin.num_parameters():,} parameters), alpha 1",
-        "phases": phases,
-        "reweighting_cost": {
-            "tokens_per_s_base_over_reweighted": round(alone["tokens_per_s"] / reweighted["tokens_per_s"], 3)
-            if reweighted["tokens_per_s"] else None,
-            "latency_p50_reweighted_over_base": round(reweighted["latency_p50_s"] / alone["latency_p50_s"], 3)
-            if alone["latency_p50_s"] and reweighted["latency_p50_s"] else None,
-        },
+        "runs": runs,
+        "reweighting_cost": summary,
+        "batching_gain": batching,
         "reference_generation_s": round(reference_s, 1),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=Path(__file__).parent).stdout.strip() or None,

@@ -457,3 +457,48 @@ def test_every_eos_of_the_base_ends_a_choice():
         assert (answer.choices[0].text, answer.choices[0].finish_reason, answer.usage.completion_tokens) == ("", "stop", 1)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-copy"])
+def test_waiting_greedy_requests_share_a_batch_and_get_their_unbatched_answers(arch):
+    """Requests queued behind a running one run as one left-padded generate() per model: each row ends at its own
+    max_tokens, stop sequence or EOS, and every answer (text and log-probs) is the one it gets alone."""
+    tokenizer = tokenizer_with_chat()
+    arch, _, copy = arch.partition("-")
+    base, plugin = make_base(arch), make_plugin(arch, copy_mode="shared" if copy else None)
+    if copy:
+        torch.nn.init.normal_(plugin.copy_head.weight, std=2.0)
+    gate = threading.Event()
+    base.register_forward_hook(lambda module, args, output: gate.wait(30) and None)
+    server = Server(create_app(base, tokenizer, {"rw": plugin}, base_name=BASE,
+                               limits=ServerLimits(max_tokens=60, max_concurrent=1, max_batch=4)))
+    engine = server.app.state.engine
+    cases = [(MODEL, PROMPTS[i], 3 + 2 * i, []) for i in range(6)] + [(BASE, PROMPTS[6], 5, []),
+                                                                       (MODEL, PROMPTS[7], 12, ["w5"])]
+    try:
+        client = server.client()
+        with ThreadPoolExecutor(len(cases) + 1) as pool:
+            first = pool.submit(client.completions.create, model=BASE, prompt="w1", max_tokens=2, temperature=0)
+            while engine.running == 0:
+                time.sleep(0.01)
+            answers = [pool.submit(client.completions.create, model=model, prompt=prompt, max_tokens=tokens,
+                                   temperature=0, stop=stop or None, logprobs=None if model == BASE else 2)
+                       for model, prompt, tokens, stop in cases]
+            while engine.admitted < len(cases) + 1:
+                time.sleep(0.01)
+            gate.set()
+            first.result(), [answer.result() for answer in answers]
+        assert engine.largest_batch == 4  # seven waiting for MODEL: a batch of four, then three; BASE alone
+        for (model, prompt, tokens, stop), answer in zip(cases, answers):
+            choice = answer.result().choices[0]
+            text, count, logprobs = reference(base, plugin if model == MODEL else None, tokenizer,
+                                              tokenizer(prompt)["input_ids"], tokens)
+            if stop:
+                text = text.split(stop[0])[0]
+            assert choice.text == text
+            if model == MODEL:
+                assert choice.logprobs.token_logprobs == pytest.approx(logprobs[: len(choice.logprobs.tokens)], abs=1e-4)
+            assert answer.result().usage.completion_tokens <= tokens
+    finally:
+        gate.set()
+        server.stop()

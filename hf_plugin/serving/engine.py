@@ -177,34 +177,57 @@ class _Recorder(LogitsProcessor):
 
 
 class _Cancel(StoppingCriteria):
-    """Stops every row once the request is cancelled (its client left) or all its choices are over.
+    """Ends each row once its request is cancelled (its client left) or its choice is over; generate() stops when
+    every row has ended.
 
     Stop sequences end a choice here, from its decoded text, rather than through generate()'s `stop_strings`:
     `StopStringCriteria` cannot index the vocabulary of tokenizers whose decoding is not plain concatenation
     (word-level ones), and the text has to be cut at the stop sequence anyway.
     """
 
-    def __init__(self, cancelled: threading.Event, over: Callable[[], bool]):
-        self.cancelled, self.over = cancelled, over
+    def __init__(self, rows: list[_Row]):
+        self.rows = rows
 
     def __call__(self, input_ids, scores, **kwargs):
-        stop = self.cancelled.is_set() or self.over()
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        ended = [row.ended() for row in self.rows]
+        return torch.tensor(ended, dtype=torch.bool, device=input_ids.device)
+
+
+class _Row:
+    """One row of a `generate()` call: one choice of one request (or, greedy with `n` > 1, its `n` equal choices)."""
+
+    def __init__(self, tokenizer, job: GenerationJob, index: int, copies: int, emit, cancelled: threading.Event,
+                 eos_ids: set[int]):
+        self.text = _ChoiceText(tokenizer, job.prompt_ids[-_CONTEXT_TOKENS:], job.stops, eos_ids)
+        self.job, self.index, self.copies, self.emit, self.cancelled = job, index, copies, emit, cancelled
+
+    def ended(self) -> bool:
+        return self.text.finish_reason is not None or self.cancelled.is_set()
+
+    def add(self, token: int, logprob: TokenLogprob | None) -> list[ChoiceDelta]:
+        if self.ended():
+            return []  # generate() pads rows that are over
+        deltas = self._deltas(self.text.add(token, logprob))
+        if self.text.count >= self.job.max_new_tokens:  # this request's own limit, in a batch with longer ones
+            deltas += self._deltas(self.text.finish("length"))
+        return deltas
+
+    def finish(self) -> list[ChoiceDelta]:
+        return self._deltas(self.text.finish("length"))
+
+    def _deltas(self, piece) -> list[ChoiceDelta]:
+        reason = self.text.finish_reason
+        if piece is None or (not piece[0] and not piece[1] and reason is None):
+            return []
+        return [ChoiceDelta(self.index + j, piece[0], piece[1], reason) for j in range(self.copies)]
 
 
 class _Choices(BaseStreamer):
-    """Receives each step's tokens from `generate()` and turns them into `ChoiceDelta`s for the handler."""
+    """Receives each step's tokens from `generate()` and hands each request its rows' `ChoiceDelta`s."""
 
-    def __init__(self, tokenizer, job: GenerationJob, rows: int, recorder: _Recorder | None, emit, eos_ids: set[int]):
-        context = job.prompt_ids[-_CONTEXT_TOKENS:]
-        self.rows = [_ChoiceText(tokenizer, context, job.stops, eos_ids) for _ in range(rows)]
-        self.copies = job.n // rows  # greedy n > 1: one row, the same answer n times
-        self.tokenizer, self.recorder, self.emit, self.top = tokenizer, recorder, emit, job.top_logprobs
-        self.first, self.token_ids = job.index, job.token_ids
+    def __init__(self, tokenizer, rows: list[_Row], recorder: _Recorder | None):
+        self.tokenizer, self.rows, self.recorder = tokenizer, rows, recorder
         self.prompt_seen = False
-
-    def over(self) -> bool:
-        return all(row.finish_reason is not None for row in self.rows)
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() first hands over the prompt
@@ -212,31 +235,27 @@ class _Choices(BaseStreamer):
             return
         tokens = value.view(-1).tolist()
         steps = self.recorder.steps.popleft() if self.recorder is not None else None
-        deltas = []
-        for r, (row, token) in enumerate(zip(self.rows, tokens)):
-            logprob = self._logprob(steps[r], token) if steps is not None and row.finish_reason is None else None
-            deltas += self._deltas(r, row.add(token, logprob), row.finish_reason)
-        if deltas:
-            self.emit(deltas)
+        self._emit([row.add(token, self._logprob(row, steps, r, token)) for r, (row, token) in
+                    enumerate(zip(self.rows, tokens))])
 
     def end(self) -> None:
-        deltas = []
-        for r, row in enumerate(self.rows):
-            deltas += self._deltas(r, row.finish("length"), row.finish_reason)
-        if deltas:
-            self.emit(deltas)
+        self._emit([row.finish() for row in self.rows])
 
-    def _deltas(self, r: int, piece, finish_reason) -> list[ChoiceDelta]:
-        if piece is None or (not piece[0] and not piece[1] and finish_reason is None):
-            return []
-        return [ChoiceDelta(self.first + r * self.copies + j, piece[0], piece[1], finish_reason)
-                for j in range(self.copies)]
+    def _logprob(self, row: _Row, steps, r: int, token: int) -> TokenLogprob | None:
+        if steps is None or row.job.top_logprobs is None or row.ended():
+            return None
+        return token_logprob(self.tokenizer, steps[r], token, row.job.top_logprobs, row.job.token_ids)
 
-    def _logprob(self, logprobs: torch.Tensor, token: int) -> TokenLogprob:
-        return token_logprob(self.tokenizer, logprobs, token, self.top, self.token_ids)
+    def _emit(self, deltas_by_row: list[list[ChoiceDelta]]) -> None:
+        by_request = {}
+        for row, deltas in zip(self.rows, deltas_by_row):
+            if deltas:
+                by_request.setdefault(id(row.emit), (row.emit, []))[1].extend(deltas)
+        for emit, deltas in by_request.values():
+            emit(deltas)
 
-    def completion_tokens(self) -> int:
-        return sum(row.count for row in self.rows) * self.copies
+    def completion_tokens(self, job: GenerationJob) -> int:
+        return sum(row.text.count * row.copies for row in self.rows if row.job is job)
 
 
 def token_logprob(tokenizer, logprobs: torch.Tensor, token: int, top: int, token_ids: bool = False) -> TokenLogprob:
@@ -249,16 +268,50 @@ def token_logprob(tokenizer, logprobs: torch.Tensor, token: int, top: int, token
     return TokenLogprob(token, render(token), float(logprobs[token]), best)
 
 
+@dataclass
+class _Submitted:
+    """A job waiting for a worker, with where its output goes."""
+
+    job: GenerationJob
+    emit: Callable[[list[ChoiceDelta]], None]
+    cancelled: threading.Event
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+    def batch_key(self) -> tuple | None:
+        """Jobs with equal keys can share one `generate()` call; `None`: this one runs alone."""
+        job = self.job
+        if job.temperature > 0 or job.echo_text is not None:  # a seeded sample is drawn alone; an echo scores first
+            return None
+        return (job.model.id, job.alpha, tuple(sorted(job.logit_bias.items())), job.top_logprobs is not None)
+
+    def resolve(self, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
+        def settle():
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the server's loop is closed: nobody waits for the answer
+            pass
+
+
 class GenerationEngine:
     """Runs `GenerationJob`s on a base model in at most `limits.max_concurrent` worker threads.
 
     Greedy jobs may run side by side; sampled jobs take turns (they draw from torch's global random generator, so
-    that a `seed` gives the same sample whatever else is running).
+    that a `seed` gives the same sample whatever else is running). With `limits.max_batch` above 1, greedy jobs
+    waiting for the same model (with the same `alpha`, `logit_bias` and log-prob setting) run together in one
+    left-padded `generate()` call, each row ending at its own `max_tokens`, stop sequence or EOS.
 
     Args:
         base (`PreTrainedModel`): the base model, in eval mode.
         tokenizer (`PreTrainedTokenizerBase`): its tokenizer.
-        limits (`ServerLimits`): the concurrency and queue bounds.
+        limits (`ServerLimits`): the concurrency, batching and queue bounds.
     """
 
     def __init__(self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, limits: ServerLimits):
@@ -267,12 +320,15 @@ class GenerationEngine:
         eos = base.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
         self.eos_ids.discard(None)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self._executor = ThreadPoolExecutor(max_workers=limits.max_concurrent, thread_name_prefix="hf-plugin-generate")
         self._lock = threading.Lock()
         self._sampling = threading.Lock()
+        self._waiting: deque[_Submitted] = deque()
         self.admitted = 0
         self.running = 0
         self.cancelled = 0
+        self.largest_batch = 0
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -280,33 +336,66 @@ class GenerationEngine:
     def submit(self, job: GenerationJob, emit: Callable[[list[ChoiceDelta]], None],
                cancelled: threading.Event) -> asyncio.Future:
         """Queues a job; its future gives a `GenerationResult`. Refused with a 503 when the queue is full."""
+        loop = asyncio.get_running_loop()
         with self._lock:
             if self.admitted >= self.limits.max_queued:
                 raise APIError(503, f"The server is busy ({self.admitted} requests admitted); try again later.",
                                code="server_busy", type="server_error")
             self.admitted += 1
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._run, job, emit, cancelled)
-        future.add_done_callback(lambda _: self._leave())
-        return future
+            submitted = _Submitted(job, emit, cancelled, loop.create_future(), loop)
+            self._waiting.append(submitted)
+        submitted.future.add_done_callback(lambda _: self._leave())
+        self._executor.submit(self._work)  # one turn of a worker per job: it runs this job, or finds it taken
+        return submitted.future
 
     def _leave(self) -> None:
         with self._lock:
             self.admitted -= 1
 
-    def _run(self, job: GenerationJob, emit, cancelled: threading.Event) -> GenerationResult:
-        if cancelled.is_set():  # the client left while the job waited
-            return GenerationResult(0, True)
+    def _take(self) -> list[_Submitted]:
+        """The oldest waiting job, and the waiting jobs that can share its `generate()` call."""
         with self._lock:
-            self.running += 1
+            if not self._waiting:
+                return []
+            group = [self._waiting.popleft()]
+            key = group[0].batch_key()
+            if key is not None and self.limits.max_batch > 1:
+                for other in list(self._waiting):
+                    if len(group) == self.limits.max_batch:
+                        break
+                    if other.batch_key() == key:
+                        self._waiting.remove(other)
+                        group.append(other)
+            return group
+
+    def _work(self) -> None:
+        group = [entry for entry in self._take() if not self._skip_cancelled(entry)]
+        if not group:
+            return
+        with self._lock:
+            self.running += len(group)
+            self.largest_batch = max(self.largest_batch, len(group))
         try:
-            choices = self._generate(job, emit, cancelled)
+            choices = self._generate(group)
+        except BaseException as error:  # every request of the call gets the failure; the worker lives on
+            for entry in group:
+                entry.resolve(error=error)
+            return
         finally:
             with self._lock:
-                self.running -= 1
-        if cancelled.is_set():
-            with self._lock:
-                self.cancelled += 1
-        return GenerationResult(choices.completion_tokens(), cancelled.is_set())
+                self.running -= len(group)
+        for entry in group:
+            if entry.cancelled.is_set():
+                with self._lock:
+                    self.cancelled += 1
+            entry.resolve(GenerationResult(choices.completion_tokens(entry.job), entry.cancelled.is_set()))
+
+    @staticmethod
+    def _skip_cancelled(entry: _Submitted) -> bool:
+        if entry.cancelled.is_set():  # the client left while the job waited
+            entry.resolve(GenerationResult(0, True))
+            return True
+        return False
 
     def prompt_logprobs(self, job: GenerationJob) -> list[TokenLogprob]:
         """The log-prob of each prompt token under the served model's distribution at its position: the base's, or
@@ -334,15 +423,27 @@ class GenerationEngine:
         finish = "length" if job.max_new_tokens == 0 else None
         emit([ChoiceDelta(job.index + i, job.echo_text, logprobs, finish) for i in range(job.n)])
 
-    def _generate(self, job: GenerationJob, emit, cancelled: threading.Event) -> _Choices:
+    def _generate(self, group: list[_Submitted]) -> _Choices:
+        """One `generate()` call: a sampled job's `n` rows, or one row for each greedy job of the group."""
+        job = group[0].job
         if job.echo_text is not None:
-            self._echo(job, emit)
+            self._echo(job, group[0].emit)
         sample = job.temperature > 0
-        rows = job.n if sample else 1
+        rows = []
+        for entry in group:
+            count = entry.job.n if sample else 1
+            copies = entry.job.n // count
+            rows += [_Row(self.tokenizer, entry.job, entry.job.index + r * copies, copies, entry.emit, entry.cancelled,
+                          self.eos_ids) for r in range(count)]
+        width = max(len(entry.job.prompt_ids) for entry in group)
+        prompts = [[self.pad_token_id] * (width - len(e.job.prompt_ids)) + e.job.prompt_ids for e in group]
+        input_ids = torch.tensor(prompts, device=self.base.device)
+        attention_mask = torch.tensor([[0] * (width - len(e.job.prompt_ids)) + [1] * len(e.job.prompt_ids)
+                                       for e in group], device=self.base.device)
         processors: list[LogitsProcessor] = []
         if job.model.plugin is not None:
-            processors.append(PluginLogitsProcessor(job.model.plugin, alpha=job.alpha,
-                                                    pad_token_id=self.tokenizer.pad_token_id))
+            processors.append(PluginLogitsProcessor(job.model.plugin, alpha=job.alpha, attention_mask=attention_mask,
+                                                    pad_token_id=self.pad_token_id))
         if sample and job.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(job.temperature))
         if sample and job.top_p < 1.0:
@@ -353,17 +454,16 @@ class GenerationEngine:
         processors += [recorder] if recorder is not None else []
         if job.logit_bias:  # after the recorder: log-probs are the model's, as vLLM reports them
             processors.append(SequenceBiasLogitsProcessor([[[token], bias] for token, bias in job.logit_bias.items()]))
-        choices = _Choices(self.tokenizer, job, rows, recorder, emit, self.eos_ids)
+        choices = _Choices(self.tokenizer, rows, recorder)
         if job.max_new_tokens == 0:
             return choices
-        input_ids = torch.tensor([job.prompt_ids], device=self.base.device)
         with self._sampling if sample else contextlib.nullcontext(), torch.no_grad():
             if sample and job.seed is not None:
                 torch.manual_seed(job.seed)
             self.base.generate(
-                input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=job.max_new_tokens,
-                do_sample=sample, num_return_sequences=rows, temperature=1.0, top_p=1.0, top_k=0,
-                pad_token_id=self.tokenizer.pad_token_id, logits_processor=processors,
-                stopping_criteria=[_Cancel(cancelled, choices.over)], streamer=choices,
+                input_ids, attention_mask=attention_mask, max_new_tokens=max(e.job.max_new_tokens for e in group),
+                do_sample=sample, num_return_sequences=len(rows) // len(group), temperature=1.0, top_p=1.0, top_k=0,
+                pad_token_id=self.pad_token_id, logits_processor=processors, stopping_criteria=[_Cancel(rows)],
+                streamer=choices,
             )
         return choices

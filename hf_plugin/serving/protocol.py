@@ -38,6 +38,8 @@ class ServerLimits:
         max_prompts (`int`, *optional*, defaults to 32): prompts in one completions request (a list of prompts).
         max_logprobs (`int`, *optional*, defaults to 20): largest `logprobs` / `top_logprobs` (vLLM's
             `--max-logprobs`; OpenAI's cap is 20).
+        max_batch (`int`, *optional*, defaults to 1): greedy requests for the same model that may share one batched
+            `generate()` call (1: each runs alone).
     """
 
     max_prompt_tokens: int = 2048
@@ -48,6 +50,7 @@ class ServerLimits:
     max_queued: int = 64
     max_prompts: int = 32
     max_logprobs: int = MAX_TOP_LOGPROBS
+    max_batch: int = 1
 
     def __post_init__(self):
         for name, value in vars(self).items():
