@@ -312,7 +312,7 @@ def test_cli_refuses_top_k_outside_the_vocabulary_before_the_base(tokenizer, tmp
 
     make_base("llama").save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    monkeypatch.setattr("hf_plugin.cli.load_base_model", lambda *a, **k: pytest.fail("the base model was loaded"))
+    monkeypatch.setattr("hf_plugin.commands.common.load_base_model", lambda *a, **k: pytest.fail("the base model was loaded"))
     for k in ("0", str(len(tokenizer) + 1)):
         with pytest.raises(SystemExit, match=f"--top-k must be between 1 and the vocabulary size {len(tokenizer)}, got {k}"):
             main(["cache", "--base", str(tmp_path / "base"), "--data", str(write_csv(tmp_path / "d.csv", ROWS)),
