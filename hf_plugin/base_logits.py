@@ -436,7 +436,8 @@ def plan_base_caches(
         differences = _differences(written, expected) if found.exists() else []
         if differences and not overwrite:  # said before the base model is loaded
             if written.get("remote_base") and written.get("task_vocab_size") == 0:
-                differences.append("a cache written through a server has no task vocabulary: use --task-vocab-size 0")
+                differences.append("a cache written through a server has no task vocabulary: use task_vocab_size=0 "
+                                   "(`--task-vocab-size 0`)")
             raise _stale_cache_error(directories[name], differences)
         if differences or not complete:
             to_write.append(name)

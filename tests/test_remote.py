@@ -551,7 +551,7 @@ def test_cli_cache_guard_report_resume_identity_then_train_and_generate(cli_fold
         train = ["train", *data_arguments(root), "--cache", str(root / "cache"), "--output-dir",
                  str(root / "reweighter"), "--epochs", "1", "--batch-size", "8", "--hidden-size", "32",
                  "--intermediate-size", "64", "--num-heads", "2", "--cpu"]
-        with pytest.raises(SystemExit, match="use --task-vocab-size 0"):
+        with pytest.raises(SystemExit, match=r"use task_vocab_size=0 \(`--task-vocab-size 0`\)"):
             main(train)
         main(train + ["--task-vocab-size", "0"])
 

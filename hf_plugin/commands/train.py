@@ -13,11 +13,11 @@ from ..compatibility import binding_kwargs
 from ..configuration_plugin import PluginConfig
 from ..initialization import first_layers, uniform_start_
 from ..modeling_plugin import PluginModel
-from ..training import TrainingArguments, check_output_dir, check_resume, latest_checkpoint, train
+from ..training import TrainingArguments, check_resume, latest_checkpoint, train
 from .arguments import (add_architecture_arguments, add_base_arguments, add_cache_arguments, add_data_arguments,
                         architecture_options, cache_options, check_copy_arguments, check_positive, copy_arguments,
                         copy_options, data_options, option)
-from .common import cached_sources, load_base, load_base_tokenizer, read_splits
+from .common import cached_sources, check_output_folders, load_base, load_base_tokenizer, read_splits
 
 
 def register(subparsers) -> None:
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> None:
         patience=args.patience, save_steps=args.save_steps, seed=args.seed, mixed_precision=args.mixed_precision,
         log_with=args.log_with, keep_checkpoints_after_run=args.keep_checkpoints,
     )
-    check_output_dir(training_args, resume=args.resume)
+    check_output_folders(training_args, resume=args.resume)
     if args.resume and latest_checkpoint(training_args.checkpoint_dir) is None:
         raise SystemExit(f"error: --resume given but {training_args.checkpoint_dir} holds no checkpoint")
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.log_with, cpu=args.cpu,

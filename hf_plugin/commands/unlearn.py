@@ -6,9 +6,9 @@ import argparse
 
 import torch
 
-from ..training import TrainingArguments, check_output_dir
+from ..training import TrainingArguments
 from .arguments import add_base_arguments, add_column_arguments, check_positive, column_options, is_chat
-from .common import encode, load_base, load_base_tokenizer, read_pairs
+from .common import check_output_folders, encode, load_base, load_base_tokenizer, read_pairs
 
 
 def register(subparsers) -> None:
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, patience=0, seed=args.seed,
     )
-    check_output_dir(training_args, resume=args.resume)
+    check_output_folders(training_args, resume=args.resume)
     tokenizer = load_base_tokenizer(args.base, args.base_revision)
     encoded = {}
     for split, source in (("forget", args.forget_data), ("retain", args.retain_data)):
