@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hf_plugin.base_logits import (
-    CachedBaseLogits, LiveBaseModel, cached_base_sources, loss_positions, task_vocabulary, write_base_cache,
+    CachedBaseLogits, LiveBaseModel, cached_base_sources, loss_positions, open_base_caches, plan_base_caches,
+    task_vocabulary, write_base_cache,
 )
 from hf_plugin.data import collate, encode_examples, read_examples, split_by_prompt
 
@@ -252,6 +253,19 @@ def test_cached_base_sources_loads_the_base_only_to_write(encoded, tokenizer, tm
             cached_base_sources(load_base, tokenizer, splits, tmp_path / f"k{k}", k=k)
         assert not (tmp_path / f"k{k}").exists()
     assert len(loads) == 1
+
+
+def test_the_two_steps_plan_without_the_base_then_write_and_read(encoded, tokenizer, tmp_path):
+    splits = {"train": encoded[:30], "validation": encoded[30:]}
+    plan = plan_base_caches(tokenizer, splits, tmp_path / "cache", k=8)
+    assert plan.to_write == ["train", "validation"] and not (tmp_path / "cache").exists()
+    with pytest.raises(ValueError, match="train, validation in .* are still to be written: pass the base model"):
+        open_base_caches(plan)
+    sources, binding = open_base_caches(plan, make_base("llama"))
+    assert set(sources) == {"train", "validation"} and binding["base_vocab_size"] == 96
+    again = plan_base_caches(tokenizer, splits, tmp_path / "cache", k=8)
+    assert again.to_write == []  # complete: read without the base model
+    assert open_base_caches(again)[1] == binding
 
 
 @pytest.mark.parametrize("k", [0, VOCAB + 1])
