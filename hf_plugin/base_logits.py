@@ -14,6 +14,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -356,6 +357,140 @@ def _check_shard(path: Path, tensors: dict[str, torch.Tensor], expected_counts: 
                          "(a fresh directory, or overwrite=True / `--overwrite-cache`).")
 
 
+@dataclass
+class BaseCachePlan:
+    """What `plan_base_caches` found under a cache folder: the splits whose cache is still to be written (by the
+    base model) and what `open_base_caches` needs to write and read them.
+
+    Attributes:
+        cache_dir (`Path`): the folder of the caches, one subfolder per split.
+        splits (`dict[str, Sequence[EncodedExample]]`): the tokenised data of each split.
+        tokenizer (`PreTrainedTokenizerBase`): the tokenizer that encoded the splits.
+        to_write (`list[str]`): the splits whose cache is missing, unfinished or (with `overwrite`) stale; the base
+            model is needed only when it is not empty.
+        k (`int`): top tokens kept per position in the caches to write.
+        task_ids (`list[int]`, *optional*): the task vocabulary every split stores, or `None` for top-k only.
+        overwrite (`bool`): whether stale caches are replaced.
+        base_model_id (`str`, *optional*): the base model's Hub id when it is loaded from a local folder or file.
+    """
+
+    cache_dir: Path
+    splits: dict[str, Sequence[EncodedExample]]
+    tokenizer: PreTrainedTokenizerBase
+    to_write: list[str]
+    k: int
+    task_ids: list[int] | None
+    overwrite: bool = False
+    base_model_id: str | None = None
+
+
+def plan_base_caches(
+    tokenizer: PreTrainedTokenizerBase,
+    splits: dict[str, Sequence[EncodedExample]],
+    cache_dir: str | Path,
+    k: int = 64,
+    base_model_id: str | None = None,
+    overwrite: bool = False,
+    base_name_or_path: str | None = None,
+    task_vocab_size: int = DEFAULT_TASK_VOCAB_SIZE,
+) -> BaseCachePlan:
+    """Checks the caches of several splits under `cache_dir` against the data, without the base model, and says
+    which are still to be written. The first step of `cached_base_sources`; `open_base_caches` is the second.
+
+    Args: as `cached_base_sources`.
+
+    Returns:
+        `BaseCachePlan`: what `open_base_caches` writes (with the base model, when `to_write` is not empty) and reads.
+
+    Raises:
+        `ValueError`: a bad `k` or `task_vocab_size`, a cache of other data or another base (unless `overwrite`), or
+            an unfinished cache written through a server.
+    """
+    check_top_k(k, len(tokenizer))
+    if not isinstance(task_vocab_size, int) or task_vocab_size < 0:
+        raise ValueError(f"task_vocab_size (--task-vocab-size) must be 0 (off) or positive, got {task_vocab_size!r}.")
+    task_ids = task_vocabulary(splits.get("train", next(iter(splits.values()))), task_vocab_size) if task_vocab_size else None
+    task_fields = _task_vocab_fields(_check_task_vocab(task_ids, len(tokenizer)))
+    directories = {name: Path(cache_dir) / name for name in splits}
+    to_write, unstarted, through_server = [], [], None
+    for name, examples in splits.items():
+        # A complete cache is read with its own k; an unfinished one is resumed only with the same k.
+        complete = (directories[name] / INDEX_FILE).exists()
+        found = directories[name] / (INDEX_FILE if complete else MANIFEST_FILE)
+        expected = {"examples_fingerprint": examples_fingerprint(examples), "num_examples": len(examples),
+                    "task_vocab_size": task_fields["task_vocab_size"],
+                    "task_vocab_fingerprint": task_fields["task_vocab_fingerprint"], **({} if complete else {"k": k})}
+        if base_name_or_path is not None:
+            identity = base_model_identity(base_name_or_path, base_model_id)
+            expected.update(zip(("base_model_name_or_path", "base_model_file"), identity))
+        written = json.loads(found.read_text()) if found.exists() else {}
+        if not found.exists():
+            unstarted.append(name)
+        if written.get("remote_base"):  # written through a server: bound by name and tokenizer, not by the base given
+            through_server = written["remote_base"]
+            if not complete:  # the in-process base must not finish it
+                raise ValueError(f"{directories[name]} holds an unfinished cache written through a server (model "
+                                 f"{written['remote_base']!r}): finish it with hf-plugin cache --base-url.")
+            for key in ("base_model_name_or_path", "base_model_file"):
+                expected.pop(key, None)
+        differences = _differences(written, expected) if found.exists() else []
+        if differences and not overwrite:  # said before the base model is loaded
+            if written.get("remote_base") and written.get("task_vocab_size") == 0:
+                differences.append("a cache written through a server has no task vocabulary: use task_vocab_size=0 "
+                                   "(`--task-vocab-size 0`)")
+            raise _stale_cache_error(directories[name], differences)
+        if differences or not complete:
+            to_write.append(name)
+    if through_server is not None and unstarted:  # a server's pass stopped before these splits (no manifest left)
+        raise ValueError(f"{Path(cache_dir)} holds an unfinished cache written through a server (model "
+                         f"{through_server!r}; no {', '.join(unstarted)} split yet): finish it with hf-plugin cache "
+                         "--base-url.")
+    return BaseCachePlan(Path(cache_dir), dict(splits), tokenizer, to_write, k, task_ids, overwrite, base_model_id)
+
+
+def open_base_caches(
+    plan: BaseCachePlan,
+    base: PreTrainedModel | None = None,
+    batch_size: int = 8,
+    revision: str | None = None,
+    accelerator=None,
+) -> tuple[dict[str, CachedBaseLogits], dict]:
+    """Writes the caches `plan` found missing with the base model, then reads every split's. The second step of
+    `cached_base_sources`.
+
+    Args:
+        plan (`BaseCachePlan`): what `plan_base_caches` found.
+        base (`PreTrainedModel`, *optional*): the frozen base model; needed only when `plan.to_write` is not empty.
+        batch_size, revision, accelerator: as `cached_base_sources`.
+
+    Returns: as `cached_base_sources`.
+    """
+    tokenizer = plan.tokenizer
+    directories = {name: plan.cache_dir / name for name in plan.splits}
+    if plan.to_write:
+        if base is None:
+            raise ValueError(f"The base-logit caches of {', '.join(plan.to_write)} in {plan.cache_dir} are still to "
+                             "be written: pass the base model.")
+        if accelerator is not None:
+            base.to(accelerator.device)
+        binding = binding_kwargs(base, tokenizer, revision=revision, base_model_id=plan.base_model_id)
+        metadata = {key: binding[key] for key in ("base_model_name_or_path", "base_model_revision", "base_model_file",
+                                                  "tokenizer_fingerprint")}
+        for name in plan.to_write:
+            write_base_cache(base, plan.splits[name], directories[name], k=plan.k, batch_size=batch_size,
+                             pad_token_id=tokenizer.pad_token_id, metadata=metadata, accelerator=accelerator,
+                             overwrite=plan.overwrite, task_vocab=plan.task_ids)
+    sources = {name: CachedBaseLogits(directories[name], examples) for name, examples in plan.splits.items()}
+    index = next(iter(sources.values())).index
+    binding = binding_kwargs(tokenizer=tokenizer)
+    if index.get("tokenizer_fingerprint", binding["tokenizer_fingerprint"]) != binding["tokenizer_fingerprint"]:
+        raise ValueError(f"The cache in {plan.cache_dir} was written with tokenizer {index['tokenizer_fingerprint']}, "
+                         f"not the tokenizer given ({binding['tokenizer_fingerprint']}).")
+    binding.update(base_vocab_size=index["vocab_size"], base_model_name_or_path=index.get("base_model_name_or_path"),
+                   base_model_revision=index.get("base_model_revision"), base_model_file=index.get("base_model_file"))
+    return sources, binding
+
+
 def cached_base_sources(
     load_base: Callable[[], PreTrainedModel],
     tokenizer: PreTrainedTokenizerBase,
@@ -373,8 +508,11 @@ def cached_base_sources(
     """Base-logit caches of several splits, written first where missing, and the binding of a new reweighter.
 
     `cache_dir/<split>` holds each split's cache. Every split stores the base log-probs of the same task vocabulary:
-    the tokens of the `train` split's completions (of the first split when there is no `train`). The base model is loaded (by calling `load_base`) only when a
-    cache must be written; otherwise the binding is read from the caches, which record the base they came from.
+    the tokens of the `train` split's completions (of the first split when there is no `train`). The base model is
+    loaded (by calling `load_base`) only when a cache must be written; otherwise the binding is read from the
+    caches, which record the base they came from. The two steps, `plan_base_caches` (checks, no base model) and
+    `open_base_caches` (writes with the base model, reads), can also be called apart, e.g. to load the base model
+    only once the plan says it is needed.
 
     Args:
         load_base (`Callable[[], PreTrainedModel]`): returns the frozen base model; called at most once.
@@ -398,64 +536,10 @@ def cached_base_sources(
         `tuple[dict[str, CachedBaseLogits], dict]`: the cache of each split, and `PluginConfig` keyword arguments
         binding a reweighter to the base model and tokenizer (see `hf_plugin.binding_kwargs`).
     """
-    check_top_k(k, len(tokenizer))
-    if not isinstance(task_vocab_size, int) or task_vocab_size < 0:
-        raise ValueError(f"task_vocab_size (--task-vocab-size) must be 0 (off) or positive, got {task_vocab_size!r}.")
-    task_ids = task_vocabulary(splits.get("train", next(iter(splits.values()))), task_vocab_size) if task_vocab_size else None
-    task_fields = _task_vocab_fields(_check_task_vocab(task_ids, len(tokenizer)))
-    directories = {name: Path(cache_dir) / name for name in splits}
-    to_write, unstarted, through_server = [], [], None
-    for name, examples in splits.items():
-        # A complete cache is read with its own k; an unfinished one is resumed only with the same k.
-        complete = (directories[name] / INDEX_FILE).exists()
-        found = directories[name] / (INDEX_FILE if complete else MANIFEST_FILE)
-        expected = {"examples_fingerprint": examples_fingerprint(examples), "num_examples": len(examples),
-                    "task_vocab_size": task_fields["task_vocab_size"],
-                    "task_vocab_fingerprint": task_fields["task_vocab_fingerprint"], **({} if complete else {"k": k})}
-        if base_name_or_path is not None:
-            identity = base_model_identity(base_name_or_path, base_model_id)
-            expected.update(zip(("base_model_name_or_path", "base_model_file"), identity))
-        written = json.loads(found.read_text()) if found.exists() else {}
-        if not found.exists():
-            unstarted.append(name)
-        if written.get("remote_base"):  # written through a server: bound by name and tokenizer, not by --base
-            through_server = written["remote_base"]
-            if not complete:  # the in-process base must not finish it
-                raise ValueError(f"{directories[name]} holds an unfinished cache written through a server (model "
-                                 f"{written['remote_base']!r}): finish it with hf-plugin cache --base-url.")
-            for key in ("base_model_name_or_path", "base_model_file"):
-                expected.pop(key, None)
-        differences = _differences(written, expected) if found.exists() else []
-        if differences and not overwrite:  # said before the base model is loaded
-            if written.get("remote_base") and written.get("task_vocab_size") == 0:
-                differences.append("a cache written through a server has no task vocabulary: use --task-vocab-size 0")
-            raise _stale_cache_error(directories[name], differences)
-        if differences or not complete:
-            to_write.append(name)
-    if through_server is not None and unstarted:  # a server's pass stopped before these splits (no manifest left)
-        raise ValueError(f"{Path(cache_dir)} holds an unfinished cache written through a server (model "
-                         f"{through_server!r}; no {', '.join(unstarted)} split yet): finish it with hf-plugin cache "
-                         "--base-url.")
-    if to_write:
-        base = load_base()
-        if accelerator is not None:
-            base.to(accelerator.device)
-        binding = binding_kwargs(base, tokenizer, revision=revision, base_model_id=base_model_id)
-        metadata = {key: binding[key] for key in ("base_model_name_or_path", "base_model_revision", "base_model_file",
-                                                  "tokenizer_fingerprint")}
-        for name in to_write:
-            write_base_cache(base, splits[name], directories[name], k=k, batch_size=batch_size,
-                             pad_token_id=tokenizer.pad_token_id, metadata=metadata, accelerator=accelerator,
-                             overwrite=overwrite, task_vocab=task_ids)
-    sources = {name: CachedBaseLogits(directories[name], examples) for name, examples in splits.items()}
-    index = next(iter(sources.values())).index
-    binding = binding_kwargs(tokenizer=tokenizer)
-    if index.get("tokenizer_fingerprint", binding["tokenizer_fingerprint"]) != binding["tokenizer_fingerprint"]:
-        raise ValueError(f"The cache in {Path(cache_dir)} was written with tokenizer {index['tokenizer_fingerprint']}, "
-                         f"not the tokenizer given ({binding['tokenizer_fingerprint']}).")
-    binding.update(base_vocab_size=index["vocab_size"], base_model_name_or_path=index.get("base_model_name_or_path"),
-                   base_model_revision=index.get("base_model_revision"), base_model_file=index.get("base_model_file"))
-    return sources, binding
+    plan = plan_base_caches(tokenizer, splits, cache_dir, k=k, base_model_id=base_model_id, overwrite=overwrite,
+                            base_name_or_path=base_name_or_path, task_vocab_size=task_vocab_size)
+    return open_base_caches(plan, load_base() if plan.to_write else None, batch_size=batch_size, revision=revision,
+                            accelerator=accelerator)
 
 
 class CachedBaseLogits:

@@ -109,8 +109,9 @@ def combine_topk_nll(
     r(v)^α`, is therefore at most what pouring `m` in portions of `c` onto the unknown tokens the reweighter likes
     best gives (the first `fill` of them; the rest of `m` at the `fill`-th one's rate). That bound makes the result
     an upper bound on the true NLL (equal to it when the known tokens cover the vocabulary, up to the rounding of
-    stored log-probs), and it stops the reweighter from piling mass on tokens the base ranks low — ignoring the
-    unknown mass lets it do so, and decoding then degenerates (measured in DESIGN.md). The more of the tokens the
+    stored log-probs), and it stops the reweighter from piling mass on tokens the base ranks low, which ignoring the
+    unknown mass would let it do (not measured here: `benchmarks/tail_treatments.py` compares the bound with other
+    treatments of the unknown mass, see benchmarks/README.md, not with ignoring it). The more of the tokens the
     task uses are known, the less the bound costs: with the task vocabulary known, it only constrains tokens the
     task never uses.
 

@@ -1,7 +1,9 @@
-"""Binding a reweighter to the vocabulary it was trained on: tokenizer fingerprints and width checks.
+"""Binding a reweighter to the base model and vocabulary it was trained on: tokenizer fingerprints, width and
+base-model checks, and a base model's recorded identity.
 
-Works from a `PluginConfig` alone, so the model, the logits processor and (later) the Hub helpers can all
-call it without importing each other.
+The checks work from a `PluginConfig` alone, and the module imports nothing else of ours at run time
+(`PluginConfig` only for type hints), so the model, the engine, the Hub helpers, the loaders, the caches and the
+server all import it without a cycle.
 """
 
 from __future__ import annotations

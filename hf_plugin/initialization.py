@@ -1,7 +1,8 @@
 """Reweighter initialisations: a copy of a causal LM's first layers, and a start equal to the base model.
 
-This module imports nothing else of ours: `modeling_plugin` imports it, and the remote-code copy of a saved
-reweighter carries it (see `hf_plugin.hub.write_remote_code`).
+This module imports nothing else of ours at run time (`PluginModel` only for type hints): `modeling_plugin`
+imports it, and through it the remote-code and `custom_generate/` copies of a saved reweighter carry it (see
+`hf_plugin.hub.write_remote_code`).
 """
 
 from __future__ import annotations

@@ -224,17 +224,17 @@ def check_output_dir(args: TrainingArguments, resume: bool = False) -> None:
     reweighter = [name for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE, "config.json")
                   if (Path(args.output_dir) / name).exists()]
     if reweighter:
-        raise ValueError(f"{args.output_dir} already holds a reweighter ({reweighter[0]}); pass --overwrite "
-                         "(`overwrite_output_dir=True`) to replace it, or choose another output directory.")
+        raise ValueError(f"{args.output_dir} already holds a reweighter ({reweighter[0]}); pass "
+                         "`overwrite_output_dir=True` to replace it, or choose another output directory.")
     if _checkpoints(args.checkpoint_dir) or (Path(args.checkpoint_dir) / BEST_DIR).exists():
-        raise ValueError(f"{args.checkpoint_dir} holds the checkpoints of another run; pass --resume to continue it or "
-                         "--overwrite (`overwrite_output_dir=True`) to start again.")
+        raise ValueError(f"{args.checkpoint_dir} holds the checkpoints of another run; pass `resume=True` to continue "
+                         "it or `overwrite_output_dir=True` to start again.")
     output_dir = Path(args.output_dir)
     replaced = [name for name in TRAINING_OUTPUTS if (output_dir / name).exists()]
     replaced = (saved_files(output_dir) if output_dir.is_dir() else []) + replaced
-    if replaced:  # e.g. --output-dir . in a project: its README.md would become the model card
-        raise ValueError(f"{args.output_dir} already holds {', '.join(replaced)}, which a run writes; pass --overwrite "
-                         "(`overwrite_output_dir=True`) to replace them, or choose another output directory.")
+    if replaced:  # e.g. output_dir="." in a project: its README.md would become the model card
+        raise ValueError(f"{args.output_dir} already holds {', '.join(replaced)}, which a run writes; pass "
+                         "`overwrite_output_dir=True` to replace them, or choose another output directory.")
 
 
 def _remove_old_outputs(args: TrainingArguments) -> None:
@@ -260,7 +260,7 @@ def _run_lock(checkpoint_dir: Path):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(f"Another training run is using {checkpoint_dir}; wait for it to end or choose another "
-                             "--output-dir / --checkpoint-dir.") from None
+                             "output_dir / checkpoint_dir.") from None
         try:
             yield
         finally:  # still held: no other run can have taken it; an emptied folder goes too

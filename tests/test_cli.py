@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import hf_plugin.cli
-from hf_plugin.cli import _cut, main
+import hf_plugin.commands.common
+from hf_plugin.cli import main
+from hf_plugin.commands.generate import cut
 from hf_plugin.data import read_examples
 
 from conftest import make_base, make_plugin, make_tokenizer, task_rows, write_csv
@@ -33,7 +34,7 @@ def no_base(monkeypatch):
     def load_base_model(*args, **kwargs):
         raise AssertionError("the base model was loaded")
 
-    monkeypatch.setattr(hf_plugin.cli, "load_base_model", load_base_model)
+    monkeypatch.setattr(hf_plugin.commands.common, "load_base_model", load_base_model)
 
 
 def generate(setup: Path, *extra: str) -> list[str]:
@@ -75,7 +76,7 @@ def test_documented_flow_train_generate_evaluate(setup, tmp_path, capsys):
 
 def test_prompts_are_unescaped_batched_and_printed_as_json_lines(setup, tmp_path, capsys, monkeypatch):
     batches = []
-    real_load = hf_plugin.cli.load_base_model
+    real_load = hf_plugin.commands.common.load_base_model
 
     def load_base_model(*args, **kwargs):
         base, tokenizer = real_load(*args, **kwargs)
@@ -88,7 +89,7 @@ def test_prompts_are_unescaped_batched_and_printed_as_json_lines(setup, tmp_path
         base.generate = counted
         return base, tokenizer
 
-    monkeypatch.setattr(hf_plugin.cli, "load_base_model", load_base_model)
+    monkeypatch.setattr(hf_plugin.commands.common, "load_base_model", load_base_model)
     prompts = [r"w1\nw2", "w3", "w4 w5", "w6", "w7"]
     main(generate(setup, *[arg for p in prompts for arg in ("--prompt", p)], "--batch-size", "2"))
     records = printed_records(capsys)
@@ -109,7 +110,7 @@ def test_stop_strings_cut_completions(setup, capsys):
     assert len(words) >= 3
     main(generate(setup, "--prompt", "w1 w2", "--max-new-tokens", "6", "--stop", words[2], "--stop", "absent"))
     assert printed_records(capsys)[0]["completion"] == whole[: whole.index(words[2])].strip()
-    assert _cut("\n a b\nc", ["\n"]) == "a b" and _cut(" a b ", []) == "a b" and _cut("a;b|c", ["|", ";"]) == "a"
+    assert cut("\n a b\nc", ["\n"]) == "a b" and cut(" a b ", []) == "a b" and cut("a;b|c", ["|", ";"]) == "a"
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
-import hf_plugin.cli
+import hf_plugin.commands.common
 from hf_plugin.cli import main
+from hf_plugin.commands.related import load_causal_lm
+from hf_plugin.loading import load_base_model
 from hf_plugin.methods import (DynamicLogitFusionLogitsProcessor, LogitDifferenceLogitsProcessor,
                                ProxyTuningLogitsProcessor)
 
@@ -53,7 +55,7 @@ def folders(tmp_path_factory):
 
 
 def loaded(root, name):
-    return hf_plugin.cli._load_causal_lm(str(root / name), name, make_tokenizer())
+    return load_causal_lm(str(root / name), name, make_tokenizer())
 
 
 METHODS = {
@@ -84,7 +86,7 @@ def cli_completions(root, capsys, *options: str) -> list[str]:
 def test_generate_decodes_like_the_library_processor(folders, capsys, method):
     options, processor_of = METHODS[method]
     tokenizer = make_tokenizer()
-    base = hf_plugin.cli.load_base_model(str(folders / "base"))[0]
+    base = load_base_model(str(folders / "base"))[0]
     models = {name: loaded(folders, name) for name in ("plain_a", "plain_b", "saved_a", "saved_b")}
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     out = base.generate(**inputs, logits_processor=[processor_of(models, tokenizer)], max_new_tokens=NEW_TOKENS,
@@ -101,7 +103,7 @@ def no_base(monkeypatch):
     def load_base_model(*args, **kwargs):
         raise AssertionError("the base model was loaded")
 
-    monkeypatch.setattr(hf_plugin.cli, "load_base_model", load_base_model)
+    monkeypatch.setattr(hf_plugin.commands.common, "load_base_model", load_base_model)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hf_plugin.base_logits import (
-    CachedBaseLogits, LiveBaseModel, cached_base_sources, loss_positions, task_vocabulary, write_base_cache,
+    CachedBaseLogits, LiveBaseModel, cached_base_sources, loss_positions, open_base_caches, plan_base_caches,
+    task_vocabulary, write_base_cache,
 )
 from hf_plugin.data import collate, encode_examples, read_examples, split_by_prompt
 
@@ -254,6 +255,19 @@ def test_cached_base_sources_loads_the_base_only_to_write(encoded, tokenizer, tm
     assert len(loads) == 1
 
 
+def test_the_two_steps_plan_without_the_base_then_write_and_read(encoded, tokenizer, tmp_path):
+    splits = {"train": encoded[:30], "validation": encoded[30:]}
+    plan = plan_base_caches(tokenizer, splits, tmp_path / "cache", k=8)
+    assert plan.to_write == ["train", "validation"] and not (tmp_path / "cache").exists()
+    with pytest.raises(ValueError, match="train, validation in .* are still to be written: pass the base model"):
+        open_base_caches(plan)
+    sources, binding = open_base_caches(plan, make_base("llama"))
+    assert set(sources) == {"train", "validation"} and binding["base_vocab_size"] == 96
+    again = plan_base_caches(tokenizer, splits, tmp_path / "cache", k=8)
+    assert again.to_write == []  # complete: read without the base model
+    assert open_base_caches(again)[1] == binding
+
+
 @pytest.mark.parametrize("k", [0, VOCAB + 1])
 def test_top_k_outside_the_vocabulary_is_refused_before_writing(encoded, tmp_path, k):
     with pytest.raises(ValueError, match=f"got {k}"):
@@ -312,7 +326,7 @@ def test_cli_refuses_top_k_outside_the_vocabulary_before_the_base(tokenizer, tmp
 
     make_base("llama").save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    monkeypatch.setattr("hf_plugin.cli.load_base_model", lambda *a, **k: pytest.fail("the base model was loaded"))
+    monkeypatch.setattr("hf_plugin.commands.common.load_base_model", lambda *a, **k: pytest.fail("the base model was loaded"))
     for k in ("0", str(len(tokenizer) + 1)):
         with pytest.raises(SystemExit, match=f"--top-k must be between 1 and the vocabulary size {len(tokenizer)}, got {k}"):
             main(["cache", "--base", str(tmp_path / "base"), "--data", str(write_csv(tmp_path / "d.csv", ROWS)),

@@ -182,7 +182,7 @@ def train_args(root, output, *extra: str) -> list[str]:
 
 def test_train_options_build_the_reweighter_and_prompts_asked_for(cli_setup, tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr("hf_plugin.cli.train", lambda plugin, train_examples, validation_examples, *a, **k:
+    monkeypatch.setattr("hf_plugin.commands.train.train", lambda plugin, train_examples, validation_examples, *a, **k:
                         seen.update(plugin=plugin, train=train_examples, validation=validation_examples))
     main(train_args(cli_setup, tmp_path / "o", "--init-from-base-layers", "1", "--uniform-start", "--demonstrations", "2"))
     plugin, base = seen["plugin"], make_base("llama")
@@ -199,7 +199,7 @@ def test_train_options_build_the_reweighter_and_prompts_asked_for(cli_setup, tmp
 def test_train_options_conflicts_fail_before_anything_is_loaded(cli_setup, tmp_path, monkeypatch):
     refuse = lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded before the arguments were checked"))
     for name in ("load_base_model", "load_tokenizer"):
-        monkeypatch.setattr(f"hf_plugin.cli.{name}", refuse)
+        monkeypatch.setattr(f"hf_plugin.commands.common.{name}", refuse)
     run = lambda *extra: main(train_args(cli_setup, tmp_path / "o", "--init-from-base-layers", "1", *extra))
     with pytest.raises(SystemExit, match="^error: --init-from-base-layers copies .*; drop --init-from$"):
         run("--init-from", str(cli_setup / "base"))
@@ -210,7 +210,7 @@ def test_train_options_conflicts_fail_before_anything_is_loaded(cli_setup, tmp_p
 
 
 def test_a_layer_count_the_base_lacks_fails_before_a_cache_pass(cli_setup, tmp_path, monkeypatch):
-    monkeypatch.setattr("hf_plugin.cli.cached_base_sources", lambda *a, **k: pytest.fail("cache pass before the check"))
+    monkeypatch.setattr("hf_plugin.commands.common.plan_base_caches", lambda *a, **k: pytest.fail("cache pass before the check"))
     with pytest.raises(SystemExit, match="num_layers must be an integer from 1 to 2"):
         main(train_args(cli_setup, tmp_path / "o", "--init-from-base-layers", "3", "--cache", str(tmp_path / "c")))
     with pytest.raises(SystemExit, match="too few to draw 20 demonstrations"):

@@ -25,7 +25,7 @@ import torch
 from openai import OpenAI
 from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor
 
-import hf_plugin.cli
+import hf_plugin.commands.common
 from hf_plugin import PluginLogitsProcessor, PluginModel
 from hf_plugin.base_logits import CachedBaseLogits, write_base_cache
 from hf_plugin.data import EncodedExample
@@ -547,11 +547,11 @@ def test_cli_cache_guard_report_resume_identity_then_train_and_generate(cli_fold
         def no_base(*args, **kwargs):
             raise AssertionError("the in-process base model was loaded")
 
-        monkeypatch.setattr(hf_plugin.cli, "load_base_model", no_base)
+        monkeypatch.setattr(hf_plugin.commands.common, "load_base_model", no_base)
         train = ["train", *data_arguments(root), "--cache", str(root / "cache"), "--output-dir",
                  str(root / "reweighter"), "--epochs", "1", "--batch-size", "8", "--hidden-size", "32",
                  "--intermediate-size", "64", "--num-heads", "2", "--cpu"]
-        with pytest.raises(SystemExit, match="use --task-vocab-size 0"):
+        with pytest.raises(SystemExit, match=r"use task_vocab_size=0 \(`--task-vocab-size 0`\)"):
             main(train)
         main(train + ["--task-vocab-size", "0"])
 
@@ -601,7 +601,7 @@ def test_cli_check_server_aligned_shifted_misaligned_and_refused_key(cli_folder,
         def never(*args, **kwargs):
             raise AssertionError("the base model was loaded before the server answered")
 
-        monkeypatch.setattr(hf_plugin.cli, "load_base_model", never)  # a failing server fails in seconds
+        monkeypatch.setattr(hf_plugin.commands.common, "load_base_model", never)  # a failing server fails in seconds
         with pytest.raises(SystemExit, match="refused the API key") as error:
             main(check)
         assert "sk-wrong" not in str(error.value) and SECRET not in str(error.value)

@@ -91,7 +91,7 @@ def test_training_from_the_cache_never_loads_the_base(setup, tmp_path, monkeypat
     def refuse(*args, **kwargs):
         raise AssertionError("the base model was loaded")
 
-    monkeypatch.setattr("hf_plugin.cli.load_base_model", refuse)
+    monkeypatch.setattr("hf_plugin.commands.common.load_base_model", refuse)
     out = tmp_path / "run"
     main(common(setup, out, "--epochs", "2", "--batch-size", "4", "--cache", str(cache_dir)))
     plugin = PluginModel.from_pretrained(out)
@@ -193,7 +193,7 @@ def refuse_to_load(monkeypatch, *names: str) -> None:
         raise AssertionError("loaded before the arguments were checked")
 
     for name in names:
-        monkeypatch.setattr(f"hf_plugin.cli.{name}", refuse)
+        monkeypatch.setattr(f"hf_plugin.commands.common.{name}", refuse)
 
 
 @pytest.mark.parametrize("argument, message", [

@@ -34,8 +34,9 @@ def dynamic_fusion_scores(
 
         (KL(P̃‖P) − KL(Q_t‖Q))² + (KL(P‖P̃) − KL(Q‖Q_t))²
 
-    is applied (one expert per step, as in the paper), computed for all rows, experts and grid values at once
-    (one expert at a time, to bound memory). Ties go to the first expert and the smallest α. The large model's scores
+    is applied (one expert per step, as in the paper). The experts are searched one after the other, each over all
+    rows and grid values at once (one `(grid, batch, vocab)` tensor at a time bounds memory), and the best pair so far
+    is kept. Ties go to the first expert and the smallest α. The large model's scores
     are used on the columns the small models have; a column they lack gets `-inf`.
 
     Args:
