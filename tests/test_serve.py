@@ -399,6 +399,8 @@ def test_cli_serve_checks_before_loading(tmp_path, capsys):
         main(["serve", "--base", "unused", "--reweighter", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="--port"):
         main(["serve", "--base", "unused", "--port", "70000"])
+    with pytest.raises(SystemExit, match="--max-batch must be at least 1, got 0"):
+        main(["serve", "--base", "unused", "--max-batch", "0"])
 
 
 @pytest.mark.parametrize("key", ["", "  "])
