@@ -464,7 +464,8 @@ def test_every_eos_of_the_base_ends_a_choice():
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-copy"])
 def test_waiting_greedy_requests_share_a_batch_and_get_their_unbatched_answers(arch):
     """Requests queued behind a running one run as one left-padded generate() per model: each row ends at its own
-    max_tokens, stop sequence or EOS, and every answer (text and log-probs) is the one it gets alone."""
+    max_tokens, stop sequence or EOS, and every answer (text and log-probs) is the one it gets alone; a client that
+    leaves ends its row only."""
     tokenizer = tokenizer_with_chat()
     arch, _, copy = arch.partition("-")
     base, plugin = make_base(arch), make_plugin(arch, copy_mode="shared" if copy else None)
@@ -479,18 +480,26 @@ def test_waiting_greedy_requests_share_a_batch_and_get_their_unbatched_answers(a
                                                                        (MODEL, PROMPTS[7], 12, ["w5"])]
     try:
         client = server.client()
-        with ThreadPoolExecutor(len(cases) + 1) as pool:
+        with ThreadPoolExecutor(len(cases) + 2) as pool:
             first = pool.submit(client.completions.create, model=BASE, prompt="w1", max_tokens=2, temperature=0)
-            while engine.running == 0:
-                time.sleep(0.01)
+            wait_for(lambda: engine.running > 0)
             answers = [pool.submit(client.completions.create, model=model, prompt=prompt, max_tokens=tokens,
                                    temperature=0, stop=stop or None, logprobs=None if model == BASE else 2)
                        for model, prompt, tokens, stop in cases]
-            while engine.admitted < len(cases) + 1:
-                time.sleep(0.01)
+
+            def leaves_after_one_chunk():
+                stream = client.completions.create(model=MODEL, prompt="w2 w3", max_tokens=50, temperature=0,
+                                                   logprobs=2, stream=True)
+                next(iter(stream))
+                stream.close()
+
+            leaving = pool.submit(leaves_after_one_chunk)
+            wait_for(lambda: engine.admitted == len(cases) + 2)
             gate.set()
-            first.result(), [answer.result() for answer in answers]
-        assert engine.largest_batch == 4  # seven waiting for MODEL: a batch of four, then three; BASE alone
+            first.result(), leaving.result(), [answer.result() for answer in answers]
+        assert engine.largest_batch == 4  # eight waiting for MODEL: two batches of four; BASE alone
+        wait_for(lambda: engine.running == 0)
+        assert engine.cancelled == 1
         for (model, prompt, tokens, stop), answer in zip(cases, answers):
             choice = answer.result().choices[0]
             text, count, logprobs = reference(base, plugin if model == MODEL else None, tokenizer,
@@ -504,3 +513,11 @@ def test_waiting_greedy_requests_share_a_batch_and_get_their_unbatched_answers(a
     finally:
         gate.set()
         server.stop()
+
+
+def wait_for(condition, seconds: float = 30.0) -> None:
+    """Polls `condition` until it holds; fails the test after `seconds` rather than hanging."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
