@@ -1,10 +1,11 @@
-"""Generation for the server: one `generate()` call per prompt, in a bounded pool of worker threads.
+"""Generation for the server: `generate()` calls in a bounded pool of worker threads.
 
-Each prompt gets its own `PluginLogitsProcessor` (a processor holds its reweighter's KV cache, so it is never
-shared between requests), runs alone in its `generate()` call, and therefore gets exactly the answer it would get
-in-process. Tokens reach the request's handler as they are drawn, through a streamer; its text is cut at the
-first stop sequence and held back while it may still become one. An echoed prompt is scored in one teacher-forced
-forward of the base (and the reweighter), before any generation.
+Each call gets its own `PluginLogitsProcessor` (a processor holds its reweighter's KV cache, so it is never shared
+between calls). A sampled prompt runs alone in its call; greedy prompts waiting for the same model may share one
+left-padded call, each row ending on its own, and every prompt gets the answer it would get in-process. Tokens reach
+each request's handler as they are drawn, through a streamer; a row's text is cut at its first stop sequence and
+held back while it may still become one. An echoed prompt is scored in one teacher-forced forward of the base (and
+the reweighter), before any generation.
 """
 
 from __future__ import annotations
