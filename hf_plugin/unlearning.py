@@ -24,7 +24,7 @@ class UnlearningLoss:
     The loss of ULD's assistant at each completion position: the NLL of the next token on a forget example, and
     `beta · KL(uniform ‖ q)` on a retain example (q: the assistant's next-token distribution), so that the assistant
     remembers the forget set and knows nothing of the rest. It plugs into `hf_plugin.training.train` in place of a
-    base-logit source (the same `nll(logits, batch, alpha)` interface; `alpha` is not used).
+    base-logit source (a `hf_plugin.base_logits.LossSource`; `alpha` is not used).
 
     Args:
         forget_indices (`Sequence[int]`): the `index` of every forget example (`EncodedExample.index`); the other

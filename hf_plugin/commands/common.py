@@ -14,7 +14,8 @@ from ..base_logits import open_base_caches, plan_base_caches
 from ..configuration_plugin import PluginConfig
 from ..data import encode_examples, read_examples, split_by_prompt, with_demonstrations
 from ..loading import load_base_model, load_tokenizer
-from ..training import TrainingArguments, check_output_dir
+from ..run_folder import check_output_dir
+from ..training import TrainingArguments
 from .arguments import check_positive
 
 

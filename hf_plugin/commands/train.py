@@ -13,7 +13,8 @@ from ..compatibility import binding_kwargs
 from ..configuration_plugin import PluginConfig
 from ..initialization import first_layers, uniform_start_
 from ..modeling_plugin import PluginModel
-from ..training import TrainingArguments, check_resume, latest_checkpoint, train
+from ..run_folder import check_resume, latest_checkpoint
+from ..training import TrainingArguments, train
 from .arguments import (add_architecture_arguments, add_base_arguments, add_cache_arguments, add_data_arguments,
                         architecture_options, cache_options, check_copy_arguments, check_positive, copy_arguments,
                         copy_options, data_options, option)
