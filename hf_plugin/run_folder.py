@@ -25,7 +25,7 @@ from .hub import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, saved_files
 
 
 if TYPE_CHECKING:
-    from .training import TrainingArguments
+    from .training import PluginTrainingArguments
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -58,7 +58,7 @@ def replace_folder(temporary: Path, final: Path) -> None:
     os.replace(temporary, final)
 
 
-def run_record(args: TrainingArguments, train_examples: Sequence[EncodedExample],
+def run_record(args: PluginTrainingArguments, train_examples: Sequence[EncodedExample],
                validation_examples: Sequence[EncodedExample], config=None, num_processes: int = 1) -> dict:
     """What defines a run, saved with each checkpoint: the arguments that decide the weights, the number of
     processes, the fingerprints of both splits and the reweighter's config (flattened one level, as `a.b`)."""
@@ -76,12 +76,12 @@ def run_record(args: TrainingArguments, train_examples: Sequence[EncodedExample]
     return record
 
 
-def check_resume(args: TrainingArguments, train_examples: Sequence[EncodedExample],
+def check_resume(args: PluginTrainingArguments, train_examples: Sequence[EncodedExample],
                  validation_examples: Sequence[EncodedExample], config=None, num_processes: int = 1) -> Path:
     """The checkpoint to resume from, after checking that it belongs to this run.
 
     Args:
-        args (`TrainingArguments`): this run's arguments; the checkpoints are looked for in `args.checkpoint_dir`.
+        args (`PluginTrainingArguments`): this run's arguments; the checkpoints are looked for in `args.checkpoint_dir`.
         train_examples, validation_examples (`Sequence[EncodedExample]`): this run's data.
         config (`PluginConfig`, *optional*): this run's reweighter config, compared when given.
         num_processes (`int`, *optional*, defaults to 1): this run's number of processes.
@@ -108,7 +108,7 @@ def check_resume(args: TrainingArguments, train_examples: Sequence[EncodedExampl
     return checkpoint
 
 
-def check_output_dir(args: TrainingArguments, resume: bool = False) -> None:
+def check_output_dir(args: PluginTrainingArguments, resume: bool = False) -> None:
     """Refuses to start a new run over the outputs of another unless `args.overwrite_output_dir` is set.
 
     Raises:
@@ -133,7 +133,7 @@ def check_output_dir(args: TrainingArguments, resume: bool = False) -> None:
                          "`overwrite_output_dir=True` to replace them, or choose another output directory.")
 
 
-def remove_old_outputs(args: TrainingArguments) -> None:
+def remove_old_outputs(args: PluginTrainingArguments) -> None:
     """Removes what an earlier run wrote in `output_dir` and `checkpoint_dir` (and nothing else)."""
     output_dir = Path(args.output_dir)
     if output_dir.is_dir():

@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -37,8 +38,9 @@ BOOKKEEPING_ARGUMENTS = ("output_dir", "checkpoint_dir", "overwrite_output_dir",
 
 
 @dataclass
-class TrainingArguments:
-    """Hyper-parameters and bookkeeping of `train`.
+class PluginTrainingArguments:
+    """Hyper-parameters and bookkeeping of `train` (formerly `TrainingArguments`, still importable as a deprecated
+    alias).
 
     Args:
         output_dir (`str`): where the final reweighter, its card and the logs go. Only what `save_pretrained` writes
@@ -123,8 +125,8 @@ class TrainingArguments:
 
 
 @dataclass
-class TrainerState:
-    """Where a run is; saved with every checkpoint so `resume` continues exactly."""
+class PluginTrainerState:
+    """Where a run is; saved with every checkpoint so `resume` continues exactly (formerly `TrainerState`)."""
 
     epoch: int = 0
     batches_done_in_epoch: int = 0
@@ -134,6 +136,23 @@ class TrainerState:
     epochs_without_improvement: int = 0
     base_validation_nll: float | None = None
     history: list[dict] = field(default_factory=list)
+
+
+def _renamed(new: type, old_name: str) -> type:
+    """`new` under the name it had before, warning when built: code written against the old name keeps working."""
+
+    def __init__(self, *args, **kwargs):
+        warnings.warn(f"`hf_plugin.training.{old_name}` is renamed `{new.__name__}` (the old name is a transformers "
+                      "class too) and will be removed in a future version.", FutureWarning, stacklevel=2)
+        new.__init__(self, *args, **kwargs)
+
+    return type(old_name, (new,), {"__init__": __init__, "__module__": __name__,
+                                   "__doc__": f"Deprecated alias of `{new.__name__}`."})
+
+
+# Deprecated: the names of transformers classes that the same users import.
+TrainingArguments = _renamed(PluginTrainingArguments, "TrainingArguments")
+TrainerState = _renamed(PluginTrainerState, "TrainerState")
 
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -156,7 +175,7 @@ class _Trainer:
         train_examples, validation_examples (`Sequence[EncodedExample]`): tokenised data (`hf_plugin.data`).
         train_source (`LossSource`): the training loss.
         validation_source (`LossSource`): the validation loss (the NLL that picks the best epoch).
-        args (`TrainingArguments`): hyper-parameters and folders.
+        args (`PluginTrainingArguments`): hyper-parameters and folders.
         pad_token_id (`int`): padding id for batching.
         accelerator (`Accelerator`): the processes sharing the run.
         run_record (`dict`): what defines the run (`hf_plugin.run_folder.run_record`), saved with each checkpoint.
@@ -172,7 +191,7 @@ class _Trainer:
         validation_examples: Sequence[EncodedExample],
         train_source: LossSource,
         validation_source: LossSource,
-        args: TrainingArguments,
+        args: PluginTrainingArguments,
         pad_token_id: int,
         accelerator: Accelerator,
         run_record: dict,
@@ -208,14 +227,14 @@ class _Trainer:
             self.optimizer, round(args.warmup_ratio * self.total_steps), self.total_steps
         )
         accelerator.register_for_checkpointing(self.scheduler)
-        self.state = TrainerState()
+        self.state = PluginTrainerState()
 
-    def run(self, checkpoint: Path | None) -> TrainerState:
+    def run(self, checkpoint: Path | None) -> PluginTrainerState:
         """Trains from the start, or from `checkpoint` (checked by `check_resume`)."""
         args, accelerator = self.args, self.accelerator
         if checkpoint is not None:
             accelerator.load_state(str(checkpoint))
-            self.state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
+            self.state = PluginTrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
             logger.info(f"Resumed from {checkpoint} (step {self.state.global_step}).")
         if self.state.base_validation_nll is None:  # once per run: what the validation NLL is to be compared with
             self.state.base_validation_nll = self.evaluate(alpha=0.0)
@@ -394,7 +413,7 @@ def train(
     train_examples: Sequence[EncodedExample],
     validation_examples: Sequence[EncodedExample],
     train_source: LossSource,
-    args: TrainingArguments,
+    args: PluginTrainingArguments,
     validation_source: LossSource | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     resume: bool = False,
@@ -411,7 +430,7 @@ def train(
             `CachedBaseLogits`), or any object whose `nll(logits, batch, alpha)` returns a loss per completion
             position from the model's logits there (e.g. `hf_plugin.unlearning.UnlearningLoss`); the step minimises
             its mean over all positions.
-        args (`TrainingArguments`): hyper-parameters.
+        args (`PluginTrainingArguments`): hyper-parameters.
         validation_source (`LossSource`, *optional*): the same for validation; defaults to `train_source`.
         tokenizer (`PreTrainedTokenizerBase`, *optional*): saved next to the reweighter.
         resume (`bool`, *optional*, defaults to `False`): continue from the latest checkpoint in

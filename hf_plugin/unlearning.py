@@ -16,7 +16,7 @@ from .base_logits import completion_positions
 from .compatibility import binding_kwargs
 from .data import EncodedExample
 from .modeling_plugin import PluginModel
-from .training import TrainingArguments, train
+from .training import PluginTrainingArguments, train
 
 
 class UnlearningLoss:
@@ -175,7 +175,7 @@ def train_assistant(
     target: PreTrainedModel,
     forget_examples: Sequence[EncodedExample],
     retain_examples: Sequence[EncodedExample],
-    args: TrainingArguments,
+    args: PluginTrainingArguments,
     num_layers: int,
     beta: float = 5.0,
     lora_rank: int = 16,
@@ -195,7 +195,7 @@ def train_assistant(
     Args:
         target (`PreTrainedModel`): the model to unlearn from; left untouched.
         forget_examples, retain_examples (`Sequence[EncodedExample]`): tokenised pairs (`hf_plugin.data`).
-        args (`TrainingArguments`): hyper-parameters (ULD: `learning_rate=1e-3`, `epochs=10`).
+        args (`PluginTrainingArguments`): hyper-parameters (ULD: `learning_rate=1e-3`, `epochs=10`).
         num_layers, lora_rank, lora_alpha, tokenizer, base_model_id: as for `build_assistant`.
         beta (`float`, *optional*, defaults to 5.0): the weight of the retain term of `UnlearningLoss`.
         resume (`bool`, *optional*, defaults to `False`): continue from the latest checkpoint of this run.

@@ -20,7 +20,7 @@ from hf_plugin import PluginModel
 from hf_plugin.base_logits import LiveBaseModel
 from hf_plugin.cli import main
 from hf_plugin.data import Example, encode_examples
-from hf_plugin.training import TrainingArguments, train
+from hf_plugin.training import PluginTrainerState, PluginTrainingArguments, TrainerState, TrainingArguments, train
 
 from conftest import make_base, make_plugin, make_tokenizer, task_folder, task_rows, write_csv
 
@@ -213,15 +213,25 @@ def test_bad_training_arguments_fail_before_anything_is_loaded(setup, tmp_path, 
 
 
 def test_training_arguments_checkpoint_dir_and_keep_checkpoints(tmp_path):
-    args = TrainingArguments(output_dir=str(tmp_path / "run"))
+    args = PluginTrainingArguments(output_dir=str(tmp_path / "run"))
     assert Path(args.checkpoint_dir) == (tmp_path / "run.checkpoints").resolve() and args.keep_checkpoints == 1
     assert "checkpoint_dir" not in args.run_defining() and args.run_defining()["learning_rate"] == 1e-3
     with pytest.raises(ValueError, match="`keep_checkpoints` must be at least 1, got 0"):  # resume needs one
-        TrainingArguments(output_dir=str(tmp_path / "run"), keep_checkpoints=0)
+        PluginTrainingArguments(output_dir=str(tmp_path / "run"), keep_checkpoints=0)
     with pytest.raises(ValueError, match="is inside `output_dir`"):
-        TrainingArguments(output_dir=str(tmp_path / "run"), checkpoint_dir=str(tmp_path / "run" / "checkpoints"))
+        PluginTrainingArguments(output_dir=str(tmp_path / "run"), checkpoint_dir=str(tmp_path / "run" / "checkpoints"))
     with pytest.raises(ValueError, match="is inside `checkpoint_dir`"):  # removed after the run, with the model
-        TrainingArguments(output_dir=str(tmp_path / "runs" / "best-model"), checkpoint_dir=str(tmp_path / "runs"))
+        PluginTrainingArguments(output_dir=str(tmp_path / "runs" / "best-model"), checkpoint_dir=str(tmp_path / "runs"))
+
+
+def test_the_names_shared_with_transformers_still_work_and_warn(tmp_path):
+    with pytest.warns(FutureWarning, match="`hf_plugin.training.TrainingArguments` is renamed `PluginTrainingArguments`"):
+        args = TrainingArguments(output_dir=str(tmp_path / "run"), epochs=2)
+    assert isinstance(args, PluginTrainingArguments)
+    assert args.run_defining() == PluginTrainingArguments(output_dir=str(tmp_path / "run"), epochs=2).run_defining()
+    with pytest.warns(FutureWarning, match="renamed `PluginTrainerState`"):
+        state = TrainerState(global_step=3)
+    assert isinstance(state, PluginTrainerState) and state.global_step == 3
 
 
 def test_a_folder_holding_files_a_run_writes_needs_overwrite(setup, tmp_path, monkeypatch):
@@ -249,7 +259,7 @@ def test_keep_checkpoints_keeps_the_newest_ones(tmp_path):
     source = LiveBaseModel(make_base("llama"))
     common_args = dict(epochs=2, batch_size=4, save_steps=1, patience=0, keep_checkpoints_after_run=True)
     for keep in (1, 3):
-        args = TrainingArguments(output_dir=str(tmp_path / f"keep{keep}"), keep_checkpoints=keep, **common_args)
+        args = PluginTrainingArguments(output_dir=str(tmp_path / f"keep{keep}"), keep_checkpoints=keep, **common_args)
         train(make_plugin("llama"), examples[:12], examples[12:], source, args, tokenizer=tokenizer)
         names = sorted(p.name for p in Path(args.checkpoint_dir).iterdir())
         # 3 steps an epoch, 2 epochs: checkpoints at every step, the newest `keep` of them stay, and `best/`

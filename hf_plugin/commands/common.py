@@ -15,7 +15,7 @@ from ..configuration_plugin import PluginConfig
 from ..data import encode_examples, read_examples, split_by_prompt, with_demonstrations
 from ..loading import load_base_model, load_tokenizer
 from ..run_folder import check_output_dir
-from ..training import TrainingArguments
+from ..training import PluginTrainingArguments
 from .arguments import check_positive
 
 
@@ -126,7 +126,7 @@ def remote_base(tokenizer, *, base_url: str, model: str | None, top_k: int, conc
 
 
 
-def check_output_folders(training_args: TrainingArguments, resume: bool) -> None:
+def check_output_folders(training_args: PluginTrainingArguments, resume: bool) -> None:
     """`check_output_dir`: a new run must not replace another's outputs; its error names --overwrite and --resume
     instead of the parameters they set."""
     try:
