@@ -9,6 +9,7 @@ from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 from transformers.utils import logging
 
 from ._version import __version__
+from .combine import check_alpha
 from .copying import COPY_MODES, COPY_SOURCES
 
 
@@ -182,8 +183,7 @@ class PluginConfig(PretrainedConfig):
             raise ValueError(
                 f"`hidden_size` ({hidden_size}) must be a multiple of `num_attention_heads` ({num_attention_heads})."
             )
-        if not float(alpha) >= 0.0:
-            raise ValueError(f"`alpha` must be a non-negative number, got {alpha!r}.")
+        check_alpha(alpha)
         if copy_mode is not None and copy_mode not in COPY_MODES:
             raise ValueError(f"`copy_mode` must be None or one of {', '.join(COPY_MODES)}, got {copy_mode!r}.")
         if copy_ignore_ids is not None and not (

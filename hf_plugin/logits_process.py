@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .combine import align_vocab, combine_logits
+from .combine import align_vocab, check_alpha, combine_logits
 # The engine's names were first defined here; they stay importable from this module.
 from .engine import (AuxiliaryModelsLogitsProcessor, CachedModelRunner, PromptedModel, PromptPadding,  # noqa: F401
                      check_scores_width, left_padding_mask)
@@ -102,11 +102,9 @@ class PluginLogitsProcessor(AuxiliaryModelsLogitsProcessor):
             raise ValueError("Pass either `alpha` (one strength for all) or `alphas` (one per reweighter), not both.")
         if alphas is None:
             alphas = [p.config.alpha if alpha is None else alpha for p in plugins]
-        alphas = [float(a) for a in alphas]
+        alphas = [check_alpha(a, "alpha`/`alphas") for a in alphas]
         if len(alphas) != len(plugins):
             raise ValueError(f"Got {len(alphas)} alphas for {len(plugins)} reweighters.")
-        if not all(a >= 0.0 for a in alphas):
-            raise ValueError(f"`alpha`/`alphas` must be non-negative numbers, got {alphas}.")
         if base_model is not None:  # the whole binding, the tokenizer's fingerprint included
             for p in plugins:
                 p.check_compatible(base_model, tokenizer=tokenizer, strict=strict)

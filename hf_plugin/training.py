@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 from transformers.utils import logging
 
 from .base_logits import LossSource, loss_positions
+from .combine import check_alpha
 from .data import EncodedExample, collate
 from .modeling_plugin import CompletionLogits, PluginModel
 from .run_folder import (BEST_DIR, CHECKPOINT_DIR_SUFFIX, CHECKPOINT_PREFIX, RUN_FILE, STATE_FILE, check_output_dir,
@@ -65,7 +66,8 @@ class PluginTrainingArguments:
             are whatever `train` is given: seed torch before building it (the CLI does, with the same seed).
         mixed_precision (`str`, *optional*, defaults to `"no"`): `"no"`, `"fp16"` or `"bf16"`.
         log_with (`str`, *optional*): an Accelerate tracker (e.g. `"tensorboard"`), besides the JSON-lines log.
-        alpha (`float`, *optional*): strength used in the loss; defaults to the reweighter's `config.alpha`.
+        alpha (`float`, *optional*): strength used in the loss, a finite number >= 0 as everywhere; defaults to the
+            reweighter's `config.alpha`.
         keep_checkpoints (`int`, *optional*, defaults to 1): how many of the newest checkpoints to keep while
             training; at least 1, since resuming needs the latest.
         keep_checkpoints_after_run (`bool`, *optional*, defaults to `False`): keep `checkpoint_dir` after a run that
@@ -103,8 +105,8 @@ class PluginTrainingArguments:
             raise ValueError(f"`learning_rate` must be a positive number, got {self.learning_rate}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}.")
-        if self.alpha is not None and not math.isfinite(self.alpha):
-            raise ValueError(f"`alpha` must be a finite number, got {self.alpha}.")
+        if self.alpha is not None:
+            check_alpha(self.alpha)
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"`mixed_precision` must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
         output = Path(self.output_dir)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_plugin import PluginModel
+from hf_plugin import PluginConfig, PluginModel
 from hf_plugin.base_logits import LiveBaseModel
 from hf_plugin.cli import main
 from hf_plugin.data import Example, encode_examples
@@ -222,6 +222,15 @@ def test_training_arguments_checkpoint_dir_and_keep_checkpoints(tmp_path):
         PluginTrainingArguments(output_dir=str(tmp_path / "run"), checkpoint_dir=str(tmp_path / "run" / "checkpoints"))
     with pytest.raises(ValueError, match="is inside `checkpoint_dir`"):  # removed after the run, with the model
         PluginTrainingArguments(output_dir=str(tmp_path / "runs" / "best-model"), checkpoint_dir=str(tmp_path / "runs"))
+
+
+@pytest.mark.parametrize("alpha", [-0.5, float("inf"), float("nan")])
+def test_training_takes_alpha_by_the_rule_of_the_config_and_the_processor(tmp_path, alpha):
+    with pytest.raises(ValueError, match="`alpha` must be a non-negative finite number"):
+        PluginTrainingArguments(output_dir=str(tmp_path / "run"), alpha=alpha)
+    with pytest.raises(ValueError, match="`alpha` must be a non-negative finite number"):
+        PluginConfig(alpha=alpha)
+    assert PluginTrainingArguments(output_dir=str(tmp_path / "run"), alpha=0).alpha == 0  # the base alone
 
 
 def test_the_names_shared_with_transformers_still_work_and_warn(tmp_path):
