@@ -160,7 +160,7 @@ def test_evaluate_and_generate_commands(setup, tmp_path, capsys):
     out = tmp_path / "run"
     main(common(setup, out, "--epochs", "3", "--batch-size", "4", "--patience", "0"))
     capsys.readouterr()
-    main(["evaluate", "--base", str(setup / "base"), "--plugin", str(out), "--data", str(setup / "validation.csv"),
+    main(["evaluate", "--base", str(setup / "base"), "--reweighter", str(out), "--data", str(setup / "validation.csv"),
           "--prompt-column", "mr", "--completion-column", "ref", "--max-length", "32", "--output", str(tmp_path / "e.json")])
     results = json.loads((tmp_path / "e.json").read_text())
     trained, alone = results["base + reweighter"]["NLL/token"], results["base alone"]["NLL/token"]
@@ -170,11 +170,15 @@ def test_evaluate_and_generate_commands(setup, tmp_path, capsys):
 
     (tmp_path / "prompts.txt").write_text("w1 w7\nw2 w14\n")
     capsys.readouterr()
-    main(["generate", "--base", str(setup / "base"), "--plugin", str(out), "--prompts-file", str(tmp_path / "prompts.txt"),
-          "--max-new-tokens", "3"])
+    generate = ["generate", "--base", str(setup / "base"), "--prompts-file", str(tmp_path / "prompts.txt"),
+                "--max-new-tokens", "3"]
+    main(generate + ["--reweighter", str(out)])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(line.split() for line in lines)
-    with pytest.raises(SystemExit, match="pass exactly one of --plugin DIR .*, --no-plugin"):
+    main(generate + ["--plugin", str(out)])  # the flag's former name still works, hidden and deprecated
+    printed = capsys.readouterr()
+    assert printed.out.strip().splitlines() == lines and "--plugin is deprecated, use --reweighter" in printed.err
+    with pytest.raises(SystemExit, match="pass exactly one of --reweighter DIR, --no-reweighter"):
         main(["generate", "--base", str(setup / "base"), "--prompt", "w1"])
 
 
@@ -184,8 +188,9 @@ def test_cli_errors_are_clear(setup, tmp_path):
         main(base + ["--data", str(tmp_path / "missing.csv")])
     with pytest.raises(SystemExit, match=r"no column\(s\) \['prompt'\]"):
         main(base + ["--data", str(setup / "train.csv")])
-    with pytest.raises(SystemExit, match=r"--plugin .*: The reweighter's config"):  # checked before the base
-        main(["evaluate", "--base", str(tmp_path / "nothing"), "--plugin", str(tmp_path), "--data", str(setup / "train.csv")])
+    with pytest.raises(SystemExit, match=r"--reweighter .*: The reweighter's config"):  # checked before the base
+        main(["evaluate", "--base", str(tmp_path / "nothing"), "--reweighter", str(tmp_path),
+              "--data", str(setup / "train.csv")])
 
 
 def refuse_to_load(monkeypatch, *names: str) -> None:

@@ -47,14 +47,14 @@ def load_base_tokenizer(base: str | None, revision: str | None = None, top_k: in
     return tokenizer
 
 
-def read_plugin_config(plugin: str, option: str = "--plugin") -> PluginConfig:
+def read_reweighter_config(reweighter: str, option: str = "--reweighter") -> PluginConfig:
     """The reweighter's config, read before the base model is loaded: a missing reweighter fails in a second."""
     try:
-        return PluginConfig.from_pretrained(plugin)
+        return PluginConfig.from_pretrained(reweighter)
     except (OSError, ValueError) as error:
-        if not Path(plugin).exists():
-            raise SystemExit(f"error: {option} {plugin}: no such directory, nor a reweighter on the Hub") from error
-        raise SystemExit(f"error: {option} {plugin}: {str(error).strip().splitlines()[0]}") from error
+        if not Path(reweighter).exists():
+            raise SystemExit(f"error: {option} {reweighter}: no such directory, nor a reweighter on the Hub") from error
+        raise SystemExit(f"error: {option} {reweighter}: {str(error).strip().splitlines()[0]}") from error
 
 
 def read_pairs(source: str, columns: dict, what: str | None = None):
