@@ -26,8 +26,8 @@ from .compact_head import CompactHead
 from .copying import (add_aliases, add_spelled_words, apply_copy_mode, first_occurrences, word_start_aliases,
                       word_start_spellings)
 from .initialization import first_layers
-from .hub import (CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, _WEIGHTS_SHARD, _ships_custom_generate, card_sections,
-                  push_folder, render_model_card, write_remote_code)
+from .hub import (CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, WEIGHTS_SHARD, card_sections, push_folder,
+                  render_model_card, ships_custom_generate, write_remote_code)
 # Some transformers releases (5.3, 5.8) copy only the direct relative imports of a remote-code model loaded from a
 # folder: every module of the `with_code` copy is therefore imported here (tests/test_hub.py runs on 5.3 in CI).
 from ._version import __version__  # noqa: F401
@@ -214,13 +214,13 @@ class PluginModel(PluginPreTrainedModel):
             raise ValueError("Use `PluginModel.push_to_hub(repo_id)`: it uploads what save_pretrained writes, card included.")
         if Path(save_directory).is_dir():  # weights of an earlier save (sharded or not) must not be loaded instead
             for path in Path(save_directory).iterdir():
-                if path.name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE) or _WEIGHTS_SHARD.match(path.name):
+                if path.name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE) or WEIGHTS_SHARD.match(path.name):
                     path.unlink()
         super().save_pretrained(save_directory, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
         self.card_sections = {**self.card_sections, **(model_card or {})}
-        custom_generate = _ships_custom_generate(self.card_sections, with_code)
+        custom_generate = ships_custom_generate(self.card_sections, with_code)
         self.card_sections.pop("custom_generate", None)  # what this save writes decides, not an earlier card
         if custom_generate:
             self.card_sections["custom_generate"] = True
