@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+from transformers import AutoConfig, LlamaConfig, PreTrainedConfig
 from transformers.utils import logging
 
 from ._version import __version__
@@ -21,7 +21,7 @@ _REQUIRED_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
     "max_position_embeddings",
 )
-# Keys transformers itself may write into any config.json, besides the `PretrainedConfig` dataclass fields.
+# Keys transformers itself may write into any config.json, besides the `PreTrainedConfig` dataclass fields.
 _TRANSFORMERS_KEYS = {
     "model_type", "auto_map", "_name_or_path", "name_or_path", "torch_dtype", "attn_implementation",
     "output_attentions", "experts_implementation", "use_cache", "tie_word_embeddings", "pad_token_id",
@@ -32,7 +32,7 @@ _TRANSFORMERS_KEYS = {
 def _known_config_keys() -> set[str]:
     own = set(inspect.signature(PluginConfig.__init__).parameters) - {"self", "kwargs"}
     # What a plain config writes (its fields differ between transformers releases), and the legacy RoPE key.
-    return own | set(PretrainedConfig().to_dict()) | _TRANSFORMERS_KEYS | {"rope_theta"}
+    return own | set(PreTrainedConfig().to_dict()) | _TRANSFORMERS_KEYS | {"rope_theta"}
 
 
 # The fields of the default LLaMA-style reweighter, named as in `LlamaConfig`.
@@ -42,7 +42,7 @@ _LLAMA_FIELDS = (
 )
 
 
-class PluginConfig(PretrainedConfig):
+class PluginConfig(PreTrainedConfig):
     r"""
     Configuration of a reweighter: a small autoregressive model whose next-token distribution multiplies the
     frozen base model's (Hiranandani et al., ICML 2025, "Logits are All We Need to Adapt Closed Models").
@@ -280,7 +280,7 @@ class PluginConfig(PretrainedConfig):
             config_dict = {key: value for key, value in config_dict.items() if key not in unknown}
         return super().from_dict(config_dict, **kwargs)
 
-    def backbone_config(self) -> PretrainedConfig:
+    def backbone_config(self) -> PreTrainedConfig:
         """The transformers config of the causal LM that computes the reweighter's logits."""
         if self.backbone is not None:
             return AutoConfig.for_model(**self.backbone)

@@ -35,7 +35,7 @@ LOCK_FILE = ".lock"
 CHECKPOINT_DIR_SUFFIX = ".checkpoints"
 # Files a training run writes in `output_dir` besides the saved reweighter.
 TRAINING_OUTPUTS = ("training_args.json", "metrics.json", "log.jsonl", "loss_curve.png")
-# Config fields that do not describe the reweighter (versions, names, defaults of `PretrainedConfig`).
+# Config fields that do not describe the reweighter (versions, names, defaults of `PreTrainedConfig`).
 _VOLATILE_CONFIG_FIELDS = ("hf_plugin_version", "transformers_version", "_name_or_path", "architectures", "dtype")
 
 
