@@ -22,6 +22,7 @@ from transformers.utils import logging
 
 from .base_logits import LossSource, loss_positions
 from .combine import check_alpha
+from .compatibility import renamed_keyword
 from .data import EncodedExample, collate
 from .modeling_plugin import CompletionLogits, PluginModel
 from .run_folder import (BEST_DIR, CHECKPOINT_DIR_SUFFIX, CHECKPOINT_PREFIX, RUN_FILE, STATE_FILE, check_output_dir,
@@ -410,8 +411,9 @@ def completion_nll(
     return total, count
 
 
+@renamed_keyword("plugin", "reweighter")
 def train(
-    plugin: PluginModel,
+    reweighter: PluginModel,
     train_examples: Sequence[EncodedExample],
     validation_examples: Sequence[EncodedExample],
     train_source: LossSource,
@@ -423,10 +425,11 @@ def train(
     accelerator: Accelerator | None = None,
     export: Callable[[PluginModel], PluginModel] | None = None,
 ) -> PluginModel:
-    """Trains `plugin` so that base × reweighter fits the completions; saves the best epoch's reweighter.
+    """Trains `reweighter` so that base × reweighter fits the completions; saves the best epoch's reweighter.
 
     Args:
-        plugin (`PluginModel`): the reweighter to train (its initial weights are the starting point).
+        reweighter (`PluginModel`): the reweighter to train (its initial weights are the starting point; a parameter
+            formerly named `plugin`).
         train_examples, validation_examples (`Sequence[EncodedExample]`): tokenised data (`hf_plugin.data`).
         train_source (`LossSource`): the loss: where base log-probs come from (`LiveBaseModel` or
             `CachedBaseLogits`), or any object whose `nll(logits, batch, alpha)` returns a loss per completion
@@ -456,21 +459,22 @@ def train(
     """
     if not validation_examples:
         raise ValueError("A validation split is needed: early stopping and the saved model are chosen on it.")
-    if plugin.config.copy_word_starts and not bool((plugin.copy_aliases >= 0).any()):
+    if reweighter.config.copy_word_starts and not bool((reweighter.copy_aliases >= 0).any()):
         raise ValueError("The reweighter has copy_word_starts=True but an empty word-start table: call "
-                         "`plugin.set_copy_aliases(tokenizer)` first (or use copy_word_starts=False for a vocabulary "
+                         "`reweighter.set_copy_aliases(tokenizer)` first (or use copy_word_starts=False for a vocabulary "
                          "without word-start markers).")
     # Recorded before the run record, so that a resumed run records the same.
     longest = max(len(example.input_ids) for example in train_examples)
-    plugin.config.trained_max_length = max(longest, plugin.config.trained_max_length or 0)
+    reweighter.config.trained_max_length = max(longest, reweighter.config.trained_max_length or 0)
     output_dir, checkpoint_dir = Path(args.output_dir), Path(args.checkpoint_dir)
     accelerator = accelerator or Accelerator(mixed_precision=args.mixed_precision, log_with=args.log_with,
                                              project_dir=str(output_dir))
     # One run at a time in these folders: the lock is taken before the folders are checked or cleared.
     with run_lock(checkpoint_dir) if accelerator.is_main_process else nullcontext():
         check_output_dir(args, resume)
-        record = run_record(args, train_examples, validation_examples, plugin.config, accelerator.num_processes)
-        checkpoint = (check_resume(args, train_examples, validation_examples, plugin.config, accelerator.num_processes)
+        record = run_record(args, train_examples, validation_examples, reweighter.config, accelerator.num_processes)
+        checkpoint = (check_resume(args, train_examples, validation_examples, reweighter.config,
+                                   accelerator.num_processes)
                       if resume else None)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -482,7 +486,7 @@ def train(
         if args.log_with:
             accelerator.init_trackers("hf-plugin", config={k: v for k, v in asdict(args).items() if v is not None})
         pad_token_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-        trainer = _Trainer(reweighter=plugin, train_examples=train_examples, validation_examples=validation_examples,
+        trainer = _Trainer(reweighter=reweighter, train_examples=train_examples, validation_examples=validation_examples,
                            train_source=train_source, validation_source=validation_source or train_source, args=args,
                            pad_token_id=pad_token_id, accelerator=accelerator, run_record=record, export=export)
         state = trainer.run(checkpoint)

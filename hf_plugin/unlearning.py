@@ -87,10 +87,10 @@ def kl_from_uniform(model: PreTrainedModel, examples: Sequence[EncodedExample]) 
     return float(torch.cat(values).mean())
 
 
-def _adapted_layers(plugin: PluginModel) -> list[str]:
+def _adapted_layers(assistant: PluginModel) -> list[str]:
     """The names of the assistant's linear layers (Linear or GPT-2's Conv1D), the output head excepted."""
-    head = plugin.get_output_embeddings()
-    return [name for name, module in plugin.named_modules()
+    head = assistant.get_output_embeddings()
+    return [name for name, module in assistant.named_modules()
             if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head]
 
 
