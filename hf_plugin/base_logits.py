@@ -138,14 +138,7 @@ class LiveBaseModel:
         self.model = model.eval().requires_grad_(False)
 
     def nll(self, reweighter_logits: torch.Tensor, batch: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
-        """Per-position NLL of the completion tokens under the full combination.
-
-        Args:
-            reweighter_logits (`torch.Tensor` of shape `(N, vocab_size)`): the reweighter's logits at the
-                `loss_positions(batch["labels"])`, in row-major order (`PluginModel.completion_logits`).
-            batch (`dict`): a `hf_plugin.data.collate` batch.
-            alpha (`float`): strength of the reweighter.
-        """
+        """Per-position NLL of the completion tokens under the full combination (arguments as `LossSource.nll`)."""
         with torch.no_grad():
             base_logits = self.model(
                 input_ids=batch["input_ids"].to(self.model.device),
@@ -644,7 +637,7 @@ class CachedBaseLogits:
         return torch.cat([torch.arange(self.offsets[p], self.offsets[p + 1]) for p in positions])
 
     def nll(self, reweighter_logits: torch.Tensor, batch: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
-        """Per-position NLL of the completion tokens under the top-k combination (arguments as `LiveBaseModel.nll`)."""
+        """Per-position NLL of the completion tokens under the top-k combination (arguments as `LossSource.nll`)."""
         rows = self.rows(batch["index"].tolist())
         positions = completion_positions(batch["labels"])
         if int(positions.sum()) != len(rows):
