@@ -265,7 +265,7 @@ def test_word_starts_need_a_mode_and_a_filled_table(tmp_path):
     with pytest.raises(ValueError, match="no word-start table"):
         make_plugin("llama", copy_mode="gate").set_copy_aliases(marked_tokenizer())
     setup = task_folder(tmp_path, 8, 4)
-    with pytest.raises(ValueError, match=r"empty word-start table: call `plugin.set_copy_aliases\(tokenizer\)`"):
+    with pytest.raises(ValueError, match=r"empty word-start table: call `reweighter.set_copy_aliases\(tokenizer\)`"):
         train(make_plugin("llama", copy_mode="gate", copy_word_starts=True), [object()], [object()], None,
               PluginTrainingArguments(output_dir=str(tmp_path / "o")))
     with pytest.raises(SystemExit, match="--copy-word-starts needs --copy-mode"):
