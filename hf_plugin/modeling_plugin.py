@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .combine import align_vocab, combine_logits
+from .combine import align_vocab, check_alpha, combine_logits
 from .compatibility import check_base_model, check_vocab_width, renamed_keyword
 from .configuration_plugin import PluginConfig
 from .compact_head import CompactHead
@@ -670,7 +670,7 @@ def score_with_reweighters(
             f"`base_logits` must have shape (batch, sequence, vocab) matching input_ids {tuple(input_ids.shape)}, "
             f"got {tuple(base_logits.shape)}."
         )
-    alphas = [r.config.alpha for r in reweighters] if alphas is None else list(alphas)
+    alphas = [r.config.alpha for r in reweighters] if alphas is None else [check_alpha(a, "alphas") for a in alphas]
     if prompt_lengths is None and labels is not None:  # the prompt ends where the labels begin
         prompt_lengths = (labels != -100).long().argmax(dim=1)
     width = base_logits.shape[-1]
