@@ -227,7 +227,7 @@ def train_one(name: str, make_model, train_examples, heldout_examples, train_sou
     """Trains (or reloads, when an earlier run of a benchmark finished it) one model in `work / name` through the
     library's loop; early stopping with `patience` (0: none). Also used by `related_e2e.py` for its experts."""
     from hf_plugin import PluginModel
-    from hf_plugin.training import TrainingArguments, train
+    from hf_plugin.training import PluginTrainingArguments, train
 
     output = work / name
     record = output / "benchmark_run.json"
@@ -237,8 +237,9 @@ def train_one(name: str, make_model, train_examples, heldout_examples, train_sou
         return {**run, "model": PluginModel.from_pretrained(output).eval()}
     started = time.perf_counter()
     model = train(make_model(), train_examples, heldout_examples, train_source,
-                  TrainingArguments(output_dir=str(output), epochs=epochs, batch_size=batch_size,
-                                    learning_rate=learning_rate, patience=patience, seed=0, overwrite_output_dir=True),
+                  PluginTrainingArguments(output_dir=str(output), epochs=epochs, batch_size=batch_size,
+                                          learning_rate=learning_rate, patience=patience, seed=0,
+                                          overwrite_output_dir=True),
                   validation_source=heldout_source, tokenizer=tokenizer)
     seconds = time.perf_counter() - started
     metrics = json.loads((output / "metrics.json").read_text())

@@ -32,7 +32,7 @@ from hf_plugin import LogitDifferenceLogitsProcessor
 from hf_plugin.data import Example, encode_examples
 from hf_plugin.loading import load_base_model, offline_smollm2
 from hf_plugin.methods import logit_difference_scores
-from hf_plugin.training import TrainingArguments
+from hf_plugin.training import PluginTrainingArguments
 from hf_plugin.unlearning import kl_from_uniform, train_assistant
 
 
@@ -116,8 +116,8 @@ def main() -> None:
         for i, (country, capital) in enumerate(pairs)], 128, separator="")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        training = TrainingArguments(output_dir=folder + "/assistant", epochs=args.epochs, batch_size=8,
-                                     learning_rate=args.learning_rate, patience=0)
+        training = PluginTrainingArguments(output_dir=folder + "/assistant", epochs=args.epochs, batch_size=8,
+                                           learning_rate=args.learning_rate, patience=0)
         assistant = train_assistant(base, encode(forget), encode(retain), training, num_layers=args.layers,
                                     lora_rank=args.lora_rank, tokenizer=tokenizer).eval()
         metrics = (Path(folder) / "assistant" / "metrics.json").read_text()

@@ -168,7 +168,7 @@ def main() -> None:
     from hf_plugin import PluginConfig, PluginModel
     from hf_plugin.base_logits import LiveBaseModel, cached_base_sources
     from hf_plugin.loading import load_base_model, offline_smollm2
-    from hf_plugin.training import TrainingArguments, completion_nll, train
+    from hf_plugin.training import PluginTrainingArguments, completion_nll, train
 
     tokenizer, train_examples, validation_examples = training_cache.prepare(args)
     work = Path(args.work_dir)
@@ -197,8 +197,8 @@ def main() -> None:
         started = time.perf_counter()
         output_dir = work / f"tail-{treatment}"
         train(plugin, train_examples, validation_examples, sources[0],
-              TrainingArguments(output_dir=str(output_dir), epochs=args.epochs, batch_size=16, learning_rate=1e-3,
-                                patience=0, seed=0, overwrite_output_dir=True),
+              PluginTrainingArguments(output_dir=str(output_dir), epochs=args.epochs, batch_size=16, learning_rate=1e-3,
+                                      patience=0, seed=0, overwrite_output_dir=True),
               validation_source=sources[1], tokenizer=tokenizer)
         seconds = time.perf_counter() - started
         trained = PluginModel.from_pretrained(output_dir).eval()

@@ -59,7 +59,7 @@ def run_mode(args) -> dict:
     from hf_plugin import PluginConfig, PluginModel, binding_kwargs
     from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel, cached_base_sources
     from hf_plugin.loading import load_base_model, offline_smollm2
-    from hf_plugin.training import TrainingArguments, train
+    from hf_plugin.training import PluginTrainingArguments, train
 
     tokenizer, train_examples, validation_examples = prepare(args)
     work = Path(args.work_dir)
@@ -92,9 +92,9 @@ def run_mode(args) -> dict:
             train_source, validation_source = sources["train"], sources["validation"]
         torch.manual_seed(args.seed)
         plugin = PluginModel(PluginConfig(vocab_size=binding["base_vocab_size"], max_position_embeddings=256, **binding))
-        training_args = TrainingArguments(output_dir=str(work / args.mode), epochs=args.epochs, batch_size=16,
-                                          learning_rate=1e-3, patience=args.patience, seed=args.seed,
-                                          overwrite_output_dir=True)
+        training_args = PluginTrainingArguments(output_dir=str(work / args.mode), epochs=args.epochs, batch_size=16,
+                                                learning_rate=1e-3, patience=args.patience, seed=args.seed,
+                                                overwrite_output_dir=True)
         train(plugin, train_examples, validation_examples, train_source, training_args,
               validation_source=validation_source, tokenizer=tokenizer)
         history = json.loads((work / args.mode / "metrics.json").read_text())["history"]

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from accelerate import PartialState
@@ -86,6 +87,46 @@ def examples_fingerprint(examples: Sequence[EncodedExample]) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
+@runtime_checkable
+class LossSource(Protocol):
+    """What the training loop (`hf_plugin.training.train`, `completion_nll`) takes its loss from: the base model's
+    log-probs combined with the reweighter's logits (`LiveBaseModel`, `CachedBaseLogits`), or any other loss on the
+    model's logits (e.g. `hf_plugin.unlearning.UnlearningLoss`).
+
+    A source may also have a `reference_name` (`str`): what its value at `alpha=0` is, for the training log;
+    "base model alone" when it has none.
+    """
+
+    def nll(self, reweighter_logits: torch.Tensor, batch: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
+        """Per-position loss at the completion positions of `batch`.
+
+        Args:
+            reweighter_logits (`torch.Tensor` of shape `(N, vocab_size)`): the model's logits at the
+                `loss_positions(batch["labels"])`, in row-major order (`PluginModel.completion_logits`).
+            batch (`dict`): a `hf_plugin.data.collate` batch.
+            alpha (`float`): strength of the reweighter.
+
+        Returns:
+            `torch.Tensor` of shape `(N,)`: the loss at each of those positions; training minimises their mean.
+        """
+
+
+@runtime_checkable
+class ShardSource(Protocol):
+    """A base model that `write_base_cache` cannot run itself (e.g. one behind an API,
+    `hf_plugin.remote.RemoteCacheSource`): it computes each shard's tensors, top-k only (no task vocabulary).
+
+    Attributes:
+        vocab_size (`int`): the base's vocabulary size.
+    """
+
+    vocab_size: int
+
+    def shard_tensors(self, examples: Sequence[EncodedExample], k: int, bar) -> dict[str, torch.Tensor]:
+        """The tensors of one shard, as `write_base_cache` stores them (`topk_ids`, `topk_logprobs`,
+        `label_logprobs`, `offsets`); `bar` is the progress bar, advanced by the positions done."""
+
+
 class LiveBaseModel:
     """Runs a frozen in-process base model on every batch (the paper's setup).
 
@@ -97,14 +138,7 @@ class LiveBaseModel:
         self.model = model.eval().requires_grad_(False)
 
     def nll(self, reweighter_logits: torch.Tensor, batch: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
-        """Per-position NLL of the completion tokens under the full combination.
-
-        Args:
-            reweighter_logits (`torch.Tensor` of shape `(N, vocab_size)`): the reweighter's logits at the
-                `loss_positions(batch["labels"])`, in row-major order (`PluginModel.completion_logits`).
-            batch (`dict`): a `hf_plugin.data.collate` batch.
-            alpha (`float`): strength of the reweighter.
-        """
+        """Per-position NLL of the completion tokens under the full combination (arguments as `LossSource.nll`)."""
         with torch.no_grad():
             base_logits = self.model(
                 input_ids=batch["input_ids"].to(self.model.device),
@@ -157,7 +191,7 @@ def check_top_k(k: int, vocab_size: int) -> None:
 
 @torch.no_grad()
 def write_base_cache(
-    model: PreTrainedModel,
+    model: PreTrainedModel | ShardSource,
     examples: Sequence[EncodedExample],
     directory: str | Path,
     k: int = 64,
@@ -186,9 +220,8 @@ def write_base_cache(
     process returns once the index exists.
 
     Args:
-        model (`PreTrainedModel`): the frozen base model, or an object with a `vocab_size` and a
-            `shard_tensors(examples, k, bar)` method computing a shard's tensors itself (a base behind an API, see
-            `hf_plugin.remote.RemoteCacheSource`; no task vocabulary then).
+        model (`PreTrainedModel` or `ShardSource`): the frozen base model, or an object computing a shard's tensors
+            itself (a base behind an API, see `hf_plugin.remote.RemoteCacheSource`; no task vocabulary then).
         examples (`Sequence[EncodedExample]`): the tokenised data, in the order training will index it.
         directory (`str` or `Path`): where the cache goes.
         k (`int`, *optional*, defaults to 64): how many top tokens to keep per position (1 to the vocabulary size).
@@ -210,7 +243,7 @@ def write_base_cache(
     """
     directory = Path(directory)
     # A base seen only through its top-k log-probs (`hf_plugin.remote`) computes its own shards.
-    remote = hasattr(model, "shard_tensors")
+    remote = isinstance(model, ShardSource)
     vocab_size = model.vocab_size if remote else model.get_output_embeddings().weight.shape[0]
     check_top_k(k, vocab_size)
     state = accelerator if accelerator is not None else PartialState()
@@ -604,7 +637,7 @@ class CachedBaseLogits:
         return torch.cat([torch.arange(self.offsets[p], self.offsets[p + 1]) for p in positions])
 
     def nll(self, reweighter_logits: torch.Tensor, batch: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
-        """Per-position NLL of the completion tokens under the top-k combination (arguments as `LiveBaseModel.nll`)."""
+        """Per-position NLL of the completion tokens under the top-k combination (arguments as `LossSource.nll`)."""
         rows = self.rows(batch["index"].tolist())
         positions = completion_positions(batch["labels"])
         if int(positions.sum()) != len(rows):

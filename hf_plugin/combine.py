@@ -9,9 +9,26 @@ re-implements it. This module depends on nothing else of ours.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+
+
+def check_alpha(alpha, name: str = "alpha") -> float:
+    """`alpha` as a float, checked by the one rule for a reweighter's strength everywhere (config, processor,
+    training): a finite number, at least 0 (0 is the base alone).
+
+    Raises:
+        `ValueError`: naming the parameter `name`, when `alpha` is negative, infinite, NaN or not a number.
+    """
+    try:
+        strength = float(alpha)
+    except (TypeError, ValueError):
+        strength = math.nan
+    if not (math.isfinite(strength) and strength >= 0.0):
+        raise ValueError(f"`{name}` must be a non-negative finite number, got {alpha!r}.")
+    return strength
 
 
 def combine_logits(

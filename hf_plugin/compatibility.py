@@ -1,5 +1,6 @@
 """Binding a reweighter to the base model and vocabulary it was trained on: tokenizer fingerprints, width and
-base-model checks, and a base model's recorded identity.
+base-model checks, and a base model's recorded identity; and `renamed_keyword`, which keeps callers of a renamed
+parameter working.
 
 The checks work from a `PluginConfig` alone, and the module imports nothing else of ours at run time
 (`PluginConfig` only for type hints), so the model, the engine, the Hub helpers, the loaders, the caches and the
@@ -8,8 +9,10 @@ server all import it without a cycle.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +32,24 @@ _SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # GGUF files whose Hub model is known (their metadata names no repository), for a portable base-model identity.
 KNOWN_GGUF_MODELS = {SMOLLM2_GGUF: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def renamed_keyword(old: str, new: str):
+    """Decorates a function whose parameter `old` is now `new`: a call passing `old=` still works, with a
+    `FutureWarning`."""
+
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            if old in kwargs:
+                warnings.warn(f"`{function.__qualname__}`'s parameter `{old}` is renamed `{new}`; the old name will be "
+                              "removed in a future version.", FutureWarning, stacklevel=2)
+                kwargs[new] = kwargs.pop(old)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

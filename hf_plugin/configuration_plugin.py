@@ -5,10 +5,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+from transformers import AutoConfig, LlamaConfig, PreTrainedConfig
 from transformers.utils import logging
 
 from ._version import __version__
+from .combine import check_alpha
 from .copying import COPY_MODES, COPY_SOURCES
 
 
@@ -20,7 +21,7 @@ _REQUIRED_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
     "max_position_embeddings",
 )
-# Keys transformers itself may write into any config.json, besides the `PretrainedConfig` dataclass fields.
+# Keys transformers itself may write into any config.json, besides the `PreTrainedConfig` dataclass fields.
 _TRANSFORMERS_KEYS = {
     "model_type", "auto_map", "_name_or_path", "name_or_path", "torch_dtype", "attn_implementation",
     "output_attentions", "experts_implementation", "use_cache", "tie_word_embeddings", "pad_token_id",
@@ -31,7 +32,7 @@ _TRANSFORMERS_KEYS = {
 def _known_config_keys() -> set[str]:
     own = set(inspect.signature(PluginConfig.__init__).parameters) - {"self", "kwargs"}
     # What a plain config writes (its fields differ between transformers releases), and the legacy RoPE key.
-    return own | set(PretrainedConfig().to_dict()) | _TRANSFORMERS_KEYS | {"rope_theta"}
+    return own | set(PreTrainedConfig().to_dict()) | _TRANSFORMERS_KEYS | {"rope_theta"}
 
 
 # The fields of the default LLaMA-style reweighter, named as in `LlamaConfig`.
@@ -41,7 +42,7 @@ _LLAMA_FIELDS = (
 )
 
 
-class PluginConfig(PretrainedConfig):
+class PluginConfig(PreTrainedConfig):
     r"""
     Configuration of a reweighter: a small autoregressive model whose next-token distribution multiplies the
     frozen base model's (Hiranandani et al., ICML 2025, "Logits are All We Need to Adapt Closed Models").
@@ -182,8 +183,7 @@ class PluginConfig(PretrainedConfig):
             raise ValueError(
                 f"`hidden_size` ({hidden_size}) must be a multiple of `num_attention_heads` ({num_attention_heads})."
             )
-        if not float(alpha) >= 0.0:
-            raise ValueError(f"`alpha` must be a non-negative number, got {alpha!r}.")
+        check_alpha(alpha)
         if copy_mode is not None and copy_mode not in COPY_MODES:
             raise ValueError(f"`copy_mode` must be None or one of {', '.join(COPY_MODES)}, got {copy_mode!r}.")
         if copy_ignore_ids is not None and not (
@@ -280,7 +280,7 @@ class PluginConfig(PretrainedConfig):
             config_dict = {key: value for key, value in config_dict.items() if key not in unknown}
         return super().from_dict(config_dict, **kwargs)
 
-    def backbone_config(self) -> PretrainedConfig:
+    def backbone_config(self) -> PreTrainedConfig:
         """The transformers config of the causal LM that computes the reweighter's logits."""
         if self.backbone is not None:
             return AutoConfig.for_model(**self.backbone)

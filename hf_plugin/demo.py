@@ -20,7 +20,7 @@ from .data import Example, encode_examples
 from .logits_process import PluginLogitsProcessor
 from .metrics import bleu, rouge_l
 from .modeling_plugin import PluginModel
-from .training import TrainingArguments, train
+from .training import PluginTrainingArguments, train
 
 
 CITIES = ["Oslo", "Lisbon", "Nairobi", "Lima", "Osaka", "Denver", "Cairo", "Dublin", "Hanoi", "Perth", "Quito",
@@ -89,9 +89,9 @@ def run_demo(base, tokenizer, output_dir: str | Path, train_size: int = 400, tes
     torch.manual_seed(seed)
     config = PluginConfig(vocab_size=base.get_output_embeddings().weight.shape[0], hidden_size=256,
                           intermediate_size=1024, max_position_embeddings=128, **binding)
-    args = TrainingArguments(output_dir=str(output_dir / "reweighter"), epochs=epochs, batch_size=16,
-                             learning_rate=2e-3, weight_decay=0.1, patience=2, seed=seed,
-                             overwrite_output_dir=True)  # the demo redoes everything on each run
+    args = PluginTrainingArguments(output_dir=str(output_dir / "reweighter"), epochs=epochs, batch_size=16,
+                                   learning_rate=2e-3, weight_decay=0.1, patience=2, seed=seed,
+                                   overwrite_output_dir=True)  # the demo redoes everything on each run
     plugin = train(PluginModel(config), train_examples, validation_examples, sources["train"], args,
                    validation_source=sources["validation"], tokenizer=tokenizer)
     train_seconds = time.perf_counter() - started - cache_seconds

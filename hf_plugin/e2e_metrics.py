@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .metrics import _check, _max_counts, _ngrams, _nist_length_penalty, _reference_ngram_counts
+from .metrics import check_scoring_inputs, max_counts, ngrams, nist_length_penalty, reference_ngram_counts
 
 
 E2E_METRIC_NAMES = ("BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr")
@@ -120,7 +120,7 @@ def mteval_bleu_nist(predictions: Sequence[str], references: Sequence[Sequence[s
     _check_references(predictions, references)
     hypotheses = [_mteval_tokens(p) for p in predictions]
     reference_tokens = [[_mteval_tokens(r) for r in group] for group in references]
-    counts, reference_words = _reference_ngram_counts(reference_tokens, 5)
+    counts, reference_words = reference_ngram_counts(reference_tokens, 5)
 
     def information(ngram: tuple[str, ...]) -> float:
         # mteval tests the joined prefix for Perl truth, so a prefix that is the single token "0" counts as none.
@@ -132,8 +132,8 @@ def mteval_bleu_nist(predictions: Sequence[str], references: Sequence[Sequence[s
     for hypothesis, group in zip(hypotheses, reference_tokens):
         for n in range(1, 6):
             predicted[n] += max(0, len(hypothesis) - n + 1)
-            most = _max_counts(_ngrams(tokens, n) for tokens in group)
-            for ngram, count in _ngrams(hypothesis, n).items():
+            most = max_counts(ngrams(tokens, n) for tokens in group)
+            for ngram, count in ngrams(hypothesis, n).items():
                 if ngram in most:
                     matched[n] += min(count, most[ngram])
                     gained[n] += information(ngram) * min(count, most[ngram])
@@ -157,11 +157,11 @@ def mteval_bleu_nist(predictions: Sequence[str], references: Sequence[Sequence[s
 
     mean_reference_words = reference_words / (nonempty_references / len(predictions))
     nist = sum(gained[n] / max(predicted[n], 1) for n in range(1, 6))
-    return bleu, nist * _nist_length_penalty(predicted[1] / mean_reference_words)
+    return bleu, nist * nist_length_penalty(predicted[1] / mean_reference_words)
 
 
 def _check_references(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
-    _check(predictions, references)
+    check_scoring_inputs(predictions, references)
     for i, group in enumerate(references):
         for j, reference in enumerate(group):
             if not isinstance(reference, str) or not reference.strip():

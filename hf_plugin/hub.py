@@ -35,7 +35,8 @@ TAGS = ["hf-plugin", "logits-reweighting", "reweighter", "text-generation"]
 REMOTE_CODE_ENTRY_POINTS = {"AutoConfig": "configuration_plugin.PluginConfig", "AutoModel": "modeling_plugin.PluginModel"}
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-_WEIGHTS_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+# The name of one file of a sharded save (beside `WEIGHTS_INDEX_FILE`).
+WEIGHTS_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 # What `save_pretrained` (with a tokenizer) can write, the remote code aside: the only files a push uploads.
 SAVED_FILES = ("config.json", "generation_config.json", CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -124,7 +125,7 @@ def _plain_base_loading_code(base: str, gguf_file: str | None, revision: str | N
     )
 
 
-def _ships_custom_generate(sections: dict[str, Any], with_code: bool) -> bool:
+def ships_custom_generate(sections: dict[str, Any], with_code: bool) -> bool:
     """Whether a save or push with `with_code` writes `custom_generate/`: only a reweighter's (an assistant is
     applied by another processor)."""
     return with_code and sections.get("kind", "reweighter") == "reweighter"
@@ -329,7 +330,7 @@ def saved_files(directory: str | Path) -> list[str]:
     directory = Path(directory)
     return sorted(
         path.name for path in directory.iterdir()
-        if path.is_file() and (path.name in SAVED_FILES or path.name in TOKENIZER_FILES or _WEIGHTS_SHARD.match(path.name))
+        if path.is_file() and (path.name in SAVED_FILES or path.name in TOKENIZER_FILES or WEIGHTS_SHARD.match(path.name))
     )
 
 
@@ -382,7 +383,7 @@ def push_folder(
     with tempfile.TemporaryDirectory() as staging:
         for name in names:
             shutil.copyfile(directory / name, Path(staging) / name)
-        custom_generate = _ships_custom_generate(card_sections(read_model_card(staging)), with_code)
+        custom_generate = ships_custom_generate(card_sections(read_model_card(staging)), with_code)
         update_model_card(staging, repo_id=repo_id, custom_generate=custom_generate or None)  # None: left out
         names = {*names, CARD_FILE}
         if with_code:

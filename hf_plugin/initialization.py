@@ -1,6 +1,6 @@
 """Reweighter initialisations: a copy of a causal LM's first layers, and a start equal to the base model.
 
-This module imports nothing else of ours at run time (`PluginModel` only for type hints): `modeling_plugin`
+This module imports only `compatibility` of ours at run time (`PluginModel` only for type hints): `modeling_plugin`
 imports it, and through it the remote-code and `custom_generate/` copies of a saved reweighter carry it (see
 `hf_plugin.hub.write_remote_code`).
 """
@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
+
+from .compatibility import renamed_keyword
 
 
 if TYPE_CHECKING:
@@ -97,7 +99,8 @@ def _final_norm(backbone: PreTrainedModel) -> torch.nn.Module:
     return norms[-1]
 
 
-def uniform_start_(plugin: PluginModel) -> PluginModel:
+@renamed_keyword("plugin", "reweighter")
+def uniform_start_(reweighter: PluginModel) -> PluginModel:
     """Makes the reweighter's next-token distribution exactly uniform, in place, so that the combination starts
     equal to the base model and training moves it only as far as the data asks.
 
@@ -106,11 +109,11 @@ def uniform_start_(plugin: PluginModel) -> PluginModel:
     stop every gradient); the norm's weight still gets a gradient, so the first optimizer step moves the output.
 
     Args:
-        plugin (`PluginModel`): the reweighter, LLaMA- or GPT-2-style or any backbone with a final norm after its
-            layers that scales its output by its weight.
+        reweighter (`PluginModel`): the reweighter, LLaMA- or GPT-2-style or any backbone with a final norm after
+            its layers that scales its output by its weight (a parameter formerly named `plugin`).
 
     Returns:
-        `PluginModel`: `plugin` itself.
+        `PluginModel`: `reweighter` itself.
 
     Examples:
 
@@ -123,7 +126,7 @@ def uniform_start_(plugin: PluginModel) -> PluginModel:
 
     ```
     """
-    backbone = plugin.backbone
+    backbone = reweighter.backbone
     norm = _final_norm(backbone)
     head = backbone.get_output_embeddings()
     zeroed = [norm.weight, getattr(norm, "bias", None), getattr(head, "bias", None)]
@@ -139,4 +142,4 @@ def uniform_start_(plugin: PluginModel) -> PluginModel:
                 tensor.copy_(value)
             raise ValueError(f"Zeroing the final norm of the reweighter's {type(backbone).__name__} does not make its "
                              "logits uniform; uniform_start_ does not support this architecture.")
-    return plugin
+    return reweighter

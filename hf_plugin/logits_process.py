@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .combine import align_vocab, combine_logits
+from .combine import align_vocab, check_alpha, combine_logits
+from .compatibility import renamed_keyword
 # The engine's names were first defined here; they stay importable from this module.
 from .engine import (AuxiliaryModelsLogitsProcessor, CachedModelRunner, PromptedModel, PromptPadding,  # noqa: F401
                      check_scores_width, left_padding_mask)
@@ -44,8 +45,8 @@ class PluginLogitsProcessor(AuxiliaryModelsLogitsProcessor):
     masked by an earlier processor) stay `-inf`.
 
     Args:
-        plugin (`PluginModel` or a sequence of them):
-            The reweighter(s). Each may sit on another device or dtype than the scores, and each may read its own
+        reweighter (`PluginModel` or a sequence of them):
+            The reweighter(s) (a parameter formerly named `plugin`). Each may sit on another device or dtype than the scores, and each may read its own
             rendering of the prompts: wrap it in `hf_plugin.PromptedModel(plugin, input_ids, attention_mask)`.
         attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*):
             The mask of the prompts passed to `generate()`.
@@ -83,9 +84,10 @@ class PluginLogitsProcessor(AuxiliaryModelsLogitsProcessor):
 
     supports_continuous_batching = False
 
+    @renamed_keyword("plugin", "reweighter")
     def __init__(
         self,
-        plugin: PluginModel | Sequence[PluginModel],
+        reweighter: PluginModel | Sequence[PluginModel],
         attention_mask: torch.Tensor | None = None,
         pad_token_id: int | None = None,
         alpha: float | None = None,
@@ -94,19 +96,17 @@ class PluginLogitsProcessor(AuxiliaryModelsLogitsProcessor):
         base_model: PreTrainedModel | None = None,
         strict: bool = True,
     ):
-        given = list(plugin) if isinstance(plugin, (list, tuple)) else [plugin]
+        given = list(reweighter) if isinstance(reweighter, (list, tuple)) else [reweighter]
         plugins = [p.model if isinstance(p, PromptedModel) else p for p in given]
         if not plugins or not all(isinstance(p, PluginModel) for p in plugins):
-            raise TypeError(f"`plugin` must be a PluginModel or a non-empty sequence of them, got {plugin!r:.80}.")
+            raise TypeError(f"`reweighter` must be a PluginModel or a non-empty sequence of them, got {reweighter!r:.80}.")
         if alpha is not None and alphas is not None:
             raise ValueError("Pass either `alpha` (one strength for all) or `alphas` (one per reweighter), not both.")
         if alphas is None:
             alphas = [p.config.alpha if alpha is None else alpha for p in plugins]
-        alphas = [float(a) for a in alphas]
+        alphas = [check_alpha(a, "alpha`/`alphas") for a in alphas]
         if len(alphas) != len(plugins):
             raise ValueError(f"Got {len(alphas)} alphas for {len(plugins)} reweighters.")
-        if not all(a >= 0.0 for a in alphas):
-            raise ValueError(f"`alpha`/`alphas` must be non-negative numbers, got {alphas}.")
         if base_model is not None:  # the whole binding, the tokenizer's fingerprint included
             for p in plugins:
                 p.check_compatible(base_model, tokenizer=tokenizer, strict=strict)

@@ -46,7 +46,7 @@ def corpus_metrics(predictions: Sequence[str], references: Sequence[Sequence[str
 
     ```
     """
-    _check(predictions, references)
+    check_scoring_inputs(predictions, references)
     return {
         "BLEU": bleu(predictions, references),
         "ROUGE-L": rouge_l(predictions, references),
@@ -59,7 +59,7 @@ def corpus_metrics(predictions: Sequence[str], references: Sequence[Sequence[str
 def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Corpus BLEU-4 with sacrebleu's defaults (13a tokenisation, case-sensitive), 0-100."""
     sacrebleu = _require("sacrebleu", "sacrebleu")
-    _check(predictions, references)
+    check_scoring_inputs(predictions, references)
     width = max(len(group) for group in references)
     # sacrebleu takes reference streams; a None marks an input with fewer references.
     streams = [[group[i] if i < len(group) else None for group in references] for i in range(width)]
@@ -69,7 +69,7 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> flo
 def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Mean over inputs of the best ROUGE-L F1 against any reference (rouge-score's tokenizer), 0-100."""
     rouge_scorer = _require("rouge_score.rouge_scorer", "rouge-score")
-    _check(predictions, references)
+    check_scoring_inputs(predictions, references)
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     scores = [scorer.score_multi(list(group), prediction)["rougeL"].fmeasure
               for prediction, group in zip(predictions, references)]
@@ -85,10 +85,10 @@ def nist(predictions: Sequence[str], references: Sequence[Sequence[str]], max_or
     n-grams of that order, the orders are added, and a length penalty `exp(-β log²(min(L_sys / L_ref, 1)))`
     with β set so that a ratio of 2/3 scores 0.5 is applied, `L_ref` being the summed mean reference length.
     """
-    _check(predictions, references)
+    check_scoring_inputs(predictions, references)
     hypotheses = [_tokens(p) for p in predictions]
     reference_tokens = [[_tokens(r) for r in group] for group in references]
-    counts, reference_words = _reference_ngram_counts(reference_tokens, max_order)
+    counts, reference_words = reference_ngram_counts(reference_tokens, max_order)
 
     def information(ngram: tuple[str, ...]) -> float:
         prefix = counts[ngram[:-1]] if len(ngram) > 1 else reference_words
@@ -101,12 +101,12 @@ def nist(predictions: Sequence[str], references: Sequence[Sequence[str]], max_or
         system_length += len(hypothesis)
         reference_length += sum(len(tokens) for tokens in group) / len(group)
         for n in range(1, max_order + 1):
-            hypothesis_counts = _ngrams(hypothesis, n)
-            most = _max_counts(_ngrams(tokens, n) for tokens in group)
+            hypothesis_counts = ngrams(hypothesis, n)
+            most = max_counts(ngrams(tokens, n) for tokens in group)
             predicted[n] += sum(hypothesis_counts.values())
             matched[n] += sum(information(g) * min(c, most[g]) for g, c in hypothesis_counts.items() if g in most)
     score = sum(matched[n] / max(predicted[n], 1) for n in range(1, max_order + 1))
-    return score * _nist_length_penalty(system_length / reference_length if reference_length else 0.0)
+    return score * nist_length_penalty(system_length / reference_length if reference_length else 0.0)
 
 
 def meteor_exact_stem(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
@@ -121,7 +121,7 @@ def meteor_exact_stem(predictions: Sequence[str], references: Sequence[Sequence[
     search of the Java tool.
     """
     stemmer = _require("nltk.stem.porter", "nltk").PorterStemmer()
-    _check(predictions, references)
+    check_scoring_inputs(predictions, references)
     scores = [max(_meteor_segment(_tokens(p), _tokens(r), stemmer.stem) for r in group)
               for p, group in zip(predictions, references)]
     return 100 * sum(scores) / len(scores)
@@ -136,16 +136,16 @@ def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], sig
     penalty `exp(-(len_p - len_r)² / 2σ²)`; orders are averaged, references averaged, and the result times 10.
     The corpus score is the mean over inputs.
     """
-    _check(predictions, references)
+    check_scoring_inputs(predictions, references)
     hypotheses = [_content_tokens(p) for p in predictions]
     reference_tokens = [[_content_tokens(r) for r in group] for group in references]
     document_frequency: Counter = Counter()
     for group in reference_tokens:
-        document_frequency.update({g for tokens in group for n in range(1, 5) for g in _ngrams(tokens, n)})
+        document_frequency.update({g for tokens in group for n in range(1, 5) for g in ngrams(tokens, n)})
     log_inputs = math.log(len(references))
 
     def weights(tokens: list[str]) -> list[dict]:
-        return [{g: c * (log_inputs - math.log(max(1.0, document_frequency[g]))) for g, c in _ngrams(tokens, n).items()}
+        return [{g: c * (log_inputs - math.log(max(1.0, document_frequency[g]))) for g, c in ngrams(tokens, n).items()}
                 for n in range(1, 5)]
 
     total = 0.0
@@ -221,7 +221,8 @@ def format_table(rows: dict[str, dict[str, float]], columns: Sequence[str] = MET
     return "\n".join(lines)
 
 
-def _check(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+def check_scoring_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+    """Raises unless there is at least one prediction and each has a non-empty group of references."""
     if isinstance(predictions, str) or any(isinstance(group, str) for group in references):
         raise TypeError("predictions must be a sequence of strings and references a sequence of lists of strings")
     if len(predictions) != len(references):
@@ -254,11 +255,12 @@ def _content_tokens(text: str) -> list[str]:
     return [t for t in _tokens(text) if any(ch.isalnum() for ch in t)]
 
 
-def _ngrams(tokens: list[str], n: int) -> Counter:
+def ngrams(tokens: list[str], n: int) -> Counter:
+    """The counts of the n-grams of `tokens`, as tuples."""
     return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
-def _reference_ngram_counts(reference_tokens: list[list[list[str]]], max_order: int) -> tuple[Counter, int]:
+def reference_ngram_counts(reference_tokens: list[list[list[str]]], max_order: int) -> tuple[Counter, int]:
     """Counts of every n-gram (n <= max_order) over all reference texts, and their number of words (NIST's input)."""
     counts: Counter = Counter()
     words = 0
@@ -266,18 +268,20 @@ def _reference_ngram_counts(reference_tokens: list[list[list[str]]], max_order: 
         for tokens in group:
             words += len(tokens)
             for n in range(1, max_order + 1):
-                counts.update(_ngrams(tokens, n))
+                counts.update(ngrams(tokens, n))
     return counts, words
 
 
-def _max_counts(counters) -> Counter:
+def max_counts(counters) -> Counter:
+    """Each n-gram's highest count over `counters` (BLEU's clipping: the most any one reference has)."""
     most: Counter = Counter()
     for counter in counters:
         most |= counter
     return most
 
 
-def _nist_length_penalty(ratio: float) -> float:
+def nist_length_penalty(ratio: float) -> float:
+    """NIST's brevity penalty for a hypothesis/reference length `ratio`: 1 from 1 up, 0.5 at 2/3."""
     if ratio >= 1:
         return 1.0
     if ratio <= 0:

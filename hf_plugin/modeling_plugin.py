@@ -19,15 +19,15 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .combine import align_vocab, combine_logits
-from .compatibility import check_base_model, check_vocab_width
+from .combine import align_vocab, check_alpha, combine_logits
+from .compatibility import check_base_model, check_vocab_width, renamed_keyword
 from .configuration_plugin import PluginConfig
 from .compact_head import CompactHead
 from .copying import (add_aliases, add_spelled_words, apply_copy_mode, first_occurrences, word_start_aliases,
                       word_start_spellings)
 from .initialization import first_layers
-from .hub import (CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, _WEIGHTS_SHARD, _ships_custom_generate, card_sections,
-                  push_folder, render_model_card, write_remote_code)
+from .hub import (CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, WEIGHTS_SHARD, card_sections, push_folder,
+                  render_model_card, ships_custom_generate, write_remote_code)
 # Some transformers releases (5.3, 5.8) copy only the direct relative imports of a remote-code model loaded from a
 # folder: every module of the `with_code` copy is therefore imported here (tests/test_hub.py runs on 5.3 in CI).
 from ._version import __version__  # noqa: F401
@@ -214,13 +214,13 @@ class PluginModel(PluginPreTrainedModel):
             raise ValueError("Use `PluginModel.push_to_hub(repo_id)`: it uploads what save_pretrained writes, card included.")
         if Path(save_directory).is_dir():  # weights of an earlier save (sharded or not) must not be loaded instead
             for path in Path(save_directory).iterdir():
-                if path.name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE) or _WEIGHTS_SHARD.match(path.name):
+                if path.name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE) or WEIGHTS_SHARD.match(path.name):
                     path.unlink()
         super().save_pretrained(save_directory, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
         self.card_sections = {**self.card_sections, **(model_card or {})}
-        custom_generate = _ships_custom_generate(self.card_sections, with_code)
+        custom_generate = ships_custom_generate(self.card_sections, with_code)
         self.card_sections.pop("custom_generate", None)  # what this save writes decides, not an earlier card
         if custom_generate:
             self.card_sections["custom_generate"] = True
@@ -618,12 +618,13 @@ class CompletionLogits(torch.nn.Module):
     trainer prepares this wrapper rather than the reweighter itself.
 
     Args:
-        plugin (`PluginModel`): the reweighter, available as `.plugin` (e.g. to save it).
+        reweighter (`PluginModel`): the reweighter, available as `.plugin` (e.g. to save it).
     """
 
-    def __init__(self, plugin: PluginModel):
+    @renamed_keyword("plugin", "reweighter")
+    def __init__(self, reweighter: PluginModel):
         super().__init__()
-        self.plugin = plugin
+        self.plugin = reweighter
 
     def forward(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, logits_mask: torch.Tensor
@@ -636,8 +637,9 @@ def accepts_logits_to_keep(model: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+@renamed_keyword("plugins", "reweighters")
 def score_with_reweighters(
-    plugins: Sequence[PluginModel],
+    reweighters: Sequence[PluginModel],
     input_ids: torch.LongTensor,
     base_logits: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -650,7 +652,7 @@ def score_with_reweighters(
     The offline counterpart of `PluginLogitsProcessor([r1, r2, ...], alphas=[...])`.
 
     Args:
-        plugins (`Sequence[PluginModel]`): the reweighters.
+        reweighters (`Sequence[PluginModel]`): the reweighters (a parameter formerly named `plugins`).
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids.
         base_logits (`torch.Tensor` of shape `(batch_size, sequence_length, base_vocab_size)`):
             the base model's raw logits or log-probabilities at the same positions.
@@ -668,15 +670,16 @@ def score_with_reweighters(
             f"`base_logits` must have shape (batch, sequence, vocab) matching input_ids {tuple(input_ids.shape)}, "
             f"got {tuple(base_logits.shape)}."
         )
-    alphas = [p.config.alpha for p in plugins] if alphas is None else list(alphas)
+    alphas = [r.config.alpha for r in reweighters] if alphas is None else [check_alpha(a, "alphas") for a in alphas]
     if prompt_lengths is None and labels is not None:  # the prompt ends where the labels begin
         prompt_lengths = (labels != -100).long().argmax(dim=1)
     width = base_logits.shape[-1]
     reweighter_logits = []
-    for plugin in plugins:
-        check_vocab_width(plugin.config, width)
-        mask = attention_mask.to(plugin.device) if attention_mask is not None else None
-        logits = plugin(input_ids.to(plugin.device), attention_mask=mask, prompt_lengths=prompt_lengths).logits
+    for reweighter in reweighters:
+        check_vocab_width(reweighter.config, width)
+        device = reweighter.device
+        mask = attention_mask.to(device) if attention_mask is not None else None
+        logits = reweighter(input_ids.to(device), attention_mask=mask, prompt_lengths=prompt_lengths).logits
         reweighter_logits.append(align_vocab(logits.to(base_logits.device), width))
     combined = combine_logits(base_logits, reweighter_logits, alphas)
     loss = next_token_nll(combined, labels) if labels is not None else None

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
+import warnings
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,30 +20,29 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 from transformers.utils import logging
 
-from .base_logits import examples_fingerprint, loss_positions
+from .base_logits import LossSource, loss_positions
+from .combine import check_alpha
+from .compatibility import renamed_keyword
 from .data import EncodedExample, collate
-from .hub import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, saved_files
 from .modeling_plugin import CompletionLogits, PluginModel
+from .run_folder import (BEST_DIR, CHECKPOINT_DIR_SUFFIX, CHECKPOINT_PREFIX, RUN_FILE, STATE_FILE, check_output_dir,
+                         check_resume, complete_checkpoints, remove_checkpoints, remove_old_outputs, replace_folder,
+                         run_lock, run_record)
+# Imported from here before the run-folder helpers had their own module.
+from .run_folder import latest_checkpoint  # noqa: F401
 
 
 logger = logging.get_logger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.json"
-BEST_DIR = "best"
-RUN_FILE = "run.json"
-LOCK_FILE = ".lock"
-CHECKPOINT_DIR_SUFFIX = ".checkpoints"
-# Files a training run writes in `output_dir` besides the saved reweighter.
-TRAINING_OUTPUTS = ("training_args.json", "metrics.json", "log.jsonl", "loss_curve.png")
 # Arguments that do not change the trained weights: a resumed run may change them.
 BOOKKEEPING_ARGUMENTS = ("output_dir", "checkpoint_dir", "overwrite_output_dir", "log_with", "save_steps",
                          "eval_batch_size", "keep_checkpoints", "keep_checkpoints_after_run")
 
 
 @dataclass
-class TrainingArguments:
-    """Hyper-parameters and bookkeeping of `train`.
+class PluginTrainingArguments:
+    """Hyper-parameters and bookkeeping of `train` (formerly `TrainingArguments`, still importable as a deprecated
+    alias).
 
     Args:
         output_dir (`str`): where the final reweighter, its card and the logs go. Only what `save_pretrained` writes
@@ -73,7 +67,8 @@ class TrainingArguments:
             are whatever `train` is given: seed torch before building it (the CLI does, with the same seed).
         mixed_precision (`str`, *optional*, defaults to `"no"`): `"no"`, `"fp16"` or `"bf16"`.
         log_with (`str`, *optional*): an Accelerate tracker (e.g. `"tensorboard"`), besides the JSON-lines log.
-        alpha (`float`, *optional*): strength used in the loss; defaults to the reweighter's `config.alpha`.
+        alpha (`float`, *optional*): strength used in the loss, a finite number >= 0 as everywhere; defaults to the
+            reweighter's `config.alpha`.
         keep_checkpoints (`int`, *optional*, defaults to 1): how many of the newest checkpoints to keep while
             training; at least 1, since resuming needs the latest.
         keep_checkpoints_after_run (`bool`, *optional*, defaults to `False`): keep `checkpoint_dir` after a run that
@@ -111,8 +106,8 @@ class TrainingArguments:
             raise ValueError(f"`learning_rate` must be a positive number, got {self.learning_rate}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}.")
-        if self.alpha is not None and not math.isfinite(self.alpha):
-            raise ValueError(f"`alpha` must be a finite number, got {self.alpha}.")
+        if self.alpha is not None:
+            check_alpha(self.alpha)
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"`mixed_precision` must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
         output = Path(self.output_dir)
@@ -133,8 +128,8 @@ class TrainingArguments:
 
 
 @dataclass
-class TrainerState:
-    """Where a run is; saved with every checkpoint so `resume` continues exactly."""
+class PluginTrainerState:
+    """Where a run is; saved with every checkpoint so `resume` continues exactly (formerly `TrainerState`)."""
 
     epoch: int = 0
     batches_done_in_epoch: int = 0
@@ -146,140 +141,21 @@ class TrainerState:
     history: list[dict] = field(default_factory=list)
 
 
-def _checkpoints(checkpoint_dir: str | Path) -> list[Path]:
-    """The complete checkpoints in `checkpoint_dir`, oldest first (temporary, unfinished ones are ignored)."""
-    candidates = [p for p in Path(checkpoint_dir).glob(f"{CHECKPOINT_PREFIX}*")
-                  if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+def _renamed(new: type, old_name: str) -> type:
+    """`new` under the name it had before, warning when built: code written against the old name keeps working."""
+
+    def __init__(self, *args, **kwargs):
+        warnings.warn(f"`hf_plugin.training.{old_name}` is renamed `{new.__name__}` (the old name is a transformers "
+                      "class too) and will be removed in a future version.", FutureWarning, stacklevel=2)
+        new.__init__(self, *args, **kwargs)
+
+    return type(old_name, (new,), {"__init__": __init__, "__module__": __name__,
+                                   "__doc__": f"Deprecated alias of `{new.__name__}`."})
 
 
-def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint in `checkpoint_dir` (temporary, unfinished ones are ignored)."""
-    return (_checkpoints(checkpoint_dir) or [None])[-1]
-
-
-# Config fields that do not describe the reweighter (versions, names, defaults of `PretrainedConfig`).
-_VOLATILE_CONFIG_FIELDS = ("hf_plugin_version", "transformers_version", "_name_or_path", "architectures", "dtype")
-
-
-def run_record(args: TrainingArguments, train_examples: Sequence[EncodedExample],
-               validation_examples: Sequence[EncodedExample], config=None, num_processes: int = 1) -> dict:
-    """What defines a run, saved with each checkpoint: the arguments that decide the weights, the number of
-    processes, the fingerprints of both splits and the reweighter's config (flattened one level, as `a.b`)."""
-    record = {**args.run_defining(), "processes": num_processes,
-              "training data": examples_fingerprint(train_examples),
-              "validation data": examples_fingerprint(validation_examples)}
-    if config is not None:
-        for key, value in json.loads(config.to_json_string(use_diff=False)).items():
-            if key in _VOLATILE_CONFIG_FIELDS:
-                continue
-            if isinstance(value, dict):
-                record.update({f"reweighter {key}.{k}": v for k, v in value.items() if k not in _VOLATILE_CONFIG_FIELDS})
-            else:
-                record[f"reweighter {key}"] = value
-    return record
-
-
-def check_resume(args: TrainingArguments, train_examples: Sequence[EncodedExample],
-                 validation_examples: Sequence[EncodedExample], config=None, num_processes: int = 1) -> Path:
-    """The checkpoint to resume from, after checking that it belongs to this run.
-
-    Args:
-        args (`TrainingArguments`): this run's arguments; the checkpoints are looked for in `args.checkpoint_dir`.
-        train_examples, validation_examples (`Sequence[EncodedExample]`): this run's data.
-        config (`PluginConfig`, *optional*): this run's reweighter config, compared when given.
-        num_processes (`int`, *optional*, defaults to 1): this run's number of processes.
-
-    Raises:
-        `FileNotFoundError`: there is no checkpoint to resume from.
-        `ValueError`: the checkpoint was written by a run with other arguments, data or architecture; the message
-            names what differs.
-    """
-    checkpoint = latest_checkpoint(args.checkpoint_dir)
-    if checkpoint is None:
-        raise FileNotFoundError(f"Cannot resume: {args.checkpoint_dir} holds no checkpoint.")
-    recorded_path = checkpoint / RUN_FILE
-    if not recorded_path.is_file():
-        raise ValueError(f"Cannot resume from {checkpoint}: it does not record the run it belongs to ({RUN_FILE}).")
-    recorded = json.loads(recorded_path.read_text())
-    current = run_record(args, train_examples, validation_examples, config, num_processes)
-    if config is None:  # only what can be compared before the reweighter exists
-        recorded = {key: value for key, value in recorded.items() if not key.startswith("reweighter ")}
-    differences = [f"{key} {recorded.get(key)} in the checkpoint, {current.get(key)} now"
-                   for key in dict.fromkeys([*recorded, *current]) if recorded.get(key) != current.get(key)]
-    if differences:
-        raise ValueError(f"Cannot resume from {checkpoint}, it belongs to another run: {'; '.join(differences)}.")
-    return checkpoint
-
-
-def check_output_dir(args: TrainingArguments, resume: bool = False) -> None:
-    """Refuses to start a new run over the outputs of another unless `args.overwrite_output_dir` is set.
-
-    Raises:
-        `ValueError`: `output_dir` holds a reweighter or `checkpoint_dir` holds checkpoints, and neither `resume`
-            nor `args.overwrite_output_dir` was given.
-    """
-    if resume or args.overwrite_output_dir:
-        return
-    reweighter = [name for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE, "config.json")
-                  if (Path(args.output_dir) / name).exists()]
-    if reweighter:
-        raise ValueError(f"{args.output_dir} already holds a reweighter ({reweighter[0]}); pass "
-                         "`overwrite_output_dir=True` to replace it, or choose another output directory.")
-    if _checkpoints(args.checkpoint_dir) or (Path(args.checkpoint_dir) / BEST_DIR).exists():
-        raise ValueError(f"{args.checkpoint_dir} holds the checkpoints of another run; pass `resume=True` to continue "
-                         "it or `overwrite_output_dir=True` to start again.")
-    output_dir = Path(args.output_dir)
-    replaced = [name for name in TRAINING_OUTPUTS if (output_dir / name).exists()]
-    replaced = (saved_files(output_dir) if output_dir.is_dir() else []) + replaced
-    if replaced:  # e.g. output_dir="." in a project: its README.md would become the model card
-        raise ValueError(f"{args.output_dir} already holds {', '.join(replaced)}, which a run writes; pass "
-                         "`overwrite_output_dir=True` to replace them, or choose another output directory.")
-
-
-def _remove_old_outputs(args: TrainingArguments) -> None:
-    """Removes what an earlier run wrote in `output_dir` and `checkpoint_dir` (and nothing else)."""
-    output_dir = Path(args.output_dir)
-    if output_dir.is_dir():
-        for name in [*saved_files(output_dir), *TRAINING_OUTPUTS]:
-            (output_dir / name).unlink(missing_ok=True)
-    _remove_checkpoints(Path(args.checkpoint_dir))
-
-
-@contextmanager
-def _run_lock(checkpoint_dir: Path):
-    """Holds an exclusive lock on `checkpoint_dir` while a run uses it: a second run into the same folders fails at
-    once instead of mixing its checkpoints, best weights and log with the first one's. The lock dies with the
-    process, so a killed run never blocks a resumed one."""
-    if fcntl is None:  # no POSIX locks (Windows): runs are not guarded against each other
-        yield
-        return
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    with open(checkpoint_dir / LOCK_FILE, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"Another training run is using {checkpoint_dir}; wait for it to end or choose another "
-                             "output_dir / checkpoint_dir.") from None
-        try:
-            yield
-        finally:  # still held: no other run can have taken it; an emptied folder goes too
-            (checkpoint_dir / LOCK_FILE).unlink(missing_ok=True)
-            if not any(checkpoint_dir.iterdir()):
-                checkpoint_dir.rmdir()
-
-
-def _remove_checkpoints(checkpoint_dir: Path) -> None:
-    """Removes the checkpoints and `best/` (finished or not), then `checkpoint_dir` itself if nothing else is left."""
-    # Only the names `train` writes: a shared --checkpoint-dir may hold a user's `best_model.pt` or `checkpoint-old/`.
-    ours = [path for path in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*")
-            if path.name.removeprefix(CHECKPOINT_PREFIX).removesuffix(".tmp").isdigit()]
-    ours += [checkpoint_dir / BEST_DIR, checkpoint_dir / (BEST_DIR + ".tmp")]
-    for path in ours:
-        if path.is_dir():
-            shutil.rmtree(path)
-    if checkpoint_dir.is_dir() and not any(checkpoint_dir.iterdir()):
-        checkpoint_dir.rmdir()
+# Deprecated: the names of transformers classes that the same users import.
+TrainingArguments = _renamed(PluginTrainingArguments, "TrainingArguments")
+TrainerState = _renamed(PluginTrainerState, "TrainerState")
 
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -291,14 +167,45 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]
 
 
 class _Trainer:
-    def __init__(self, plugin, train_examples, validation_examples, train_source, validation_source, args,
-                 pad_token_id, accelerator, run_record, export=None):
+    """The training loop of one run of `train`, once its folders are locked and checked: optimizer steps, validation
+    after every epoch, the best epoch's weights in `checkpoint_dir/best` and resumable checkpoints.
+
+    `train` builds it and owns what surrounds the loop (checking and clearing the folders, saving the final
+    reweighter); `run` trains and returns the state a checkpoint records.
+
+    Args:
+        reweighter (`PluginModel`): the model to train, in place.
+        train_examples, validation_examples (`Sequence[EncodedExample]`): tokenised data (`hf_plugin.data`).
+        train_source (`LossSource`): the training loss.
+        validation_source (`LossSource`): the validation loss (the NLL that picks the best epoch).
+        args (`PluginTrainingArguments`): hyper-parameters and folders.
+        pad_token_id (`int`): padding id for batching.
+        accelerator (`Accelerator`): the processes sharing the run.
+        run_record (`dict`): what defines the run (`hf_plugin.run_folder.run_record`), saved with each checkpoint.
+        export (`Callable[[PluginModel], PluginModel]`, *optional*): the form of the model saved as the best
+            weights; defaults to the model itself.
+    """
+
+    def __init__(
+        self,
+        *,
+        reweighter: PluginModel,
+        train_examples: Sequence[EncodedExample],
+        validation_examples: Sequence[EncodedExample],
+        train_source: LossSource,
+        validation_source: LossSource,
+        args: PluginTrainingArguments,
+        pad_token_id: int,
+        accelerator: Accelerator,
+        run_record: dict,
+        export: Callable[[PluginModel], PluginModel] | None = None,
+    ):
         self.args = args
         self.export = export or (lambda model: model)
         self.accelerator = accelerator
         self.train_source = train_source
         self.validation_source = validation_source
-        self.alpha = plugin.config.alpha if args.alpha is None else args.alpha
+        self.alpha = reweighter.config.alpha if args.alpha is None else args.alpha
         self.pad_token_id = pad_token_id
         self.output_dir, self.checkpoint_dir = Path(args.output_dir), Path(args.checkpoint_dir)
         self.run_record = run_record
@@ -308,9 +215,10 @@ class _Trainer:
                             collate_fn=partial(collate, pad_token_id=pad_token_id))
         # The fused kernel updates all parameters in one pass: a large share of a step for a reweighter whose
         # embedding and output layers dominate its size.
-        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in plugin.parameters())
-        optimizer = torch.optim.AdamW(_parameter_groups(plugin, args.weight_decay), lr=args.learning_rate, fused=fused)
-        self.model, self.optimizer, self.loader = accelerator.prepare(CompletionLogits(plugin), optimizer, loader)
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in reweighter.parameters())
+        optimizer = torch.optim.AdamW(_parameter_groups(reweighter, args.weight_decay), lr=args.learning_rate,
+                                      fused=fused)
+        self.model, self.optimizer, self.loader = accelerator.prepare(CompletionLogits(reweighter), optimizer, loader)
         # Validation is split by hand (every process takes a stride) so that no example is counted twice.
         rank, world = accelerator.process_index, accelerator.num_processes
         self.validation = list(validation_examples)[rank::world]
@@ -322,14 +230,14 @@ class _Trainer:
             self.optimizer, round(args.warmup_ratio * self.total_steps), self.total_steps
         )
         accelerator.register_for_checkpointing(self.scheduler)
-        self.state = TrainerState()
+        self.state = PluginTrainerState()
 
-    def run(self, checkpoint: Path | None) -> TrainerState:
+    def run(self, checkpoint: Path | None) -> PluginTrainerState:
         """Trains from the start, or from `checkpoint` (checked by `check_resume`)."""
         args, accelerator = self.args, self.accelerator
         if checkpoint is not None:
             accelerator.load_state(str(checkpoint))
-            self.state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
+            self.state = PluginTrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
             logger.info(f"Resumed from {checkpoint} (step {self.state.global_step}).")
         if self.state.base_validation_nll is None:  # once per run: what the validation NLL is to be compared with
             self.state.base_validation_nll = self.evaluate(alpha=0.0)
@@ -441,8 +349,7 @@ class _Trainer:
             final, temporary = self.checkpoint_dir / BEST_DIR, self.checkpoint_dir / (BEST_DIR + ".tmp")
             shutil.rmtree(temporary, ignore_errors=True)
             self.export(self.accelerator.unwrap_model(self.model).plugin).save_pretrained(temporary)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(temporary, final)
+            replace_folder(temporary, final)
         self.accelerator.wait_for_everyone()
 
     def _checkpoint(self) -> None:
@@ -459,9 +366,8 @@ class _Trainer:
         if self.accelerator.is_main_process:
             (temporary / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
             (temporary / RUN_FILE).write_text(json.dumps(self.run_record, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(temporary, final)
-            for old in _checkpoints(self.checkpoint_dir)[: -self.args.keep_checkpoints]:  # keep_checkpoints >= 1
+            replace_folder(temporary, final)
+            for old in complete_checkpoints(self.checkpoint_dir)[: -self.args.keep_checkpoints]:  # keep_checkpoints >= 1
                 shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
 
@@ -477,7 +383,7 @@ class _Trainer:
 def completion_nll(
     model: torch.nn.Module,
     examples: Sequence[EncodedExample],
-    source,
+    source: LossSource,
     alpha: float,
     pad_token_id: int,
     batch_size: int = 32,
@@ -488,7 +394,7 @@ def completion_nll(
     Args:
         model (`PluginModel`, or a `CompletionLogits` holding one, possibly prepared by Accelerate): the reweighter.
         examples (`Sequence[EncodedExample]`): tokenised pairs.
-        source: `LiveBaseModel` (full logits) or `CachedBaseLogits` (the top-k bound).
+        source (`LossSource`): e.g. `LiveBaseModel` (full logits) or `CachedBaseLogits` (the top-k bound).
         alpha (`float`): strength of the reweighter.
         pad_token_id (`int`): padding id for batching.
         batch_size (`int`, *optional*, defaults to 32): examples per forward pass.
@@ -505,34 +411,38 @@ def completion_nll(
     return total, count
 
 
+@renamed_keyword("plugin", "reweighter")
 def train(
-    plugin: PluginModel,
+    reweighter: PluginModel,
     train_examples: Sequence[EncodedExample],
     validation_examples: Sequence[EncodedExample],
-    train_source,
-    args: TrainingArguments,
-    validation_source=None,
+    train_source: LossSource,
+    args: PluginTrainingArguments,
+    validation_source: LossSource | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     resume: bool = False,
     model_card: dict | None = None,
     accelerator: Accelerator | None = None,
     export: Callable[[PluginModel], PluginModel] | None = None,
 ) -> PluginModel:
-    """Trains `plugin` so that base × reweighter fits the completions; saves the best epoch's reweighter.
+    """Trains `reweighter` so that base × reweighter fits the completions; saves the best epoch's reweighter.
 
     Args:
-        plugin (`PluginModel`): the reweighter to train (its initial weights are the starting point).
+        reweighter (`PluginModel`): the reweighter to train (its initial weights are the starting point; a parameter
+            formerly named `plugin`).
         train_examples, validation_examples (`Sequence[EncodedExample]`): tokenised data (`hf_plugin.data`).
-        train_source: the loss: where base log-probs come from (`LiveBaseModel` or `CachedBaseLogits`), or any
-            object whose `nll(logits, batch, alpha)` returns a loss per completion position from the model's logits
-            there (e.g. `hf_plugin.unlearning.UnlearningLoss`); the step minimises its mean over all positions.
-        args (`TrainingArguments`): hyper-parameters.
-        validation_source (*optional*): the same for validation; defaults to `train_source`.
+        train_source (`LossSource`): the loss: where base log-probs come from (`LiveBaseModel` or
+            `CachedBaseLogits`), or any object whose `nll(logits, batch, alpha)` returns a loss per completion
+            position from the model's logits there (e.g. `hf_plugin.unlearning.UnlearningLoss`); the step minimises
+            its mean over all positions.
+        args (`PluginTrainingArguments`): hyper-parameters.
+        validation_source (`LossSource`, *optional*): the same for validation; defaults to `train_source`.
         tokenizer (`PreTrainedTokenizerBase`, *optional*): saved next to the reweighter.
         resume (`bool`, *optional*, defaults to `False`): continue from the latest checkpoint in
             `args.checkpoint_dir`; it must belong to this run (same arguments, data and architecture, see
-            `check_resume`). Without it, an `output_dir` holding a reweighter or a `checkpoint_dir` holding
-            checkpoints is refused unless `args.overwrite_output_dir`, and their old outputs are then removed.
+            `hf_plugin.run_folder.check_resume`). Without it, an `output_dir` holding a reweighter or a
+            `checkpoint_dir` holding checkpoints is refused unless `args.overwrite_output_dir`, and their old outputs
+            are then removed.
         model_card (`dict`, *optional*): extra model-card sections (e.g. `datasets`, `license`).
         accelerator (`Accelerator`, *optional*): defaults to one built from `args`.
         export (`Callable`, *optional*): the form of the model that is saved (e.g. LoRA adapters merged,
@@ -549,34 +459,36 @@ def train(
     """
     if not validation_examples:
         raise ValueError("A validation split is needed: early stopping and the saved model are chosen on it.")
-    if plugin.config.copy_word_starts and not bool((plugin.copy_aliases >= 0).any()):
+    if reweighter.config.copy_word_starts and not bool((reweighter.copy_aliases >= 0).any()):
         raise ValueError("The reweighter has copy_word_starts=True but an empty word-start table: call "
-                         "`plugin.set_copy_aliases(tokenizer)` first (or use copy_word_starts=False for a vocabulary "
+                         "`reweighter.set_copy_aliases(tokenizer)` first (or use copy_word_starts=False for a vocabulary "
                          "without word-start markers).")
     # Recorded before the run record, so that a resumed run records the same.
     longest = max(len(example.input_ids) for example in train_examples)
-    plugin.config.trained_max_length = max(longest, plugin.config.trained_max_length or 0)
+    reweighter.config.trained_max_length = max(longest, reweighter.config.trained_max_length or 0)
     output_dir, checkpoint_dir = Path(args.output_dir), Path(args.checkpoint_dir)
     accelerator = accelerator or Accelerator(mixed_precision=args.mixed_precision, log_with=args.log_with,
                                              project_dir=str(output_dir))
     # One run at a time in these folders: the lock is taken before the folders are checked or cleared.
-    with _run_lock(checkpoint_dir) if accelerator.is_main_process else nullcontext():
+    with run_lock(checkpoint_dir) if accelerator.is_main_process else nullcontext():
         check_output_dir(args, resume)
-        record = run_record(args, train_examples, validation_examples, plugin.config, accelerator.num_processes)
-        checkpoint = (check_resume(args, train_examples, validation_examples, plugin.config, accelerator.num_processes)
+        record = run_record(args, train_examples, validation_examples, reweighter.config, accelerator.num_processes)
+        checkpoint = (check_resume(args, train_examples, validation_examples, reweighter.config,
+                                   accelerator.num_processes)
                       if resume else None)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if not resume:  # a new run: nothing of an earlier one is reported, nor appended to
-                _remove_old_outputs(args)
+                remove_old_outputs(args)
             output_dir.mkdir(parents=True, exist_ok=True)
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         if args.log_with:
             accelerator.init_trackers("hf-plugin", config={k: v for k, v in asdict(args).items() if v is not None})
         pad_token_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-        trainer = _Trainer(plugin, train_examples, validation_examples, train_source, validation_source or train_source,
-                           args, pad_token_id, accelerator, record, export)
+        trainer = _Trainer(reweighter=reweighter, train_examples=train_examples, validation_examples=validation_examples,
+                           train_source=train_source, validation_source=validation_source or train_source, args=args,
+                           pad_token_id=pad_token_id, accelerator=accelerator, run_record=record, export=export)
         state = trainer.run(checkpoint)
         accelerator.wait_for_everyone()
         best = PluginModel.from_pretrained(checkpoint_dir / BEST_DIR)
@@ -595,7 +507,7 @@ def train(
             plot_loss_curve(output_dir / "log.jsonl", output_dir / "loss_curve.png")
         accelerator.wait_for_everyone()  # every process has loaded `best/`
         if accelerator.is_main_process and not args.keep_checkpoints_after_run:
-            _remove_checkpoints(checkpoint_dir)  # the run finished: what only resuming needed goes
+            remove_checkpoints(checkpoint_dir)  # the run finished: what only resuming needed goes
     accelerator.end_training()
     return best
 

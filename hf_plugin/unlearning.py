@@ -16,7 +16,7 @@ from .base_logits import completion_positions
 from .compatibility import binding_kwargs
 from .data import EncodedExample
 from .modeling_plugin import PluginModel
-from .training import TrainingArguments, train
+from .training import PluginTrainingArguments, train
 
 
 class UnlearningLoss:
@@ -24,7 +24,7 @@ class UnlearningLoss:
     The loss of ULD's assistant at each completion position: the NLL of the next token on a forget example, and
     `beta · KL(uniform ‖ q)` on a retain example (q: the assistant's next-token distribution), so that the assistant
     remembers the forget set and knows nothing of the rest. It plugs into `hf_plugin.training.train` in place of a
-    base-logit source (the same `nll(logits, batch, alpha)` interface; `alpha` is not used).
+    base-logit source (a `hf_plugin.base_logits.LossSource`; `alpha` is not used).
 
     Args:
         forget_indices (`Sequence[int]`): the `index` of every forget example (`EncodedExample.index`); the other
@@ -87,10 +87,10 @@ def kl_from_uniform(model: PreTrainedModel, examples: Sequence[EncodedExample]) 
     return float(torch.cat(values).mean())
 
 
-def _adapted_layers(plugin: PluginModel) -> list[str]:
+def _adapted_layers(assistant: PluginModel) -> list[str]:
     """The names of the assistant's linear layers (Linear or GPT-2's Conv1D), the output head excepted."""
-    head = plugin.get_output_embeddings()
-    return [name for name, module in plugin.named_modules()
+    head = assistant.get_output_embeddings()
+    return [name for name, module in assistant.named_modules()
             if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head]
 
 
@@ -175,7 +175,7 @@ def train_assistant(
     target: PreTrainedModel,
     forget_examples: Sequence[EncodedExample],
     retain_examples: Sequence[EncodedExample],
-    args: TrainingArguments,
+    args: PluginTrainingArguments,
     num_layers: int,
     beta: float = 5.0,
     lora_rank: int = 16,
@@ -195,7 +195,7 @@ def train_assistant(
     Args:
         target (`PreTrainedModel`): the model to unlearn from; left untouched.
         forget_examples, retain_examples (`Sequence[EncodedExample]`): tokenised pairs (`hf_plugin.data`).
-        args (`TrainingArguments`): hyper-parameters (ULD: `learning_rate=1e-3`, `epochs=10`).
+        args (`PluginTrainingArguments`): hyper-parameters (ULD: `learning_rate=1e-3`, `epochs=10`).
         num_layers, lora_rank, lora_alpha, tokenizer, base_model_id: as for `build_assistant`.
         beta (`float`, *optional*, defaults to 5.0): the weight of the retain term of `UnlearningLoss`.
         resume (`bool`, *optional*, defaults to `False`): continue from the latest checkpoint of this run.

@@ -38,7 +38,8 @@ def no_base(monkeypatch):
 
 
 def generate(setup: Path, *extra: str) -> list[str]:
-    return ["generate", "--base", str(setup / "base"), "--plugin", str(setup / "plugin"), "--max-new-tokens", "3", *extra]
+    return ["generate", "--base", str(setup / "base"), "--reweighter", str(setup / "plugin"), "--max-new-tokens", "3",
+            *extra]
 
 
 def printed_records(capsys) -> list[dict]:
@@ -54,7 +55,7 @@ def test_documented_flow_train_generate_evaluate(setup, tmp_path, capsys):
           "--batch-size", "8", "--hidden-size", "32", "--intermediate-size", "64", "--num-heads", "2",
           "--max-length", "32", "--cpu"])
     predictions = tmp_path / "preds.jsonl"
-    main(["generate", "--base", str(setup / "base"), "--plugin", str(out), "--data", str(setup / "test.csv"),
+    main(["generate", "--base", str(setup / "base"), "--reweighter", str(out), "--data", str(setup / "test.csv"),
           "--template", TEMPLATE, "--completion-column", "ref", "--stop", r"\n", "--max-new-tokens", "4",
           "--batch-size", "2", "--output", str(predictions)])
     assert "Wrote 5 completions" in capsys.readouterr().out
@@ -114,8 +115,8 @@ def test_stop_strings_cut_completions(setup, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--plugin", "{tmp}/absent", "--prompt", "w1"], r"--plugin .*absent: no such directory"),
-    (["--plugin", "{tmp}", "--prompt", "w1"], r"--plugin .*: .*config"),
+    (["--reweighter", "{tmp}/absent", "--prompt", "w1"], r"--reweighter .*absent: no such directory"),
+    (["--reweighter", "{tmp}", "--prompt", "w1"], r"--reweighter .*: .*config"),
     (["--prompts-file", "{tmp}/absent.txt"], r"--prompts-file .*absent\.txt not found"),
     (["--data", "{tmp}/absent.csv", "--template", TEMPLATE], r"Data file not found: .*absent\.csv"),
     (["--data", "{setup}/test.csv", "--template", "{missing}"], r"Template field\(s\) \['missing'\]"),
@@ -132,7 +133,7 @@ def test_stop_strings_cut_completions(setup, capsys):
 def test_generate_errors_come_before_the_base_is_loaded(setup, tmp_path, no_base, extra, message):
     (tmp_path / "empty.txt").write_text("\n \n")
     argv = [a.format(tmp=tmp_path, setup=setup) if "{tmp}" in a or "{setup}" in a else a for a in extra]
-    if "--plugin" in argv:
+    if "--reweighter" in argv:
         argv = ["generate", "--base", str(setup / "base"), "--max-new-tokens", "3", *argv]
     else:
         argv = generate(setup, *argv)
@@ -151,17 +152,17 @@ def test_evaluate_errors_come_before_the_base_is_loaded(setup, tmp_path, no_base
     evaluate = ["evaluate", "--base", str(setup / "base"), "--data", str(setup / "test.csv"), "--prompt-column", "mr",
                 "--completion-column", "ref"]
     with pytest.raises(SystemExit, match="no such directory"):
-        main(evaluate + ["--plugin", str(tmp_path / "absent")])
+        main(evaluate + ["--reweighter", str(tmp_path / "absent")])
     with pytest.raises(SystemExit, match=r"evaluation split: No pair of .*test\.csv fits in max_length=3 tokens .*"
                                          r"Raise --max-length \(now 3\)"):
-        main(evaluate + ["--plugin", str(setup / "plugin"), "--max-length", "3"])
+        main(evaluate + ["--reweighter", str(setup / "plugin"), "--max-length", "3"])
     with pytest.raises(SystemExit, match="--max-length must be at least 1"):
-        main(evaluate + ["--plugin", str(setup / "plugin"), "--max-length", "0"])
+        main(evaluate + ["--reweighter", str(setup / "plugin"), "--max-length", "0"])
 
 
 @pytest.mark.parametrize("command", ["generate", "evaluate"])
 def test_a_missing_base_is_one_line(setup, tmp_path, command):
-    argv = [command, "--base", str(tmp_path / "nothing"), "--plugin", str(setup / "plugin")]
+    argv = [command, "--base", str(tmp_path / "nothing"), "--reweighter", str(setup / "plugin")]
     argv += ["--prompt", "w1"] if command == "generate" else ["--data", str(setup / "test.csv"), "--prompt-column", "mr"]
     with pytest.raises(SystemExit, match=r"^error: cannot load base model .*nothing") as caught:
         main(argv)
@@ -178,5 +179,5 @@ def test_library_errors_become_one_line(setup, tmp_path):
     """A reweighter for another vocabulary: the library's ValueError ends the command with its message."""
     make_plugin("llama", vocab_size=80).save_pretrained(tmp_path / "other")
     with pytest.raises(SystemExit, match=r"^error: .*80") as caught:
-        main(["generate", "--base", str(setup / "base"), "--plugin", str(tmp_path / "other"), "--prompt", "w1"])
+        main(["generate", "--base", str(setup / "base"), "--reweighter", str(tmp_path / "other"), "--prompt", "w1"])
     assert isinstance(caught.value.__cause__, ValueError)

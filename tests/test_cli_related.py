@@ -94,7 +94,7 @@ def test_generate_decodes_like_the_library_processor(folders, capsys, method):
     expected = [text.strip() for text in
                 tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
     assert cli_completions(folders, capsys, *options) == expected
-    assert expected != cli_completions(folders, capsys, "--no-plugin")  # the method changed the decoding
+    assert expected != cli_completions(folders, capsys, "--no-reweighter")  # the method changed the decoding
 
 
 @pytest.fixture
@@ -107,13 +107,14 @@ def no_base(monkeypatch):
 
 
 @pytest.mark.parametrize("options, message", [
-    ([], r"pass exactly one of --plugin DIR .*--fusion-expert DIR"),
-    (["--no-plugin", "--uld-assistant", "{saved_a}"], r"got --no-plugin, --uld-assistant$"),
-    (["--no-plugin", "--anti-expert", "{saved_a}"], "--anti-expert belongs to --proxy-expert"),
+    ([], r"pass exactly one of --reweighter DIR, .*--fusion-expert DIR"),
+    (["--no-reweighter", "--uld-assistant", "{saved_a}"], r"got --no-reweighter, --uld-assistant$"),
+    (["--no-plugin", "--uld-assistant", "{saved_a}"], r"got --no-reweighter, --uld-assistant$"),  # its former name
+    (["--no-reweighter", "--anti-expert", "{saved_a}"], "--anti-expert belongs to --proxy-expert"),
     (["--uld-assistant", "{saved_a}", "--alpha-grid", "0,1"], "--alpha-grid belongs to --fusion-expert"),
     (["--proxy-expert", "{saved_a}"], "--proxy-expert needs --anti-expert"),
     (["--fusion-expert", "{saved_a}"], "--fusion-expert needs --small-base"),
-    (["--uld-assistant", "{saved_a}", "--alpha", "2"], "--alpha is the strength of --plugin or --proxy-expert"),
+    (["--uld-assistant", "{saved_a}", "--alpha", "2"], "--alpha is the strength of --reweighter or --proxy-expert"),
     (["--fusion-expert", "{saved_a}", "--small-base", "{saved_b}", "--alpha-grid", "0,x"],
      r"--alpha-grid must be numbers separated by commas, got '0,x'"),
     (["--proxy-expert", "{saved_a}", "--anti-expert", "{saved_b}", "--plausibility-top-p", "1.5"],

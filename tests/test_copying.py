@@ -15,7 +15,7 @@ from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel, loss_position
 from hf_plugin.cli import main
 from hf_plugin.copying import COPY_MODES, word_start_aliases, word_start_spellings
 from hf_plugin.data import collate, encode_examples, read_examples
-from hf_plugin.training import TrainingArguments, train
+from hf_plugin.training import PluginTrainingArguments, train
 
 from conftest import (BOS, EOS, PAD, Recorder, full_mask, make_base, make_plugin, make_tokenizer, prompts, task_folder,
                       write_csv)
@@ -265,9 +265,9 @@ def test_word_starts_need_a_mode_and_a_filled_table(tmp_path):
     with pytest.raises(ValueError, match="no word-start table"):
         make_plugin("llama", copy_mode="gate").set_copy_aliases(marked_tokenizer())
     setup = task_folder(tmp_path, 8, 4)
-    with pytest.raises(ValueError, match=r"empty word-start table: call `plugin.set_copy_aliases\(tokenizer\)`"):
+    with pytest.raises(ValueError, match=r"empty word-start table: call `reweighter.set_copy_aliases\(tokenizer\)`"):
         train(make_plugin("llama", copy_mode="gate", copy_word_starts=True), [object()], [object()], None,
-              TrainingArguments(output_dir=str(tmp_path / "o")))
+              PluginTrainingArguments(output_dir=str(tmp_path / "o")))
     with pytest.raises(SystemExit, match="--copy-word-starts needs --copy-mode"):
         main(["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--output-dir",
               str(tmp_path / "x"), "--copy-word-starts"])

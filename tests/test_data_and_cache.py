@@ -12,10 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hf_plugin.base_logits import (
-    CachedBaseLogits, LiveBaseModel, cached_base_sources, loss_positions, open_base_caches, plan_base_caches,
-    task_vocabulary, write_base_cache,
+    CachedBaseLogits, LiveBaseModel, LossSource, ShardSource, cached_base_sources, loss_positions, open_base_caches,
+    plan_base_caches, task_vocabulary, write_base_cache,
 )
 from hf_plugin.data import collate, encode_examples, read_examples, split_by_prompt
+from hf_plugin.remote.cache import RemoteCacheSource
+from hf_plugin.unlearning import UnlearningLoss
 
 from conftest import EOS, PAD, VOCAB, make_base, make_plugin, write_csv
 
@@ -95,6 +97,16 @@ def test_cache_with_whole_vocabulary_equals_live_and_resumes(encoded, tmp_path):
     write_base_cache(base, encoded, cache_dir, k=96, batch_size=6, examples_per_shard=16, pad_token_id=PAD)
     assert all(p.stat().st_mtime_ns == stamps[p.name] for p in (shards[0], shards[2]))
     torch.testing.assert_close(CachedBaseLogits(cache_dir, encoded).nll(logits, batch, 1.0), cached.nll(logits, batch, 1.0))
+
+
+def test_the_sources_meet_the_contracts_training_and_the_cache_check(encoded, tmp_path):
+    base = make_base("llama")
+    cache_dir = write_base_cache(base, encoded, tmp_path / "cache", k=8, pad_token_id=PAD, progress=False)
+    for source in (LiveBaseModel(base), CachedBaseLogits(cache_dir, encoded), UnlearningLoss([0])):
+        assert isinstance(source, LossSource)
+    remote = type("StandIn", (), {"vocab_size": VOCAB})()
+    assert isinstance(RemoteCacheSource(remote), ShardSource)
+    assert not isinstance(base, ShardSource)  # an in-process base is run by `write_base_cache` itself
 
 
 def test_a_pair_skipped_for_length_does_not_shift_the_cache(tokenizer, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from hf_plugin import PluginModel, combine_logits, first_layers, uniform_start_, with_demonstrations
+from hf_plugin import PluginLogitsProcessor, PluginModel, combine_logits, first_layers, uniform_start_, with_demonstrations
 from hf_plugin.cli import main
 from hf_plugin.data import Example, demonstration_prompt, encode_examples
 from hf_plugin.loading import load_base_model, offline_smollm2
@@ -124,6 +124,14 @@ def test_uniform_start_keeps_tied_embeddings_and_refuses_a_backbone_without_a_fi
 
 
 SHOTS = [Example(f"Data: m{i}\nSentence:", f" S{i}.", i) for i in range(6)]
+
+
+def test_a_parameter_renamed_reweighter_still_takes_its_former_keyword():
+    plugin = make_plugin("llama")
+    with pytest.warns(FutureWarning, match="`uniform_start_`'s parameter `plugin` is renamed `reweighter`"):
+        assert uniform_start_(plugin=plugin) is plugin
+    with pytest.warns(FutureWarning, match="parameter `plugin` is renamed `reweighter`"):
+        assert PluginLogitsProcessor(plugin=plugin).alphas == [plugin.config.alpha]
 
 
 def test_demonstration_prompt_matches_how_pairs_are_encoded(tokenizer):

@@ -320,6 +320,10 @@ def test_stacking_arguments_are_validated():
         PluginLogitsProcessor([first, second], alpha=1.0, alphas=[1.0, 1.0])
     with pytest.raises(ValueError, match="1 alphas for 2 reweighters"):
         PluginLogitsProcessor([first, second], alphas=[1.0])
+    with pytest.raises(ValueError, match="`alpha`/`alphas` must be a non-negative finite number, got inf"):
+        PluginLogitsProcessor([first, second], alphas=[1.0, float("inf")])
+    with pytest.raises(ValueError, match="`alphas` must be a non-negative finite number, got -1.0"):  # offline, the same
+        score_with_reweighters([first], torch.tensor([[3]]), torch.zeros(1, 1, VOCAB), alphas=[-1.0])
     with pytest.raises(TypeError, match="non-empty sequence"):
         PluginLogitsProcessor([])
     # one `alpha` overrides every reweighter's own; 0 gives the base distribution back

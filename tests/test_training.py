@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_plugin import PluginModel
+from hf_plugin import PluginConfig, PluginModel
 from hf_plugin.base_logits import LiveBaseModel
 from hf_plugin.cli import main
 from hf_plugin.data import Example, encode_examples
-from hf_plugin.training import TrainingArguments, train
+from hf_plugin.training import PluginTrainerState, PluginTrainingArguments, TrainerState, TrainingArguments, train
 
 from conftest import make_base, make_plugin, make_tokenizer, task_folder, task_rows, write_csv
 
@@ -160,7 +160,7 @@ def test_evaluate_and_generate_commands(setup, tmp_path, capsys):
     out = tmp_path / "run"
     main(common(setup, out, "--epochs", "3", "--batch-size", "4", "--patience", "0"))
     capsys.readouterr()
-    main(["evaluate", "--base", str(setup / "base"), "--plugin", str(out), "--data", str(setup / "validation.csv"),
+    main(["evaluate", "--base", str(setup / "base"), "--reweighter", str(out), "--data", str(setup / "validation.csv"),
           "--prompt-column", "mr", "--completion-column", "ref", "--max-length", "32", "--output", str(tmp_path / "e.json")])
     results = json.loads((tmp_path / "e.json").read_text())
     trained, alone = results["base + reweighter"]["NLL/token"], results["base alone"]["NLL/token"]
@@ -170,11 +170,15 @@ def test_evaluate_and_generate_commands(setup, tmp_path, capsys):
 
     (tmp_path / "prompts.txt").write_text("w1 w7\nw2 w14\n")
     capsys.readouterr()
-    main(["generate", "--base", str(setup / "base"), "--plugin", str(out), "--prompts-file", str(tmp_path / "prompts.txt"),
-          "--max-new-tokens", "3"])
+    generate = ["generate", "--base", str(setup / "base"), "--prompts-file", str(tmp_path / "prompts.txt"),
+                "--max-new-tokens", "3"]
+    main(generate + ["--reweighter", str(out)])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(line.split() for line in lines)
-    with pytest.raises(SystemExit, match="pass exactly one of --plugin DIR .*, --no-plugin"):
+    main(generate + ["--plugin", str(out)])  # the flag's former name still works, hidden and deprecated
+    printed = capsys.readouterr()
+    assert printed.out.strip().splitlines() == lines and "--plugin is deprecated, use --reweighter" in printed.err
+    with pytest.raises(SystemExit, match="pass exactly one of --reweighter DIR, --no-reweighter"):
         main(["generate", "--base", str(setup / "base"), "--prompt", "w1"])
 
 
@@ -184,8 +188,9 @@ def test_cli_errors_are_clear(setup, tmp_path):
         main(base + ["--data", str(tmp_path / "missing.csv")])
     with pytest.raises(SystemExit, match=r"no column\(s\) \['prompt'\]"):
         main(base + ["--data", str(setup / "train.csv")])
-    with pytest.raises(SystemExit, match=r"--plugin .*: The reweighter's config"):  # checked before the base
-        main(["evaluate", "--base", str(tmp_path / "nothing"), "--plugin", str(tmp_path), "--data", str(setup / "train.csv")])
+    with pytest.raises(SystemExit, match=r"--reweighter .*: The reweighter's config"):  # checked before the base
+        main(["evaluate", "--base", str(tmp_path / "nothing"), "--reweighter", str(tmp_path),
+              "--data", str(setup / "train.csv")])
 
 
 def refuse_to_load(monkeypatch, *names: str) -> None:
@@ -213,15 +218,34 @@ def test_bad_training_arguments_fail_before_anything_is_loaded(setup, tmp_path, 
 
 
 def test_training_arguments_checkpoint_dir_and_keep_checkpoints(tmp_path):
-    args = TrainingArguments(output_dir=str(tmp_path / "run"))
+    args = PluginTrainingArguments(output_dir=str(tmp_path / "run"))
     assert Path(args.checkpoint_dir) == (tmp_path / "run.checkpoints").resolve() and args.keep_checkpoints == 1
     assert "checkpoint_dir" not in args.run_defining() and args.run_defining()["learning_rate"] == 1e-3
     with pytest.raises(ValueError, match="`keep_checkpoints` must be at least 1, got 0"):  # resume needs one
-        TrainingArguments(output_dir=str(tmp_path / "run"), keep_checkpoints=0)
+        PluginTrainingArguments(output_dir=str(tmp_path / "run"), keep_checkpoints=0)
     with pytest.raises(ValueError, match="is inside `output_dir`"):
-        TrainingArguments(output_dir=str(tmp_path / "run"), checkpoint_dir=str(tmp_path / "run" / "checkpoints"))
+        PluginTrainingArguments(output_dir=str(tmp_path / "run"), checkpoint_dir=str(tmp_path / "run" / "checkpoints"))
     with pytest.raises(ValueError, match="is inside `checkpoint_dir`"):  # removed after the run, with the model
-        TrainingArguments(output_dir=str(tmp_path / "runs" / "best-model"), checkpoint_dir=str(tmp_path / "runs"))
+        PluginTrainingArguments(output_dir=str(tmp_path / "runs" / "best-model"), checkpoint_dir=str(tmp_path / "runs"))
+
+
+@pytest.mark.parametrize("alpha", [-0.5, float("inf"), float("nan")])
+def test_training_takes_alpha_by_the_rule_of_the_config_and_the_processor(tmp_path, alpha):
+    with pytest.raises(ValueError, match="`alpha` must be a non-negative finite number"):
+        PluginTrainingArguments(output_dir=str(tmp_path / "run"), alpha=alpha)
+    with pytest.raises(ValueError, match="`alpha` must be a non-negative finite number"):
+        PluginConfig(alpha=alpha)
+    assert PluginTrainingArguments(output_dir=str(tmp_path / "run"), alpha=0).alpha == 0  # the base alone
+
+
+def test_the_names_shared_with_transformers_still_work_and_warn(tmp_path):
+    with pytest.warns(FutureWarning, match="`hf_plugin.training.TrainingArguments` is renamed `PluginTrainingArguments`"):
+        args = TrainingArguments(output_dir=str(tmp_path / "run"), epochs=2)
+    assert isinstance(args, PluginTrainingArguments)
+    assert args.run_defining() == PluginTrainingArguments(output_dir=str(tmp_path / "run"), epochs=2).run_defining()
+    with pytest.warns(FutureWarning, match="renamed `PluginTrainerState`"):
+        state = TrainerState(global_step=3)
+    assert isinstance(state, PluginTrainerState) and state.global_step == 3
 
 
 def test_a_folder_holding_files_a_run_writes_needs_overwrite(setup, tmp_path, monkeypatch):
@@ -249,7 +273,7 @@ def test_keep_checkpoints_keeps_the_newest_ones(tmp_path):
     source = LiveBaseModel(make_base("llama"))
     common_args = dict(epochs=2, batch_size=4, save_steps=1, patience=0, keep_checkpoints_after_run=True)
     for keep in (1, 3):
-        args = TrainingArguments(output_dir=str(tmp_path / f"keep{keep}"), keep_checkpoints=keep, **common_args)
+        args = PluginTrainingArguments(output_dir=str(tmp_path / f"keep{keep}"), keep_checkpoints=keep, **common_args)
         train(make_plugin("llama"), examples[:12], examples[12:], source, args, tokenizer=tokenizer)
         names = sorted(p.name for p in Path(args.checkpoint_dir).iterdir())
         # 3 steps an epoch, 2 epochs: checkpoints at every step, the newest `keep` of them stay, and `best/`

@@ -12,7 +12,7 @@ from hf_plugin import LogitDifferenceLogitsProcessor, PluginModel, first_layers,
 from hf_plugin.cli import main
 from hf_plugin.data import Example, encode_examples
 from hf_plugin.methods import logit_difference_scores
-from hf_plugin.training import TrainingArguments
+from hf_plugin.training import PluginTrainingArguments
 from hf_plugin.unlearning import UnlearningLoss, build_assistant, kl_from_uniform, merge_adapters, train_assistant
 
 from conftest import make_base, make_plugin, make_tokenizer, task_rows, write_csv
@@ -85,8 +85,8 @@ def test_train_assistant_saves_loads_and_unlearns(tmp_path, tokenizer):
     pairs = [Example(prompt, completion, row) for row, (prompt, completion) in enumerate(task_rows(24))]
     encoded = encode_examples(tokenizer, pairs, max_length=32)
     forget, retain = encoded[:8], encoded[8:]
-    args = TrainingArguments(output_dir=str(tmp_path / "assistant"), epochs=10, batch_size=8, learning_rate=3e-2,
-                             patience=0)
+    args = PluginTrainingArguments(output_dir=str(tmp_path / "assistant"), epochs=10, batch_size=8, learning_rate=3e-2,
+                                   patience=0)
     torch.manual_seed(0)
     assistant = train_assistant(target, forget, retain, args, num_layers=1, beta=5.0, lora_rank=8,
                                 tokenizer=tokenizer)

@@ -8,6 +8,7 @@ parameter it becomes stand in one place. The checks here run before anything is 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..base_logits import DEFAULT_TASK_VOCAB_SIZE
 from ..copying import COPY_MODES, COPY_SOURCES
@@ -29,6 +30,25 @@ def check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise SystemExit(f"error: {option(name)} must be at least 1, got {value}")
+
+
+class _FormerName(argparse.Action):
+    """A flag's name before it was renamed: hidden from --help, it acts as `current` (the flag under its new name)
+    and says the new name on stderr."""
+
+    def __init__(self, option_strings, dest, current: argparse.Action, **kwargs):
+        super().__init__(option_strings, current.dest, nargs=current.nargs, const=current.const,
+                         default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.current = current
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated, use {self.current.option_strings[0]}", file=sys.stderr)
+        self.current(parser, namespace, values, option_string)
+
+
+def add_former_name(parser: argparse.ArgumentParser, name: str, current: argparse.Action) -> None:
+    """Keeps `name` (e.g. `--plugin`) working as a deprecated alias of the flag `current` (e.g. `--reweighter`)."""
+    parser.add_argument(name, action=_FormerName, current=current)
 
 
 # -- the base model --------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from ..base_logits import open_base_caches, plan_base_caches
 from ..configuration_plugin import PluginConfig
 from ..data import encode_examples, read_examples, split_by_prompt, with_demonstrations
 from ..loading import load_base_model, load_tokenizer
-from ..training import TrainingArguments, check_output_dir
+from ..run_folder import check_output_dir
+from ..training import PluginTrainingArguments
 from .arguments import check_positive
 
 
@@ -46,14 +47,14 @@ def load_base_tokenizer(base: str | None, revision: str | None = None, top_k: in
     return tokenizer
 
 
-def read_plugin_config(plugin: str, option: str = "--plugin") -> PluginConfig:
+def read_reweighter_config(reweighter: str, option: str = "--reweighter") -> PluginConfig:
     """The reweighter's config, read before the base model is loaded: a missing reweighter fails in a second."""
     try:
-        return PluginConfig.from_pretrained(plugin)
+        return PluginConfig.from_pretrained(reweighter)
     except (OSError, ValueError) as error:
-        if not Path(plugin).exists():
-            raise SystemExit(f"error: {option} {plugin}: no such directory, nor a reweighter on the Hub") from error
-        raise SystemExit(f"error: {option} {plugin}: {str(error).strip().splitlines()[0]}") from error
+        if not Path(reweighter).exists():
+            raise SystemExit(f"error: {option} {reweighter}: no such directory, nor a reweighter on the Hub") from error
+        raise SystemExit(f"error: {option} {reweighter}: {str(error).strip().splitlines()[0]}") from error
 
 
 def read_pairs(source: str, columns: dict, what: str | None = None):
@@ -125,7 +126,7 @@ def remote_base(tokenizer, *, base_url: str, model: str | None, top_k: int, conc
 
 
 
-def check_output_folders(training_args: TrainingArguments, resume: bool) -> None:
+def check_output_folders(training_args: PluginTrainingArguments, resume: bool) -> None:
     """`check_output_dir`: a new run must not replace another's outputs; its error names --overwrite and --resume
     instead of the parameters they set."""
     try:

@@ -12,8 +12,8 @@ from ..base_logits import LiveBaseModel
 from ..metrics import METRIC_NAMES, corpus_metrics, format_table, read_predictions, read_references
 from ..modeling_plugin import PluginModel
 from ..training import completion_nll
-from .arguments import add_base_arguments, add_column_arguments, column_options, is_chat
-from .common import encode, load_base, load_base_tokenizer, read_pairs, read_plugin_config
+from .arguments import add_base_arguments, add_column_arguments, add_former_name, column_options, is_chat
+from .common import encode, load_base, load_base_tokenizer, read_pairs, read_reweighter_config
 
 
 def register(subparsers) -> None:
@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     parser.add_argument("--e2e-challenge", action="store_true",
                         help="score as the E2E NLG challenge does (METEOR 1.5 etc.; needs hf-plugin[e2e] and Java)")
     add_base_arguments(parser)
-    parser.add_argument("--plugin", help="directory or Hub id of a reweighter (NLL mode)")
+    reweighter = parser.add_argument("--reweighter", help="directory or Hub id of a reweighter (NLL mode)")
+    add_former_name(parser, "--plugin", reweighter)
     parser.add_argument("--data", help="CSV/TSV/JSON(L)/Parquet file or a datasets name (NLL mode)")
     add_column_arguments(parser)
     parser.add_argument("--alpha", type=float, default=None)
@@ -38,15 +39,15 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> None:
     """Text metrics of predictions against references, or the NLL of a data file under base + reweighter."""
     text_mode = args.predictions is not None or args.references is not None
-    nll_mode = args.plugin is not None or args.data is not None
+    nll_mode = args.reweighter is not None or args.data is not None
     if text_mode == nll_mode or (text_mode and None in (args.predictions, args.references)) or (
-            nll_mode and None in (args.plugin, args.data)):
+            nll_mode and None in (args.reweighter, args.data)):
         raise SystemExit("error: give either --predictions and --references (text metrics) "
-                         "or --plugin and --data (NLL under base + reweighter)")
+                         "or --reweighter and --data (NLL under base + reweighter)")
     if text_mode:
         results = evaluate_text(args.predictions, args.references, e2e_challenge=args.e2e_challenge)
     else:
-        results = evaluate_nll(args.plugin, args.data, columns=column_options(args), max_length=args.max_length,
+        results = evaluate_nll(args.reweighter, args.data, columns=column_options(args), max_length=args.max_length,
                                chat=is_chat(args), base=args.base, base_revision=args.base_revision,
                                alpha=args.alpha, force=args.force)
     if args.output:
@@ -70,15 +71,15 @@ def evaluate_text(predictions_file: str, references_file: str, *, e2e_challenge:
             "scores": scores}
 
 
-def evaluate_nll(plugin_path: str, data: str, *, columns: dict, max_length: int, chat: bool, base: str | None,
+def evaluate_nll(reweighter_path: str, data: str, *, columns: dict, max_length: int, chat: bool, base: str | None,
                  base_revision: str | None, alpha: float | None, force: bool) -> dict:
     """Prints and returns the completions' NLL/token and perplexity under base + reweighter and the base alone."""
-    read_plugin_config(plugin_path)  # a missing reweighter or a bad data file fail before the base model is loaded
+    read_reweighter_config(reweighter_path)  # a missing reweighter or a bad data file fail before the base model is loaded
     tokenizer = load_base_tokenizer(base, base_revision)
     pairs, report = read_pairs(data, columns)
     examples = encode(tokenizer, pairs, report, "evaluation", max_length=max_length, chat=chat)
     model, _ = load_base(base, base_revision)
-    plugin = PluginModel.from_pretrained(plugin_path).eval()
+    plugin = PluginModel.from_pretrained(reweighter_path).eval()
     plugin.check_compatible(model, tokenizer=tokenizer, strict=not force)
     alpha = plugin.config.alpha if alpha is None else alpha
     results = {}

@@ -14,8 +14,9 @@ import torch
 from ..data import Example, chat_prompt
 from ..logits_process import PluginLogitsProcessor
 from ..modeling_plugin import PluginModel
-from .arguments import add_base_arguments, add_column_arguments, check_positive, column_options, is_chat, unescape
-from .common import load_base, load_base_tokenizer, read_pairs, read_plugin_config
+from .arguments import (add_base_arguments, add_column_arguments, add_former_name, check_positive, column_options,
+                        is_chat, unescape)
+from .common import load_base, load_base_tokenizer, read_pairs, read_reweighter_config
 from .related import DecodingOptions, add_related_arguments, related_processor
 
 
@@ -30,8 +31,10 @@ def register(subparsers) -> None:
                     "(a text file with one prompt per line, or JSON lines with a \"prompt\" field for prompts "
                     "spanning lines), or one prompt per line on stdin.")
     add_base_arguments(parser)
-    parser.add_argument("--plugin", help="directory or Hub id of a reweighter")
-    parser.add_argument("--no-plugin", action="store_true", help="use the base model alone")
+    reweighter = parser.add_argument("--reweighter", help="directory or Hub id of a reweighter")
+    add_former_name(parser, "--plugin", reweighter)
+    no_reweighter = parser.add_argument("--no-reweighter", action="store_true", help="use the base model alone")
+    add_former_name(parser, "--no-plugin", no_reweighter)
     parser.add_argument("--prompt", action="append",
                         help=r'a prompt (repeatable); \n and \t are unescaped as in --template')
     parser.add_argument("--prompts-file",
@@ -55,7 +58,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Generates from the base model, with the reweighter unless --no-plugin; one JSON line per prompt.
+    """Generates from the base model, with the reweighter unless --no-reweighter; one JSON line per prompt.
 
     Everything that can be checked without the base model (arguments, the reweighter's config, the prompts and
     their length in tokens) is checked before it is loaded.
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
     if args.output and any(source and Path(source).resolve() == Path(args.output).resolve()
                            for source in (args.data, args.prompts_file)):
         raise SystemExit(f"error: --output {args.output} is the input file; it would be overwritten")
-    config = read_plugin_config(args.plugin) if args.plugin is not None else None
+    config = read_reweighter_config(args.reweighter) if args.reweighter is not None else None
     examples, references = generation_inputs(prompts=args.prompt, prompts_file=args.prompts_file, data=args.data,
                                              columns=column_options(args))
     tokenizer = load_base_tokenizer(args.base, args.base_revision)
@@ -95,9 +98,9 @@ def run(args: argparse.Namespace) -> None:
     stops = [unescape(stop) for stop in args.stop or []]
     base, _ = load_base(args.base, args.base_revision)
     processors = [related] if related is not None else []
-    if args.plugin is not None:
-        plugin = PluginModel.from_pretrained(args.plugin).eval()
-        processors.append(PluginLogitsProcessor(plugin, alpha=args.alpha, tokenizer=tokenizer, strict=not args.force))
+    if args.reweighter is not None:
+        reweighter = PluginModel.from_pretrained(args.reweighter).eval()
+        processors.append(PluginLogitsProcessor(reweighter, alpha=args.alpha, tokenizer=tokenizer, strict=not args.force))
     torch.manual_seed(args.seed)
     output = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:

@@ -24,7 +24,7 @@ logger = logging.get_logger(__name__)
 
 
 # generate's ways of decoding: (option, what it gives) — exactly one is chosen.
-DECODING_METHODS = (("plugin", "--plugin DIR (a reweighter)"), ("no_plugin", "--no-plugin (the base model alone)"),
+DECODING_METHODS = (("reweighter", "--reweighter DIR"), ("no_reweighter", "--no-reweighter (the base model alone)"),
                     ("proxy_expert", "--proxy-expert DIR (proxy-tuning/DExperts)"),
                     ("uld_assistant", "--uld-assistant DIR (ULD)"),
                     ("fusion_expert", "--fusion-expert DIR (Dynamic Logit Fusion)"))
@@ -62,8 +62,8 @@ def add_related_arguments(parser: argparse.ArgumentParser) -> None:
 class DecodingOptions:
     """The flags that choose generate's way of decoding, and each method's own options."""
 
-    plugin: str | None = None
-    no_plugin: bool = False
+    reweighter: str | None = None
+    no_reweighter: bool = False
     proxy_expert: str | None = None
     anti_expert: str | None = None
     plausibility_top_p: float | None = None
@@ -91,8 +91,8 @@ class DecodingOptions:
         for needed, method in (("anti_expert", "proxy_expert"), ("small_base", "fusion_expert")):
             if getattr(self, method) and getattr(self, needed) is None:
                 raise SystemExit(f"error: {option(method)} needs {option(needed)}")
-        if self.alpha is not None and not (self.plugin or self.proxy_expert):
-            raise SystemExit("error: --alpha is the strength of --plugin or --proxy-expert (Dynamic Logit Fusion "
+        if self.alpha is not None and not (self.reweighter or self.proxy_expert):
+            raise SystemExit("error: --alpha is the strength of --reweighter or --proxy-expert (Dynamic Logit Fusion "
                              "searches --alpha-grid; ULD takes --uld-beta)")
 
     def roles(self) -> list[str]:
@@ -153,7 +153,7 @@ def parse_alpha_grid(text: str) -> list[float]:
 
 
 def related_processor(options: DecodingOptions, tokenizer, force: bool = False):
-    """The logits processor of the related method `options` name (None for --plugin/--no-plugin)."""
+    """The logits processor of the related method `options` name (None for --reweighter/--no-reweighter)."""
     from ..methods import DynamicLogitFusionLogitsProcessor, LogitDifferenceLogitsProcessor, ProxyTuningLogitsProcessor
 
     common = dict(tokenizer=tokenizer, strict=not force)

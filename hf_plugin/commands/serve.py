@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..modeling_plugin import PluginModel
 from .arguments import add_base_arguments, check_positive
-from .common import load_base, read_plugin_config
+from .common import load_base, read_reweighter_config
 
 
 def register(subparsers) -> None:
@@ -90,6 +90,6 @@ def reweighter_sources(given: Sequence[str]) -> dict[str, str]:
         name = name or Path(source.rstrip("/")).name
         if name in sources:
             raise SystemExit(f"error: two reweighters named {name!r}; name them with --reweighter NAME=DIR")
-        read_plugin_config(source, "--reweighter")
+        read_reweighter_config(source)
         sources[name] = source
     return sources

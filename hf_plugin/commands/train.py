@@ -13,7 +13,8 @@ from ..compatibility import binding_kwargs
 from ..configuration_plugin import PluginConfig
 from ..initialization import first_layers, uniform_start_
 from ..modeling_plugin import PluginModel
-from ..training import TrainingArguments, check_resume, latest_checkpoint, train
+from ..run_folder import check_resume, latest_checkpoint
+from ..training import PluginTrainingArguments, train
 from .arguments import (add_architecture_arguments, add_base_arguments, add_cache_arguments, add_data_arguments,
                         architecture_options, cache_options, check_copy_arguments, check_positive, copy_arguments,
                         copy_options, data_options, option)
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> None:
                          given=getattr(args, "given", set()))
     # Arguments and output folders first, before the data, a cache pass or the base model (`main` turns their
     # ValueError into a one-line error).
-    training_args = TrainingArguments(
+    training_args = PluginTrainingArguments(
         output_dir=args.output_dir, checkpoint_dir=args.checkpoint_dir, overwrite_output_dir=args.overwrite,
         epochs=args.epochs, batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,

@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from ..training import TrainingArguments
+from ..training import PluginTrainingArguments
 from .arguments import add_base_arguments, add_column_arguments, check_positive, column_options, is_chat
 from .common import check_output_folders, encode, load_base, load_base_tokenizer, read_pairs
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> None:
     from ..unlearning import check_disjoint, train_assistant
 
     check_positive(num_layers=args.num_layers, lora_rank=args.lora_rank)
-    training_args = TrainingArguments(
+    training_args = PluginTrainingArguments(
         output_dir=args.output_dir, checkpoint_dir=args.checkpoint_dir, overwrite_output_dir=args.overwrite,
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, patience=0, seed=args.seed,

@@ -20,8 +20,9 @@ REMOTE_EXAMPLES_PER_SHARD = 64
 
 
 class RemoteCacheSource:
-    """Lets `write_base_cache` write a cache from a `RemoteBase`: one teacher-forcing request per example, up to
-    the base's `concurrency` at once. The cache holds the top-k only (no task vocabulary)."""
+    """The `hf_plugin.base_logits.ShardSource` that lets `write_base_cache` write a cache from a `RemoteBase`: one
+    teacher-forcing request per example, up to the base's `concurrency` at once. The cache holds the top-k only (no
+    task vocabulary)."""
 
     def __init__(self, remote: RemoteBase):
         self.remote = remote

@@ -276,7 +276,7 @@ def _job(body, models: dict[str, ServedModel], limits: ServerLimits, prompt_ids:
     if model is None:
         raise APIError(404, f"The model '{body.model}' does not exist; see GET /v1/models.", param="model",
                        code="model_not_found")
-    if body.alpha is not None and model.plugin is None:
+    if body.alpha is not None and model.reweighter is None:
         raise APIError(400, f"'alpha' sets the reweighting strength; model '{body.model}' has no reweighter.",
                        param="alpha")
     if body.n > limits.max_n:

@@ -42,16 +42,16 @@ _CONTEXT_TOKENS = 4
 
 @dataclass
 class ServedModel:
-    """One model id the server answers to: the base alone (`plugin=None`) or the base with one reweighter.
+    """One model id the server answers to: the base alone (`reweighter=None`) or the base with one reweighter.
 
     Args:
         id (`str`): the model id clients send.
-        plugin (`PluginModel`, *optional*): the reweighter, already checked against the base.
+        reweighter (`PluginModel`, *optional*): the reweighter, already checked against the base.
         max_positions (`int`, *optional*): longest prompt + completion the base and the reweighter can take.
     """
 
     id: str
-    plugin: PluginModel | None = None
+    reweighter: PluginModel | None = None
     max_positions: int | None = None
 
 
@@ -402,14 +402,14 @@ class GenerationEngine:
         """The log-prob of each prompt token under the served model's distribution at its position: the base's, or
         the combination with the reweighter (whose copy source, if any, is the whole prompt), without temperature
         or top_p; the first token has none."""
-        plugin, ids = job.model.plugin, torch.tensor([job.prompt_ids], device=self.base.device)
+        reweighter, ids = job.model.reweighter, torch.tensor([job.prompt_ids], device=self.base.device)
         with torch.no_grad():
             logits = self.base(input_ids=ids).logits
-            if plugin is None:
+            if reweighter is None:
                 logprobs = torch.log_softmax(logits.float(), dim=-1)
             else:
-                alpha = plugin.config.alpha if job.alpha is None else job.alpha
-                logprobs = score_with_reweighters([plugin], ids, logits, alphas=[alpha],
+                alpha = reweighter.config.alpha if job.alpha is None else job.alpha
+                logprobs = score_with_reweighters([reweighter], ids, logits, alphas=[alpha],
                                                   prompt_lengths=torch.tensor([ids.shape[1]])).logits
         first = job.prompt_ids[0]
         render = f"token_id:{first}" if job.token_ids else self.tokenizer.decode([first])
@@ -442,8 +442,8 @@ class GenerationEngine:
         attention_mask = torch.tensor([[0] * (width - len(e.job.prompt_ids)) + [1] * len(e.job.prompt_ids)
                                        for e in group], device=self.base.device)
         processors: list[LogitsProcessor] = []
-        if job.model.plugin is not None:
-            processors.append(PluginLogitsProcessor(job.model.plugin, alpha=job.alpha, attention_mask=attention_mask,
+        if job.model.reweighter is not None:
+            processors.append(PluginLogitsProcessor(job.model.reweighter, alpha=job.alpha, attention_mask=attention_mask,
                                                     pad_token_id=self.pad_token_id))
         if sample and job.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(job.temperature))
