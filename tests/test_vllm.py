@@ -233,3 +233,17 @@ def test_vllm_refuses_a_bad_reweighter_request_with_a_400(vllm_server, xargs, me
     with pytest.raises(BadRequestError, match=message):
         client.completions.create(model=NAME, prompt="Hello", max_tokens=2, extra_body={"vllm_xargs": xargs})
     assert client.completions.create(model=NAME, prompt="Hello", max_tokens=2).choices  # the engine serves on
+
+
+def test_the_processor_driven_as_vllm_drives_it():
+    """`tests/vllm_processor_check.py`, run by the vLLM venv: a persistent batch whose requests are added, finished,
+    replaced, swapped and moved gives every request the tokens it gets alone in-process; start-up refuses a
+    reweighter of another vocabulary and a malformed `--additional-config`; `validate_params` refuses unknown names
+    and bad strengths."""
+    if not VLLM_PYTHON.exists():
+        pytest.skip(f"no vLLM venv at {VLLM_PYTHON} (see .ci/run)")
+    result = subprocess.run([str(VLLM_PYTHON), str(Path(__file__).with_name("vllm_processor_check.py"))],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    for check in ("persistent batch: ok", "start-up refusals: ok", "validate_params: ok"):
+        assert check in result.stdout
