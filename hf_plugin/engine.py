@@ -43,7 +43,8 @@ class CachedModelRunner:
     model's logits (a reweighter, a proxy-tuning expert, a mixture component).
 
     It works out from the ids alone what happened since its last call: one token appended to every row extends the
-    cache; rows reordered or duplicated (beam search) gather the cache rows first; anything else (a new generation,
+    cache; rows reordered, duplicated (beam search) or dropped (a finished request of a serving engine) gather the
+    cache rows first; anything else (a new generation,
     assisted decoding rolling back) crops the cache to the longest prefix every row still shares, or rebuilds it.
     Left padding is handled with the masks given by `attention_mask_of`: padded rows see the positions an unpadded
     row would.
@@ -147,14 +148,16 @@ class CachedModelRunner:
         """Decides how much of the cache to keep: (tokens kept, row order to gather first, full attention mask)."""
         state = self.state
         rows, length = input_ids.shape
-        if state is None or state.input_ids.shape[0] != rows:
+        if state is None:
             return 0, None, attention_mask_of(input_ids)
         cached = state.input_ids.shape[1]
-        if length == cached + 1:
+        if length == cached + 1:  # each row continues a cached one: reordered, duplicated, or some rows gone
             matched, row_order = _match_rows(input_ids[:, :-1], state.input_ids)
             if matched:
                 mask = state.attention_mask if row_order is None else state.attention_mask[row_order]
                 return cached, row_order, torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        if state.input_ids.shape[0] != rows:
+            return 0, None, attention_mask_of(input_ids)
         # Anything else: keep the longest prefix whose ids and mask agree in every row, but always re-run the
         # last token, since its logits are what the caller needs.
         mask = attention_mask_of(input_ids)

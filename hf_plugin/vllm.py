@@ -10,8 +10,9 @@ strength; a request that names none gets exactly what plain vLLM gives:
 
 Only vLLM's public processor interface is used (`vllm.v1.sample.logits_processor`). Every step runs one forward
 of each reweighter for all the rows that use it, through the library's `CachedModelRunner` (left-padded rows, one
-KV cache per reweighter): a step that appends one token to every row of the previous step extends the cache; any
-other change of those rows (a request added or finished, preempted and recomputed) re-runs them from the start.
+KV cache per reweighter): a step that appends one token to every row of the previous step extends the cache, also
+when other rows have finished or moved; a request added, or preempted and recomputed, re-runs that reweighter's
+rows from the start.
 The combination is `combine_logits`, on the device and dtype of vLLM's logits. This module imports vLLM; nothing
 else of the library imports it.
 """
@@ -111,6 +112,9 @@ class ReweighterLogitsProcessor(LogitsProcessor):
         self.runners = {name: CachedModelRunner(reweighter) for name, reweighter in self.reweighters.items()}
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.rows: dict[int, _Row] = {}
+        # Per reweighter, the width its rows were padded to at the last step and their lengths then (keyed by the
+        # identity of vLLM's output list, which follows a request through moves).
+        self.last: dict[str, tuple[int, dict[int, int]]] = {}
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -167,7 +171,14 @@ class ReweighterLogitsProcessor(LogitsProcessor):
         for name, indices in groups.items():
             rows = [self.rows[index] for index in indices]
             sequences = [row.prompt_ids + list(row.output_ids) for row in rows]
-            width = max(map(len, sequences))
+            lengths = {id(row.output_ids): len(sequence) for row, sequence in zip(rows, sequences)}
+            width = max(lengths.values())
+            last_width, last_lengths = self.last.get(name, (0, {}))
+            if all(last_lengths.get(key) == length - 1 for key, length in lengths.items()):
+                # Every row continues the last step's: keep their padding, so that the cache extends even when
+                # other rows have finished (the runner then drops their cache rows).
+                width = max(width, last_width + 1)
+            self.last[name] = (width, lengths)
             ids = torch.tensor([[self.pad_token_id] * (width - len(s)) + s for s in sequences])
             mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
             with torch.no_grad():

@@ -59,7 +59,11 @@ def check_a_persistent_batch_equals_each_request_alone(folder, base, reweighter)
         5: ([], [], [(0, 2, MoveDirectionality.SWAP)]),
         7: ([2], ["e"], []),                         # a (now at 2) finishes; e takes index 2
         9: ([0], [], [(2, 0, MoveDirectionality.UNIDIRECTIONAL)]),  # c finishes; e condensed to index 0
+        10: ([1], [], []),                           # d finishes: e alone continues its cache
     }
+    fed = []  # tokens per row the reweighter is run on, per step
+    processor.reweighters["rw"].register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append((args[0] if args else kwargs["input_ids"]).shape[1]), with_kwargs=True)
     finished = {}
     for step in range(12):
         removed, added, moved = schedule.get(step, ([], [], []))
@@ -95,6 +99,7 @@ def check_a_persistent_batch_equals_each_request_alone(folder, base, reweighter)
         expected = alone(base, reweighter if extra else None, prompts[name], len(tokens), extra.get("alpha"))
         assert tokens == expected, (name, tokens, expected)
     assert finished["a"] != alone(base, None, prompts["a"], len(finished["a"]))  # the reweighter mattered
+    assert fed[-2:] == [1, 1], fed  # after d finished, e's row still extended the cache by one token
     print("persistent batch: ok", {name: len(tokens) for name, tokens in finished.items()})
 
 
