@@ -93,8 +93,10 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def run_phase(url: str, model: str, conversations, expected: list[str], args, deadline: float) -> dict:
-    """CLIENTS threads, each sending REQUESTS streamed requests one after the other; all clients start together."""
+def run_phase(url: str, model: str, conversations, expected: list[str], args, deadline: float,
+              extra_body: dict | None = None) -> dict:
+    """CLIENTS threads, each sending REQUESTS streamed requests one after the other; all clients start together.
+    `extra_body` goes with every request (vLLM's `vllm_xargs`, say)."""
     import openai
 
     start_together = threading.Barrier(args.clients)
@@ -112,7 +114,9 @@ def run_phase(url: str, model: str, conversations, expected: list[str], args, de
             first, text, tokens = None, "", None
             try:
                 stream = client.chat.completions.create(model=model, messages=conversations[case], stream=True,
-                                                        max_tokens=args.max_tokens, temperature=0)
+                                                        max_tokens=args.max_tokens, temperature=0,
+                                                        stream_options={"include_usage": True},
+                                                        extra_body=extra_body)
                 for chunk in stream:
                     if time.monotonic() > deadline:
                         stream.close()

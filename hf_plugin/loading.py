@@ -91,3 +91,24 @@ def load_frozen_model(
     if device is not None:
         model.to(device)
     return model
+
+
+def save_dequantized(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
+    """Saves a model loaded from a GGUF file as a plain transformers folder: its de-quantized weights (those
+    transformers computes with) and its tokenizer, without the `gguf` quantization config, which transformers will
+    not save and vLLM refuses. What vLLM serves from the folder is then the model hf-plugin runs in-process.
+
+    Args:
+        model (`PreTrainedModel`): e.g. `load_base_model("SmolLM2.gguf")[0]`.
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer.
+        folder (`str` or `os.PathLike`): where to save.
+
+    Returns:
+        `Path`: the folder.
+    """
+    settings = {key: value for key, value in model.config.to_dict().items() if key != "quantization_config"}
+    plain = AutoModelForCausalLM.from_config(type(model.config).from_dict(settings))
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)

