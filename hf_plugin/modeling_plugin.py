@@ -429,7 +429,7 @@ class PluginModel(PluginPreTrainedModel):
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
                 1 for real tokens, 0 for padding.
             logits_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): the positions to score, e.g.
-                `hf_plugin.base_logits.loss_positions(labels)`.
+                `hf_plugin.completions.loss_positions(labels)`.
 
         Returns:
             `torch.Tensor` of shape `(num_selected, vocab_size)`: one row per selected position, in row-major order.
