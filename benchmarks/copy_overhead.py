@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from hf_plugin import PluginConfig, PluginLogitsProcessor, PluginModel, binding_kwargs
-    from hf_plugin.base_logits import task_vocabulary
+    from hf_plugin.completions import task_vocabulary
     from hf_plugin.data import Example, encode_examples
     from hf_plugin.loading import load_base_model, offline_smollm2
 

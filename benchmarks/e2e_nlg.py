@@ -138,7 +138,7 @@ class MixtureNLL:
         self.cache, self.weight = cache, weight
 
     def nll(self, logits: torch.Tensor, batch: dict, alpha: float) -> torch.Tensor:
-        from hf_plugin.base_logits import completion_positions
+        from hf_plugin.completions import completion_positions
 
         rows = self.cache.rows(batch["index"].tolist())
         targets = batch["labels"][:, 1:][completion_positions(batch["labels"])].to(logits.device)
@@ -151,7 +151,7 @@ class AloneNLL:
     """The small model's own cross-entropy: no base model at all."""
 
     def nll(self, logits: torch.Tensor, batch: dict, alpha: float) -> torch.Tensor:
-        from hf_plugin.base_logits import completion_positions
+        from hf_plugin.completions import completion_positions
 
         targets = batch["labels"][:, 1:][completion_positions(batch["labels"])].to(logits.device)
         return -torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
@@ -375,7 +375,7 @@ def main() -> None:
 
 def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path) -> None:
     from hf_plugin import PluginLogitsProcessor, PluginModel, uniform_start_
-    from hf_plugin.base_logits import CachedBaseLogits, cached_base_sources
+    from hf_plugin.base_cache import CachedBaseLogits, cached_base_sources
     from hf_plugin.data import Example, encode_examples, split_by_prompt, with_demonstrations
     from hf_plugin.loading import load_base_model, offline_smollm2
 

@@ -119,7 +119,7 @@ class TruncatedCache:
             raise SystemExit(f"the cache has k={cache.index['k']} < {k}")
 
     def nll(self, reweighter_logits, batch, alpha):
-        from hf_plugin.base_logits import completion_positions
+        from hf_plugin.completions import completion_positions
         from hf_plugin.combine import align_vocab, combine_topk_nll
 
         c = self.cache
@@ -135,7 +135,7 @@ class TruncatedCache:
 @torch.no_grad()
 def draw_tail_samples(base, examples, k, samples, pad_token_id) -> torch.Tensor:
     """`samples` tokens per completion position, drawn from the base distribution outside its top-k and label."""
-    from hf_plugin.base_logits import completion_positions
+    from hf_plugin.completions import completion_positions
     from hf_plugin.data import collate
 
     generator = torch.Generator().manual_seed(0)
@@ -166,7 +166,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from hf_plugin import PluginConfig, PluginModel
-    from hf_plugin.base_logits import LiveBaseModel, cached_base_sources
+    from hf_plugin.base_cache import cached_base_sources
+    from hf_plugin.base_logits import LiveBaseModel
     from hf_plugin.loading import load_base_model, offline_smollm2
     from hf_plugin.training import PluginTrainingArguments, completion_nll, train
 

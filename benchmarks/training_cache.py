@@ -57,7 +57,8 @@ def peak_rss_mb() -> float:
 
 def run_mode(args) -> dict:
     from hf_plugin import PluginConfig, PluginModel, binding_kwargs
-    from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel, cached_base_sources
+    from hf_plugin.base_cache import CachedBaseLogits, cached_base_sources
+    from hf_plugin.base_logits import LiveBaseModel
     from hf_plugin.loading import load_base_model, offline_smollm2
     from hf_plugin.training import PluginTrainingArguments, train
 
@@ -111,7 +112,7 @@ def score(args, examples, pad_token_id: int, work: Path) -> dict:
     the base's top-k (where the cache knows everything but the tail) or outside it (where only its own log-prob
     is known), and the share of the combined probability that falls outside top-k ∪ {true token}."""
     from hf_plugin import PluginModel
-    from hf_plugin.base_logits import completion_positions
+    from hf_plugin.completions import completion_positions
     from hf_plugin.combine import combine_logits
     from hf_plugin.data import collate
     from hf_plugin.loading import load_base_model, offline_smollm2

@@ -95,7 +95,7 @@ def main() -> None:
 
 def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test_mrs, result) -> None:
     from hf_plugin import PluginLogitsProcessor
-    from hf_plugin.base_logits import cached_base_sources
+    from hf_plugin.base_cache import cached_base_sources
     from hf_plugin.data import Example, encode_examples, with_demonstrations
     from hf_plugin.loading import load_base_model, offline_smollm2
 

@@ -97,7 +97,7 @@ class PluginConfig(PreTrainedConfig):
             (`hf-plugin train` records `tokenizer.all_special_ids`). Padding is never counted.
         head_ids (`list[int]`, *optional*):
             A compact output layer (`hf_plugin.compact_head.CompactHead`, the default LLaMA-style reweighter only):
-            one row for each of these ids (typically the task vocabulary, `hf_plugin.base_logits.task_vocabulary`)
+            one row for each of these ids (typically the task vocabulary, `hf_plugin.completions.task_vocabulary`)
             and one logit shared by every other id. `None`: a row for every id.
         trained_max_length (`int`, *optional*):
             The longest sequence (prompt + completion, in tokens) it was trained on, recorded by `hf_plugin.train`.

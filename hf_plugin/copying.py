@@ -40,7 +40,7 @@ This module imports nothing else of ours: the remote-code copy of a saved reweig
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -204,6 +204,127 @@ def add_aliases(first: torch.LongTensor, aliases: torch.LongTensor) -> torch.Lon
         return first
     targets = aliases[sources].expand(first.shape[0], -1)
     return first.scatter_reduce(1, targets, first[:, sources], reduce="amin")
+
+
+def copy_set_first_occurrences(
+    config,
+    context_ids: torch.LongTensor,
+    vocab_size: int,
+    context_mask: torch.Tensor | None = None,
+    prompt_lengths: torch.LongTensor | None = None,
+    aliases: torch.LongTensor | None = None,
+    spellings: torch.LongTensor | None = None,
+) -> torch.LongTensor:
+    """`first_occurrences` of a reweighter's copy set: the ids of its source, with their word-start forms when it has
+    the tables, less its ignored ids.
+
+    Args:
+        config (`PluginConfig`): the reweighter's; its `copy_source` and `copy_ignore_ids` are read.
+        context_ids, vocab_size, context_mask: as `first_occurrences`.
+        prompt_lengths (`torch.LongTensor` of shape `(batch_size,)`, *optional*): how many columns of each row
+            (padding included) are its prompt; needed for `copy_source="prompt"`.
+        aliases (`torch.LongTensor`, *optional*): from `word_start_aliases` (the reweighter's `copy_aliases`).
+        spellings (`torch.LongTensor`, *optional*): from `word_start_spellings` (its `copy_word_spellings`).
+
+    Returns:
+        `torch.LongTensor` of shape `(batch_size, vocab_size)`: as `first_occurrences`.
+    """
+    if config.copy_source == "prompt":
+        if prompt_lengths is None:
+            raise ValueError("A reweighter with copy_source='prompt' needs `prompt_lengths` (or `labels`): where "
+                             "each row's prompt ends.")
+        columns = torch.arange(context_ids.shape[1], device=context_ids.device)
+        in_prompt = columns[None, :] < torch.as_tensor(prompt_lengths, device=context_ids.device).view(-1, 1)
+        context_mask = in_prompt if context_mask is None else in_prompt & context_mask.to(in_prompt.device).bool()
+    first = first_occurrences(context_ids, vocab_size, context_mask)
+    if aliases is not None:
+        first = add_aliases(first, aliases)
+    if spellings is not None:
+        counted = torch.ones_like(context_ids) if context_mask is None else context_mask
+        first = add_spelled_words(first, context_ids, counted, spellings)
+    # Ignored ids leave the set last, so an alias or a spelling cannot bring them back.
+    if config.copy_ignore_ids:
+        ignored = torch.tensor([i for i in config.copy_ignore_ids if i < vocab_size], device=first.device)
+        first = first.index_fill(1, ignored, context_ids.shape[1])
+    return first
+
+
+def whole_context(
+    input_ids: torch.LongTensor, context_ids: torch.LongTensor | None, past_length: int
+) -> torch.LongTensor:
+    """The whole sequences so far, which a copy mode reads: `context_ids` checked to end with `input_ids` after
+    `past_length` cached tokens, or `input_ids` when nothing is cached."""
+    if context_ids is None:
+        if past_length:
+            raise ValueError(
+                "A reweighter with a copy_mode run on a KV cache needs `context_ids`: the whole sequences so far."
+            )
+        return input_ids
+    if context_ids.shape != (input_ids.shape[0], past_length + input_ids.shape[1]) or not torch.equal(
+        context_ids[:, past_length:].to(input_ids.device), input_ids
+    ):
+        raise ValueError(
+            f"`context_ids` must be the whole sequences so far ({past_length} cached + {input_ids.shape[1]} new tokens "
+            f"per row, ending with `input_ids`), got shape {tuple(context_ids.shape)}."
+        )
+    return context_ids.to(input_ids.device)
+
+
+def uncopied_ids(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    vocab_size: int,
+    min_fraction: float = 0.1,
+    max_copy_rate: float = 0.05,
+    copy_sets: Callable[..., torch.LongTensor] | None = None,
+    device: torch.device | str | None = None,
+) -> list[int]:
+    """The ids that training prompts hold but their completions do not repeat (`PluginModel.ignore_uncopied_ids`).
+
+    A copy mode takes the prompt's ids out of the reweighter's own ranking. The template and a data format's keys
+    (`Data:`, `name[`, the newline that ends no output) are in the prompts but not content to copy: the
+    reweighter should keep its say over them. An id is chosen when it is in at least `min_fraction` of the prompts'
+    copy sets and, of those pairs, at most `max_copy_rate` have it in their completion. Values that are copied are
+    not chosen however frequent; ids too rare to judge, unseen names among them, are not either.
+    `max_copy_rate=1` chooses every id in `min_fraction` of the prompts.
+
+    Args:
+        pairs (`Sequence[tuple[Sequence[int], Sequence[int]]]`): (prompt ids, completion ids) of the training pairs.
+        vocab_size (`int`): the reweighter's vocabulary size.
+        min_fraction (`float`, *optional*, defaults to 0.1): in (0, 1]. Low values also judge the pieces of
+            names that many training prompts share, which an unseen name may need.
+        max_copy_rate (`float`, *optional*, defaults to 0.05): in [0, 1].
+        copy_sets (`Callable`, *optional*): `copy_sets(ids, vocab_size, mask, prompt_lengths)`, the first occurrences
+            of a batch of right-padded prompts' copy sets (`copy_set_first_occurrences` with a reweighter's config
+            and tables), to judge the word-start forms they bring too. By default only the ids written in the
+            prompts are judged: a word-start form stays however the training names were written (`ĠT` of `T`,
+            `aste` is no less needed for an unseen name because `ĠTaste` is one token).
+        device (`torch.device` or `str`, *optional*): where the copy sets are computed.
+
+    Returns:
+        `list[int]`: the ids chosen, in increasing order.
+    """
+    if not 0 < min_fraction <= 1 or not 0 <= max_copy_rate <= 1:
+        raise ValueError(f"`min_fraction` must be in (0, 1] and `max_copy_rate` in [0, 1], got {min_fraction!r} "
+                         f"and {max_copy_rate!r}.")
+    if not pairs:
+        raise ValueError("No training pairs to count the copy sets of.")
+    present_in = torch.zeros(vocab_size, dtype=torch.long)
+    copied_in = torch.zeros(vocab_size, dtype=torch.long)
+    for start in range(0, len(pairs), 64):
+        prompts = [list(prompt) for prompt, _ in pairs[start : start + 64]]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=device)
+        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=device)
+        first = (copy_sets(ids, vocab_size, mask, mask.sum(dim=1)) if copy_sets is not None
+                 else first_occurrences(ids, vocab_size, mask))
+        present = (first < width).cpu()
+        completed = torch.zeros_like(present)
+        for row, (_, completion) in enumerate(pairs[start : start + 64]):
+            completed[row, [i for i in completion if 0 <= i < vocab_size]] = True
+        present_in += present.sum(dim=0)
+        copied_in += (present & completed).sum(dim=0)
+    chosen = (present_in >= min_fraction * len(pairs)) & (copied_in <= max_copy_rate * present_in) & (present_in > 0)
+    return chosen.nonzero().squeeze(1).tolist()
 
 
 def apply_copy_mode(mode: str, logits: torch.Tensor, gate: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .base_logits import cached_base_sources
+from .base_cache import cached_base_sources
 from .configuration_plugin import PluginConfig
 from .data import Example, encode_examples
 from .logits_process import PluginLogitsProcessor

@@ -23,7 +23,7 @@ from .combine import align_vocab, check_alpha, combine_logits
 from .compatibility import check_base_model, check_vocab_width, renamed_keyword
 from .configuration_plugin import PluginConfig
 from .compact_head import CompactHead
-from .copying import (add_aliases, add_spelled_words, apply_copy_mode, first_occurrences, word_start_aliases,
+from .copying import (apply_copy_mode, copy_set_first_occurrences, uncopied_ids, whole_context, word_start_aliases,
                       word_start_spellings)
 from .initialization import first_layers
 from .hub import (CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, WEIGHTS_SHARD, card_sections, push_folder,
@@ -377,7 +377,8 @@ class PluginModel(PluginPreTrainedModel):
             position_ids = position_ids_from_attention_mask(attention_mask)[:, -input_ids.shape[1] :]
         copying = self.config.copy_mode is not None
         if copying:
-            context_ids = self._context_ids(input_ids, context_ids, past_key_values)
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            context_ids = whole_context(input_ids, context_ids, past)
             kwargs["output_hidden_states"] = True
         kwargs[cache_keyword(self.backbone)] = past_key_values
         outputs = self.backbone(
@@ -429,7 +430,7 @@ class PluginModel(PluginPreTrainedModel):
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
                 1 for real tokens, 0 for padding.
             logits_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): the positions to score, e.g.
-                `hf_plugin.base_logits.loss_positions(labels)`.
+                `hf_plugin.completions.loss_positions(labels)`.
 
         Returns:
             `torch.Tensor` of shape `(num_selected, vocab_size)`: one row per selected position, in row-major order.
@@ -484,55 +485,26 @@ class PluginModel(PluginPreTrainedModel):
         max_copy_rate: float = 0.05,
         judge_word_starts: bool = False,
     ) -> list[int]:
-        """Adds to `config.copy_ignore_ids` the ids that training prompts hold but their completions do not repeat.
+        """Adds to `config.copy_ignore_ids` the ids that training prompts hold but their completions do not repeat
+        (the rule: `hf_plugin.copying.uncopied_ids`), and records the arguments in `config.copy_ignore_uncopied`.
 
-        A copy mode takes the prompt's ids out of the reweighter's own ranking. The template and a data format's keys
-        (`Data:`, `name[`, the newline that ends no output) are in the prompts but not content to copy: the
-        reweighter keeps its say over them. An id leaves the copy set when it is in at least `min_fraction` of the
-        prompts' copy sets and, of those pairs, at most `max_copy_rate` have it in their completion. Values that are
-        copied stay however frequent; ids too rare to judge, unseen names among them, stay. Only ids written in the
-        prompts are judged, unless `judge_word_starts`: the word-start forms their aliases and spellings bring are
-        then judged too (`ĠThe` of the many E2E names that begin with `The`).
+        They leave the copy sets after aliases and spellings, so the reweighter keeps its say over them. Only ids
+        written in the prompts are judged, unless `judge_word_starts`: the word-start forms their aliases and
+        spellings bring are then judged too (`ĠThe` of the many E2E names that begin with `The`).
         Call it on the training pairs before training (after `set_copy_aliases`); `hf-plugin train
-        --copy-ignore-uncopied` does. `max_copy_rate=1` ignores every id in `min_fraction` of the prompts.
+        --copy-ignore-uncopied` does.
 
         Args:
-            pairs (`Sequence[tuple[Sequence[int], Sequence[int]]]`): (prompt ids, completion ids) of the training pairs.
-            min_fraction (`float`, *optional*, defaults to 0.1): in (0, 1]. Low values also judge the pieces of
-                names that many training prompts share, which an unseen name may need.
+            pairs, min_fraction, max_copy_rate: as `hf_plugin.copying.uncopied_ids`.
             judge_word_starts (`bool`, *optional*, defaults to `False`): judge the word-start forms in the copy sets.
-            max_copy_rate (`float`, *optional*, defaults to 0.05): in [0, 1].
 
         Returns:
             `list[int]`: the ids added, in increasing order.
         """
         if self.config.copy_mode is None:
             raise ValueError("Only a reweighter with a `copy_mode` has copy sets.")
-        if not 0 < min_fraction <= 1 or not 0 <= max_copy_rate <= 1:
-            raise ValueError(f"`min_fraction` must be in (0, 1] and `max_copy_rate` in [0, 1], got {min_fraction!r} "
-                             f"and {max_copy_rate!r}.")
-        if not pairs:
-            raise ValueError("No training pairs to count the copy sets of.")
-        vocab_size = self.config.vocab_size
-        present_in = torch.zeros(vocab_size, dtype=torch.long)
-        copied_in = torch.zeros(vocab_size, dtype=torch.long)
-        for start in range(0, len(pairs), 64):
-            prompts = [list(prompt) for prompt, _ in pairs[start : start + 64]]
-            width = max(len(p) for p in prompts)
-            ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
-            mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=self.device)
-            # The ids written in the prompts only: a word-start form stays however the training names were written
-            # (`ĠT` of `T`, `aste` is no less needed for an unseen name because `ĠTaste` is one token).
-            first = (self._first_occurrences(ids, vocab_size, mask, mask.sum(dim=1)) if judge_word_starts
-                     else first_occurrences(ids, vocab_size, mask))
-            present = (first < width).cpu()
-            completed = torch.zeros_like(present)
-            for row, (_, completion) in enumerate(pairs[start : start + 64]):
-                completed[row, [i for i in completion if 0 <= i < vocab_size]] = True
-            present_in += present.sum(dim=0)
-            copied_in += (present & completed).sum(dim=0)
-        chosen = (present_in >= min_fraction * len(pairs)) & (copied_in <= max_copy_rate * present_in) & (present_in > 0)
-        chosen = chosen.nonzero().squeeze(1).tolist()
+        chosen = uncopied_ids(pairs, self.config.vocab_size, min_fraction, max_copy_rate,
+                              copy_sets=self._first_occurrences if judge_word_starts else None, device=self.device)
         ignored = set(self.config.copy_ignore_ids or [])
         self.config.copy_ignore_ids = sorted(ignored | set(chosen))
         self.config.copy_ignore_uncopied = {"min_fraction": float(min_fraction), "max_copy_rate": float(max_copy_rate),
@@ -546,46 +518,15 @@ class PluginModel(PluginPreTrainedModel):
         return self.config.copy_mode is not None
 
     def _first_occurrences(self, context_ids, vocab_size, context_mask, prompt_lengths) -> torch.LongTensor:
-        if self.config.copy_source == "prompt":
-            if prompt_lengths is None:
-                raise ValueError("A reweighter with copy_source='prompt' needs `prompt_lengths` (or `labels`): where "
-                                 "each row's prompt ends.")
-            columns = torch.arange(context_ids.shape[1], device=context_ids.device)
-            in_prompt = columns[None, :] < torch.as_tensor(prompt_lengths, device=context_ids.device).view(-1, 1)
-            context_mask = in_prompt if context_mask is None else in_prompt & context_mask.to(in_prompt.device).bool()
-        first = first_occurrences(context_ids, vocab_size, context_mask)
-        if self.config.copy_word_starts:
-            first = add_aliases(first, self.copy_aliases)
-        if self.config.copy_word_pieces > 1:
-            counted = torch.ones_like(context_ids) if context_mask is None else context_mask
-            first = add_spelled_words(first, context_ids, counted, self.copy_word_spellings)
-        # Ignored ids leave the set last, so an alias or a spelling cannot bring them back.
-        if self.config.copy_ignore_ids:
-            ignored = torch.tensor([i for i in self.config.copy_ignore_ids if i < vocab_size], device=first.device)
-            first = first.index_fill(1, ignored, context_ids.shape[1])
-        return first
+        return copy_set_first_occurrences(
+            self.config, context_ids, vocab_size, context_mask, prompt_lengths,
+            aliases=self.copy_aliases if self.config.copy_word_starts else None,
+            spellings=self.copy_word_spellings if self.config.copy_word_pieces > 1 else None,
+        )
 
     def _copy(self, logits: torch.Tensor, hidden: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         gate = self.copy_head(hidden.to(self.copy_head.weight.dtype))
         return apply_copy_mode(self.config.copy_mode, logits, gate, present.to(logits.device))
-
-    @staticmethod
-    def _context_ids(input_ids, context_ids, past_key_values) -> torch.LongTensor:
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if context_ids is None:
-            if past:
-                raise ValueError(
-                    "A reweighter with a copy_mode run on a KV cache needs `context_ids`: the whole sequences so far."
-                )
-            return input_ids
-        if context_ids.shape != (input_ids.shape[0], past + input_ids.shape[1]) or not torch.equal(
-            context_ids[:, past:].to(input_ids.device), input_ids
-        ):
-            raise ValueError(
-                f"`context_ids` must be the whole sequences so far ({past} cached + {input_ids.shape[1]} new tokens per "
-                f"row, ending with `input_ids`), got shape {tuple(context_ids.shape)}."
-            )
-        return context_ids.to(input_ids.device)
 
     def _check_positions(self, input_ids, attention_mask, position_ids, past_key_values) -> None:
         """Raises when a sequence is longer than the reweighter's `max_position_embeddings`."""

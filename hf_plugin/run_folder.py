@@ -19,7 +19,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-from .base_logits import examples_fingerprint
+from .completions import examples_fingerprint
 from .data import EncodedExample
 from .hub import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, saved_files
 

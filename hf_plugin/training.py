@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 from transformers.utils import logging
 
-from .base_logits import LossSource, loss_positions
+from .base_logits import LossSource
 from .combine import check_alpha
 from .compatibility import renamed_keyword
+from .completions import loss_positions
 from .data import EncodedExample, collate
 from .modeling_plugin import CompletionLogits, PluginModel
 from .run_folder import (BEST_DIR, CHECKPOINT_DIR_SUFFIX, CHECKPOINT_PREFIX, RUN_FILE, STATE_FILE, check_output_dir,

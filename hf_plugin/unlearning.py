@@ -12,8 +12,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from .base_logits import completion_positions
 from .compatibility import binding_kwargs
+from .completions import completion_positions
 from .data import EncodedExample
 from .modeling_plugin import PluginModel
 from .training import PluginTrainingArguments, train

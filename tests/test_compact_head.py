@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from hf_plugin import PluginConfig, PluginLogitsProcessor, PluginModel
-from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel, loss_positions, task_vocabulary, write_base_cache
+from hf_plugin.base_cache import CachedBaseLogits, write_base_cache
+from hf_plugin.base_logits import LiveBaseModel
 from hf_plugin.cli import main
+from hf_plugin.completions import loss_positions, task_vocabulary
 from hf_plugin.data import collate, encode_examples, read_examples
 
 from conftest import PAD, VOCAB, Recorder, make_base, make_plugin, prompts, task_folder, write_csv

@@ -11,8 +11,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from hf_plugin import PluginConfig, PluginLogitsProcessor, PluginModel
-from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel, loss_positions, write_base_cache
+from hf_plugin.base_cache import CachedBaseLogits, write_base_cache
+from hf_plugin.base_logits import LiveBaseModel
 from hf_plugin.cli import main
+from hf_plugin.completions import loss_positions
 from hf_plugin.copying import COPY_MODES, word_start_aliases, word_start_spellings
 from hf_plugin.data import collate, encode_examples, read_examples
 from hf_plugin.training import PluginTrainingArguments, train

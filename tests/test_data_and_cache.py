@@ -11,6 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import hf_plugin.base_cache
+import hf_plugin.base_logits
+import hf_plugin.completions
 from hf_plugin.base_logits import (
     CachedBaseLogits, LiveBaseModel, LossSource, ShardSource, cached_base_sources, loss_positions, open_base_caches,
     plan_base_caches, task_vocabulary, write_base_cache,
@@ -107,6 +110,20 @@ def test_the_sources_meet_the_contracts_training_and_the_cache_check(encoded, tm
     remote = type("StandIn", (), {"vocab_size": VOCAB})()
     assert isinstance(RemoteCacheSource(remote), ShardSource)
     assert not isinstance(base, ShardSource)  # an in-process base is run by `write_base_cache` itself
+
+
+def test_the_cache_and_completion_names_are_still_importable_from_base_logits():
+    # They lived in hf_plugin.base_logits before hf_plugin.base_cache and hf_plugin.completions split off.
+    moved = {
+        hf_plugin.base_cache: ["BaseCachePlan", "CachedBaseLogits", "IDENTITY_FIELDS", "INDEX_FILE", "LOGPROB_TOLERANCE",
+                               "MANIFEST_FILE", "SHARD_PATTERN", "ShardSource", "cached_base_sources", "check_top_k",
+                               "open_base_caches", "plan_base_caches", "write_base_cache"],
+        hf_plugin.completions: ["DEFAULT_TASK_VOCAB_SIZE", "completion_positions", "examples_fingerprint", "loss_positions",
+                                "task_vocabulary"],
+    }
+    for module, names in moved.items():
+        for name in names:
+            assert getattr(hf_plugin.base_logits, name) is getattr(module, name), name
 
 
 def test_a_pair_skipped_for_length_does_not_shift_the_cache(tokenizer, tmp_path):

@@ -19,7 +19,7 @@ from huggingface_hub import HfApi
 from transformers import AutoModel
 
 from hf_plugin import PluginLogitsProcessor, PluginModel, binding_kwargs
-from hf_plugin.base_logits import cached_base_sources
+from hf_plugin.base_cache import cached_base_sources
 from hf_plugin.compatibility import base_model_identity
 from hf_plugin.data import Example, encode_examples
 from hf_plugin.loading import SMOLLM2_GGUF, load_base_model

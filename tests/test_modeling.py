@@ -14,7 +14,8 @@ from transformers import (
 )
 
 from hf_plugin import PluginConfig, PluginModel, binding_kwargs, tokenizer_fingerprint
-from hf_plugin.base_logits import LiveBaseModel, loss_positions
+from hf_plugin.base_logits import LiveBaseModel
+from hf_plugin.completions import loss_positions
 from hf_plugin.modeling_plugin import CompletionLogits
 
 from conftest import PAD, VOCAB, make_base, make_plugin, make_tokenizer

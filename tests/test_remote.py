@@ -27,7 +27,7 @@ from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 import hf_plugin.commands.common
 from hf_plugin import PluginLogitsProcessor, PluginModel
-from hf_plugin.base_logits import CachedBaseLogits, write_base_cache
+from hf_plugin.base_cache import CachedBaseLogits, write_base_cache
 from hf_plugin.data import EncodedExample
 from hf_plugin.loading import load_base_model, offline_smollm2
 from hf_plugin.remote import RemoteBase, RemoteBaseError

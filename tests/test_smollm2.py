@@ -69,7 +69,9 @@ def test_reweighter_changes_smollm2_output(smollm2, plugin, chat_prompts):
 
 
 def test_top64_cache_bounds_the_full_logit_nll_on_smollm2(smollm2, plugin, tmp_path):
-    from hf_plugin.base_logits import CachedBaseLogits, LiveBaseModel, loss_positions, write_base_cache
+    from hf_plugin.base_cache import CachedBaseLogits, write_base_cache
+    from hf_plugin.base_logits import LiveBaseModel
+    from hf_plugin.completions import loss_positions
     from hf_plugin.data import Example, collate, encode_examples
 
     base, tokenizer = smollm2

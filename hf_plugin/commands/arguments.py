@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..base_logits import DEFAULT_TASK_VOCAB_SIZE
+from ..completions import DEFAULT_TASK_VOCAB_SIZE
 from ..copying import COPY_MODES, COPY_SOURCES
 from ..loading import offline_smollm2
 

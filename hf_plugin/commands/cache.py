@@ -8,7 +8,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from ..base_logits import DEFAULT_TASK_VOCAB_SIZE, SHARD_PATTERN
+from ..base_cache import SHARD_PATTERN
+from ..completions import DEFAULT_TASK_VOCAB_SIZE
 from .arguments import (add_base_arguments, add_cache_arguments, add_data_arguments, add_remote_arguments,
                         cache_options, data_options, remote_options)
 from .common import cached_sources, load_base_tokenizer, read_splits, remote_base

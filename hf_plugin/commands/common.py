@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..base_logits import open_base_caches, plan_base_caches
+from ..base_cache import open_base_caches, plan_base_caches
 from ..configuration_plugin import PluginConfig
 from ..data import encode_examples, read_examples, split_by_prompt, with_demonstrations
 from ..loading import load_base_model, load_tokenizer

@@ -8,8 +8,9 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
-from ..base_logits import LiveBaseModel, task_vocabulary
+from ..base_logits import LiveBaseModel
 from ..compatibility import binding_kwargs
+from ..completions import task_vocabulary
 from ..configuration_plugin import PluginConfig
 from ..initialization import first_layers, uniform_start_
 from ..modeling_plugin import PluginModel

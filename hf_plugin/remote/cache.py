@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from ..base_logits import write_base_cache
+from ..base_cache import write_base_cache
 from ..compatibility import tokenizer_fingerprint
 from ..data import EncodedExample
 from .client import RemoteBase
@@ -20,7 +20,7 @@ REMOTE_EXAMPLES_PER_SHARD = 64
 
 
 class RemoteCacheSource:
-    """The `hf_plugin.base_logits.ShardSource` that lets `write_base_cache` write a cache from a `RemoteBase`: one
+    """The `hf_plugin.base_cache.ShardSource` that lets `write_base_cache` write a cache from a `RemoteBase`: one
     teacher-forcing request per example, up to the base's `concurrency` at once. The cache holds the top-k only (no
     task vocabulary)."""
 
