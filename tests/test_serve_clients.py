@@ -122,6 +122,9 @@ def test_bad_scoring_requests_are_400s_naming_the_field(served):
     assert _error(lambda: create(model="tiny", prompt="w1", logprobs=9), 400)["param"] == "logprobs"
     assert _error(lambda: create(model="tiny", prompt="w1", logit_bias={"96": 1}), 400)["param"] == "logit_bias"
     assert _error(lambda: create(model="tiny", prompt="w1", logit_bias={"5": 101}), 400)["param"] == "logit_bias"
+    many = [f"w{i}" for i in range(40, 57)]  # lm-evaluation-harness adds EOS to a task's stop list: more than 4
+    assert create(model="tiny", prompt="w1", max_tokens=2, stop=many[:16]).choices
+    assert "at most 16 stop sequences" in _error(lambda: create(model="tiny", prompt="w1", stop=many), 400)["message"]
     for prompt in ([True, 5], [[5], "w1"], [5.0], {"a": 1}):
         code, body = raw(server.url + "/v1/completions", json.dumps({"model": "tiny", "prompt": prompt}).encode())
         assert code == 400 and body["error"]["param"] == "prompt" and "all of one kind" in body["error"]["message"]

@@ -18,6 +18,8 @@ MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0
 # Past these, scores overflow float32 (temperature divides the logits, alpha multiplies log-probs of up to ~1e2 nats).
 MIN_TEMPERATURE = 1e-5
+# OpenAI allows 4 stop sequences; evaluation clients send more (lm-evaluation-harness adds EOS to a task's list).
+MAX_STOPS = 16
 MAX_ALPHA = 1e6
 
 
@@ -129,8 +131,8 @@ class _Request(BaseModel):
     @classmethod
     def _stops(cls, value):
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 4 or any(not stop for stop in stops):
-            raise ValueError("at most 4 stop sequences, none of them empty")
+        if len(stops) > MAX_STOPS or any(not stop for stop in stops):
+            raise ValueError(f"at most {MAX_STOPS} stop sequences, none of them empty")
         return stops
 
     def stops(self) -> list[str]:
