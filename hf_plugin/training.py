@@ -38,12 +38,15 @@ logger = logging.get_logger(__name__)
 # Arguments that do not change the trained weights: a resumed run may change them.
 BOOKKEEPING_ARGUMENTS = ("output_dir", "checkpoint_dir", "overwrite_output_dir", "log_with", "save_steps",
                          "eval_batch_size", "keep_checkpoints", "keep_checkpoints_after_run")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 @dataclass
 class PluginTrainingArguments:
     """Hyper-parameters and bookkeeping of `train` (formerly `TrainingArguments`, still importable as a deprecated
-    alias).
+    alias). `hf-plugin train` and `unlearn` take the plain options among them as flags of the same names
+    (`batch_size` -> `--batch-size`), with these defaults and the entries below as help (see
+    `hf_plugin.commands.arguments.add_dataclass_arguments`).
 
     Args:
         output_dir (`str`): where the final reweighter, its card and the logs go. Only what `save_pretrained` writes
@@ -90,7 +93,7 @@ class PluginTrainingArguments:
     save_steps: int = 0
     eval_batch_size: int = 32
     seed: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: str = field(default="no", metadata={"choices": MIXED_PRECISIONS})
     log_with: str | None = None
     alpha: float | None = None
     keep_checkpoints: int = 1
@@ -109,7 +112,7 @@ class PluginTrainingArguments:
             raise ValueError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}.")
         if self.alpha is not None:
             check_alpha(self.alpha)
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"`mixed_precision` must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
         output = Path(self.output_dir)
         if self.checkpoint_dir is None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
+import dataclasses
 import fcntl
 import json
 import os
@@ -19,6 +22,8 @@ from safetensors.torch import load_file
 from hf_plugin import PluginConfig, PluginModel
 from hf_plugin.base_logits import LiveBaseModel
 from hf_plugin.cli import main
+from hf_plugin.commands.arguments import documented_fields, option
+from hf_plugin.commands.train import TRAINING_FIELDS, add_training_arguments, training_options
 from hf_plugin.data import Example, encode_examples
 from hf_plugin.training import PluginTrainerState, PluginTrainingArguments, TrainerState, TrainingArguments, train
 
@@ -267,6 +272,49 @@ def test_a_finished_run_removes_only_its_own_checkpoints(setup, tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
+def test_training_flags_take_the_default_and_the_documentation_of_their_field(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_training_arguments(parser)
+    actions = {action.dest: action for action in parser._actions}
+    fields = {field.name: field for field in dataclasses.fields(PluginTrainingArguments)}
+    documented = documented_fields(PluginTrainingArguments)
+    assert documented.keys() == fields.keys()  # every field has its `Args:` entry
+    for name in TRAINING_FIELDS:
+        action = actions[name]
+        assert action.option_strings == [option(name)] and action.default == fields[name].default
+        assert action.help.startswith(documented[name][1]), name
+    assert actions["batch_size"].help == "examples per process per micro-batch. (default: %(default)s)"
+    assert actions["mixed_precision"].choices == ("no", "fp16", "bf16")
+    assert actions["keep_checkpoints_after_run"].help.startswith("keep `checkpoint_dir` after a run that finished;")
+    for name, (kind, _) in documented.items():  # the docstring's "defaults to" is the field's default
+        if "defaults to " in kind:
+            assert ast.literal_eval(kind.split("defaults to ")[1].strip("`")) == fields[name].default, name
+    # no flag given: the arguments of the dataclass's own defaults
+    args = parser.parse_args(["--output-dir", str(tmp_path / "run")])
+    built = PluginTrainingArguments(output_dir=str(tmp_path / "run"), **training_options(args))
+    assert built == PluginTrainingArguments(output_dir=str(tmp_path / "run"))
+    assert training_options(parser.parse_args(["--output-dir", "run", "--keep-checkpoints", "3"]))[
+        "keep_checkpoints"] == 3
+
+
+def test_keep_checkpoints_counts_and_the_bare_flag_still_keeps_the_folder(setup, tmp_path, capsys):
+    arguments = ["--epochs", "1", "--batch-size", "8", "--save-steps", "1"]  # 4 steps, a checkpoint at each
+    main(common(setup, tmp_path / "count", *arguments, "--keep-checkpoints", "3", "--keep-checkpoints-after-run"))
+    names = sorted(p.name for p in (tmp_path / "count.checkpoints").iterdir())
+    assert names == ["best"] + [f"checkpoint-{step:08d}" for step in (2, 3, 4)], names
+    assert "warning" not in capsys.readouterr().err
+    main(common(setup, tmp_path / "removed", *arguments, "--keep-checkpoints", "3"))
+    assert not (tmp_path / "removed.checkpoints").exists()  # a count alone: removed after the run, as by default
+    assert "warning" not in capsys.readouterr().err
+    # The switch it was before: it keeps the folder (and the newest checkpoint while training), with a warning; a
+    # flag after it is not taken for its count.
+    main(common(setup, tmp_path / "bare", "--keep-checkpoints", *arguments))
+    names = sorted(p.name for p in (tmp_path / "bare.checkpoints").iterdir())
+    assert names == ["best", "checkpoint-00000004"], names
+    assert "warning: --keep-checkpoints without a count is deprecated, use --keep-checkpoints-after-run" in \
+        capsys.readouterr().err
+
+
 def test_keep_checkpoints_keeps_the_newest_ones(tmp_path):
     tokenizer = make_tokenizer()
     examples = encode_examples(tokenizer, [Example(p, c, row) for row, (p, c) in enumerate(task_rows(16))], max_length=32)
@@ -301,7 +349,7 @@ def test_finished_run_reports_base_nll_removes_checkpoints_and_a_used_folder_nee
         main(common(setup, tmp_path / "killed", "--epochs", "1", "--batch-size", "4"))
     monkeypatch.undo()
 
-    main(common(setup, out, "--epochs", "1", "--batch-size", "4", "--overwrite", "--keep-checkpoints"))
+    main(common(setup, out, "--epochs", "1", "--batch-size", "4", "--overwrite", "--keep-checkpoints-after-run"))
     assert [r["epoch"] for r in log_of(out) if "validation_nll" in r] == [0]  # a new log, not appended to
     assert json.loads((out / "metrics.json").read_text())["epochs run"] == 1
     # kept on request; while training only the newest checkpoint (what resume needs) and `best/` exist
@@ -317,7 +365,7 @@ def test_a_second_run_into_the_same_folders_is_refused_while_the_first_runs(setu
             main(common(setup, out, "--epochs", "1", "--batch-size", "4"))
         assert not out.exists()
     # once it is released (the holder ended or was killed) a run goes ahead and leaves no lock behind
-    main(common(setup, out, "--epochs", "1", "--batch-size", "4", "--keep-checkpoints"))
+    main(common(setup, out, "--epochs", "1", "--batch-size", "4", "--keep-checkpoints-after-run"))
     assert (out / "model.safetensors").exists() and not (checkpoints / ".lock").exists()
 
 
@@ -326,7 +374,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(setup, tmp_path, monkeypatch
     arguments = ["--epochs", "1", "--batch-size", "4"]
     with pytest.raises(SystemExit, match=r"--resume given but .*run.checkpoints holds no checkpoint"):
         main(common(setup, out, *arguments, "--resume"))
-    main(common(setup, out, *arguments, "--keep-checkpoints"))
+    main(common(setup, out, *arguments, "--keep-checkpoints-after-run"))
     write_csv(tmp_path / "other.csv", task_rows(32, offset=50))
 
     refuse_to_load(monkeypatch, "load_base_model")  # arguments and data are compared before the base model loads

@@ -8,7 +8,12 @@ parameter it becomes stand in one place. The checks here run before anything is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import re
 import sys
+import types
+import typing
 
 from ..completions import DEFAULT_TASK_VOCAB_SIZE
 from ..copying import COPY_MODES, COPY_SOURCES
@@ -49,6 +54,64 @@ class _FormerName(argparse.Action):
 def add_former_name(parser: argparse.ArgumentParser, name: str, current: argparse.Action) -> None:
     """Keeps `name` (e.g. `--plugin`) working as a deprecated alias of the flag `current` (e.g. `--reweighter`)."""
     parser.add_argument(name, action=_FormerName, current=current)
+
+
+# -- flags made from a dataclass's fields ------------------------------------------------------------------------------
+
+_ENTRY = re.compile(r"(\w+) \(([^)]*)\): (.*)")
+
+
+def documented_fields(cls: type) -> dict[str, tuple[str, str]]:
+    """The `Args:` entries of a dataclass's docstring (the transformers style), by field name, as (kind, description):
+    `epochs (`int`, *optional*, defaults to 4): passes over the training data.` gives
+    `{"epochs": ("`int`, *optional*, defaults to 4", "passes over the training data.")}`; an entry's further lines
+    are joined to its description."""
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    entries, indent, name = {}, None, None
+    for line in lines[lines.index("Args:") + 1:] if "Args:" in lines else ():
+        depth = len(line) - len(line.lstrip())
+        if not line.strip() or depth == 0:  # the end of the section
+            break
+        match = _ENTRY.fullmatch(line.strip()) if indent in (None, depth) else None
+        if match:
+            indent, name = depth, match[1]
+            entries[name] = (match[2], match[3])
+        elif name is None:
+            raise ValueError(f"{cls.__name__}'s `Args:` section does not start with `name (type): description`")
+        else:
+            entries[name] = (entries[name][0], f"{entries[name][1]} {line.strip()}")
+    return entries
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, names: typing.Iterable[str],
+                            **overrides: dict) -> None:
+    """A flag per field of the dataclass `cls` in `names` (`batch_size` -> `--batch-size`), with the field's default,
+    type and `metadata["choices"]`, and its docstring entry as help: one place for each. A bool field that defaults
+    to `False` is a switch. `overrides[name]` holds further `add_argument` keywords (e.g. another default)."""
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    hints, documented = typing.get_type_hints(cls), documented_fields(cls)
+    for name in names:
+        field, kind = fields[name], hints[name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `str | None`: a str that may stay unset
+            kind, = (arg for arg in typing.get_args(kind) if arg is not type(None))
+        if kind not in (int, float, str, bool) or field.default is dataclasses.MISSING:
+            raise TypeError(f"{cls.__name__}.{name} is not a plain option with a default")
+        if name not in documented:
+            raise TypeError(f"{cls.__name__}'s docstring does not document {name}")
+        shown = "" if field.default is None or kind is bool else " (default: %(default)s)"
+        keywords = {"default": field.default, "help": documented[name][1].replace("%", "%%") + shown}
+        if kind is bool:
+            keywords["action"] = "store_true" if field.default is False else argparse.BooleanOptionalAction
+        else:
+            keywords["type"] = kind
+            if "choices" in field.metadata:
+                keywords["choices"] = field.metadata["choices"]
+        parser.add_argument(option(name), **{**keywords, **overrides.get(name, {})})
+
+
+def dataclass_options(args: argparse.Namespace, names: typing.Iterable[str]) -> dict:
+    """The flags of `add_dataclass_arguments` read back as the dataclass's keyword arguments."""
+    return {name: getattr(args, name) for name in names}
 
 
 # -- the base model --------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -17,9 +18,17 @@ from ..modeling_plugin import PluginModel
 from ..run_folder import check_resume, latest_checkpoint
 from ..training import PluginTrainingArguments, train
 from .arguments import (add_architecture_arguments, add_base_arguments, add_cache_arguments, add_data_arguments,
-                        architecture_options, cache_options, check_copy_arguments, check_positive, copy_arguments,
-                        copy_options, data_options, option)
+                        add_dataclass_arguments, architecture_options, cache_options, check_copy_arguments,
+                        check_positive, copy_arguments, copy_options, data_options, dataclass_options, option)
 from .common import cached_sources, check_output_folders, load_base, load_base_tokenizer, read_splits
+
+# The fields of PluginTrainingArguments that are flags of their own name; the others have CLI-only behaviour
+# (--output-dir, --checkpoint-dir, --overwrite, and --seed and --alpha, shared with the data and the reweighter's
+# config).
+TRAINING_FIELDS = ("epochs", "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
+                   "warmup_ratio", "max_grad_norm", "patience", "save_steps", "eval_batch_size", "mixed_precision",
+                   "log_with", "keep_checkpoints", "keep_checkpoints_after_run")
+_FORMER_KEEP_SWITCH = object()  # the value of a bare --keep-checkpoints (argparse would convert a str)
 
 
 def register(subparsers) -> None:
@@ -40,19 +49,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from the latest checkpoint in --checkpoint-dir (same arguments and data only)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start again even if --output-dir holds a reweighter or --checkpoint-dir checkpoints")
-    parser.add_argument("--keep-checkpoints", action="store_true",
-                        help="keep --checkpoint-dir after the run finishes (default: removed)")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16, help="per process")
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--warmup-ratio", type=float, default=0.06)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--patience", type=int, default=2, help="epochs without improvement before stopping (0: off)")
-    parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N optimizer steps (0: each epoch)")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    parser.add_argument("--log-with", help="an Accelerate tracker, e.g. tensorboard")
+    # The plain options of PluginTrainingArguments, under their field names (`--keep-checkpoints N`), defaults and
+    # docstring entries; a bare --keep-checkpoints is the former switch of --keep-checkpoints-after-run.
+    add_dataclass_arguments(parser, PluginTrainingArguments, TRAINING_FIELDS,
+                            keep_checkpoints={"nargs": "?", "const": _FORMER_KEEP_SWITCH, "metavar": "N"})
     add_architecture_arguments(parser)
     parser.add_argument("--init-from",
                         help="start from this pretrained causal LM (same tokenizer) instead of random weights")
@@ -73,6 +73,18 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --copy-ignore-uncopied: judge the ids in at least this fraction of the training "
                              "prompts (default 0.1)")
     parser.add_argument("--dataset-id", help="Hub id of the training data, for the model card")
+
+
+def training_options(args: argparse.Namespace) -> dict:
+    """The flags of TRAINING_FIELDS as `PluginTrainingArguments` keyword arguments; a bare --keep-checkpoints (the
+    switch it was before it took a count) still keeps the checkpoint folder after the run, with a warning."""
+    options = dataclass_options(args, TRAINING_FIELDS)
+    if options["keep_checkpoints"] is _FORMER_KEEP_SWITCH:
+        print("warning: --keep-checkpoints without a count is deprecated, use --keep-checkpoints-after-run "
+              "(--keep-checkpoints N keeps the N newest checkpoints while training)", file=sys.stderr)
+        del options["keep_checkpoints"]  # the field's default
+        options["keep_checkpoints_after_run"] = True
+    return options
 
 
 def check_initialization(*, compact_head: bool, init_from: str | None, init_from_base_layers: int | None,
@@ -104,11 +116,7 @@ def run(args: argparse.Namespace) -> None:
     # ValueError into a one-line error).
     training_args = PluginTrainingArguments(
         output_dir=args.output_dir, checkpoint_dir=args.checkpoint_dir, overwrite_output_dir=args.overwrite,
-        epochs=args.epochs, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
-        patience=args.patience, save_steps=args.save_steps, seed=args.seed, mixed_precision=args.mixed_precision,
-        log_with=args.log_with, keep_checkpoints_after_run=args.keep_checkpoints,
+        seed=args.seed, **training_options(args),
     )
     check_output_folders(training_args, resume=args.resume)
     if args.resume and latest_checkpoint(training_args.checkpoint_dir) is None:

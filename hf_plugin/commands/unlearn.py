@@ -7,8 +7,12 @@ import argparse
 import torch
 
 from ..training import PluginTrainingArguments
-from .arguments import add_base_arguments, add_column_arguments, check_positive, column_options, is_chat
+from .arguments import (add_base_arguments, add_column_arguments, add_dataclass_arguments, check_positive,
+                        column_options, dataclass_options, is_chat)
 from .common import check_output_folders, encode, load_base, load_base_tokenizer, read_pairs
+
+# The fields of PluginTrainingArguments that are flags (as in `train`, but 10 epochs by default).
+UNLEARNING_FIELDS = ("epochs", "batch_size", "learning_rate", "warmup_ratio", "max_grad_norm")
 
 
 def register(subparsers) -> None:
@@ -33,11 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--checkpoint-dir", help="default: <output-dir>.checkpoints, beside it")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--warmup-ratio", type=float, default=0.06)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    add_dataclass_arguments(parser, PluginTrainingArguments, UNLEARNING_FIELDS, epochs={"default": 10})
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(run=run)
 
@@ -49,8 +49,7 @@ def run(args: argparse.Namespace) -> None:
     check_positive(num_layers=args.num_layers, lora_rank=args.lora_rank)
     training_args = PluginTrainingArguments(
         output_dir=args.output_dir, checkpoint_dir=args.checkpoint_dir, overwrite_output_dir=args.overwrite,
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, patience=0, seed=args.seed,
+        patience=0, seed=args.seed, **dataclass_options(args, UNLEARNING_FIELDS),
     )
     check_output_folders(training_args, resume=args.resume)
     tokenizer = load_base_tokenizer(args.base, args.base_revision)
