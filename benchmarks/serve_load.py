@@ -165,6 +165,33 @@ def ratio(numerator, denominator) -> float | None:
     return round(numerator / denominator, 3) if numerator and denominator else None
 
 
+def serve(command: list[str], environment: dict, url: str, log_path: Path, deadline: float, phases) -> dict:
+    """Starts a server subprocess, runs `phases()` against it once it answers, and stops it whatever happens; the
+    tail of its log is printed when something fails."""
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+        try:
+            wait_until_up(url, server, deadline)
+            return phases()
+        except BaseException:
+            print("server log (last lines):\n" + "".join(log_path.read_text().splitlines(True)[-30:]), file=sys.stderr)
+            raise
+        finally:
+            server.terminate()
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def run_facts(note: str) -> dict:
+    """What every result file records of the run: the commit, the machine, the note."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    return {"commit": commit or None,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}", "note": note}
+
+
 def serve_and_load(smollm2, reweighter_folder: str, max_batch: int, conversations, expected, args,
                    deadline: float) -> dict:
     """Starts a server with `--max-batch max_batch`, runs the load for the base and base + reweighter, stops it."""
@@ -173,26 +200,12 @@ def serve_and_load(smollm2, reweighter_folder: str, max_batch: int, conversation
     command = [sys.executable, "-m", "hf_plugin", "serve", "--base", str(smollm2), "--reweighter",
                f"rw={reweighter_folder}", "--port", str(port), "--max-concurrent", str(args.max_concurrent),
                "--max-batch", str(max_batch), "--max-queued", str(args.clients)]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
+    base_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
     with tempfile.TemporaryDirectory() as logs:
-        log = open(Path(logs) / "server.log", "w")
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)})
-        try:
-            wait_until_up(url, server, deadline)
-            base_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
-            return {name: run_phase(url, model, conversations, expected[name], args, deadline)
-                    for name, model in (("base", base_id), ("base+reweighter", base_id + "+rw"))}
-        except BaseException:
-            print("server log (last lines):\n" + "".join((Path(logs) / "server.log").read_text().splitlines(True)[-20:]),
-                  file=sys.stderr)
-            raise
-        finally:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-            log.close()
+        return serve(command, environment, url, Path(logs) / "server.log", deadline, lambda: {
+            name: run_phase(url, model, conversations, expected[name], args, deadline)
+            for name, model in (("base", base_id), ("base+reweighter", base_id + "+rw"))})
 
 
 def main() -> None:
@@ -253,10 +266,7 @@ def main() -> None:
         "reweighting_cost": summary,
         "batching_gain": batching,
         "reference_generation_s": round(reference_s, 1),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=Path(__file__).parent).stdout.strip() or None,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
-        "note": args.note,
+        **run_facts(args.note),
     }
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,32 +26,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_load import (RESULTS, free_port, prompts, ratio, reference_answers, run_phase,  # noqa: E402
-                        wait_until_up)
+from serve_load import (RESULTS, free_port, prompts, ratio, reference_answers, run_facts, run_phase,  # noqa: E402
+                        serve)
 
 from hf_plugin import PluginConfig, PluginModel, binding_kwargs  # noqa: E402
 from hf_plugin.loading import load_base_model, offline_smollm2, save_dequantized  # noqa: E402
 
 
 SERVED = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def serve(command: list[str], environment: dict, url: str, log_path: Path, deadline: float, phases) -> dict:
-    """Starts a server, runs `phases()` against it, stops it; the log's tail is printed on failure."""
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
-        try:
-            wait_until_up(url, server, deadline)
-            return phases()
-        except BaseException:
-            print("server log (last lines):\n" + "".join(log_path.read_text().splitlines(True)[-30:]), file=sys.stderr)
-            raise
-        finally:
-            server.terminate()
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
 
 
 def main() -> None:
@@ -134,10 +114,7 @@ def main() -> None:
             "latency_p50_vllm_reweighted_over_plain": ratio(vllm_rw["latency_p50_s"], vllm_plain["latency_p50_s"]),
         },
         "reference_generation_s": round(reference_s, 1),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=Path(__file__).parent).stdout.strip() or None,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
-        "note": args.note,
+        **run_facts(args.note),
     }
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
