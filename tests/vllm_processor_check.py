@@ -37,9 +37,14 @@ def alone(base, reweighter, prompt, steps, alpha=None):
 
 
 def check_a_persistent_batch_equals_each_request_alone(folder, base, reweighter):
-    """Requests added, finished, replaced at their index, swapped and moved, as vLLM's batch does: every request
-    that names the reweighter gets the tokens it gets alone in-process; the others get the base's."""
-    processor = ReweighterLogitsProcessor(vllm_config(folder / "tokenizer", {"rw": str(folder / "rw")}), "cpu", False)
+    """Requests added, finished, replaced at their index, swapped and moved, as vLLM's batch does, and output lists
+    grown by two tokens between calls: every request that names the reweighter gets the tokens it gets alone
+    in-process; the others get the base's."""
+    config = vllm_config(folder / "tokenizer", {"rw": str(folder / "rw")})
+    processor = ReweighterLogitsProcessor(config, "cpu", False)
+    # A second processor sees every batch change but computes one step alone (step 5): the first then finds output
+    # lists two tokens longer than at its last call, as with an engine that skips a processor for a step.
+    stand_in = ReweighterLogitsProcessor(config, "cpu", False)
     prompts = {"a": [5, 6, 7], "b": [8, 9, 10, 11, 12], "c": [20, 21], "d": [30, 31, 32, 33], "e": [40]}
     xargs = {"a": {"reweighter": "rw"}, "b": {"reweighter": "rw", "alpha": 0.5}, "c": None,
              "d": {"reweighter": "rw"}, "e": {"reweighter": "rw", "alpha": 2.0}}
@@ -82,12 +87,13 @@ def check_a_persistent_batch_equals_each_request_alone(folder, base, reweighter)
         while slots and slots[-1] is None:
             slots.pop()
         processor.update_state(BatchUpdate(len(slots), removed, additions, moved))
+        stand_in.update_state(BatchUpdate(len(slots), removed, additions, moved))
         rows = [name for name in slots]
         with torch.no_grad():
             logits = torch.stack([base(torch.tensor([prompts[name] + outputs[name]])).logits[0, -1]
                                   if name else torch.zeros(VOCAB) for name in rows])
         logits[:, EOS] = float("-inf")  # as min_new_tokens does in the reference: every request runs its steps
-        logits = processor.apply(logits)
+        logits = (stand_in if step == 5 else processor).apply(logits)
         for name, row in zip(rows, logits):
             if name:
                 outputs[name].append(int(row.argmax()))
