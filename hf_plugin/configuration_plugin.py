@@ -108,6 +108,11 @@ class PluginConfig(PreTrainedConfig):
         copy_word_pieces (`int`, *optional*, defaults to 1):
             With `copy_word_starts`, also count a marked word whose unmarked spelling takes up to this many pieces
             when they occur in a row (`D`, `irt` → `ĠDirt`); 1, 2 or 3. Above 1 a second table is a buffer.
+        copy_pointer (`int`, *optional*, defaults to 0):
+            With a `copy_mode`, a pointer over the context's columns (see `hf_plugin.copying`): each context id also
+            gets a score from the reweighter's state and the input embeddings of the `copy_pointer` tokens before
+            the id's first occurrence, so it can say which slot's value comes next. 0 leaves it out; otherwise 1 to
+            16. Adds `hidden_size * key_size * (copy_pointer + 1)` parameters, `key_size = hidden_size // 4`.
         copy_ignore_uncopied (`dict`, *optional*):
             Recorded by `PluginModel.ignore_uncopied_ids`: its arguments (`min_fraction`, `max_copy_rate`,
             `judge_word_starts`), the rule by which
@@ -153,6 +158,7 @@ class PluginConfig(PreTrainedConfig):
         copy_word_starts: bool = False,
         copy_word_pieces: int = 1,
         copy_ignore_uncopied: dict[str, float] | None = None,
+        copy_pointer: int = 0,
         trained_max_length: int | None = None,
         head_ids: list[int] | None = None,
         hf_plugin_version: str = __version__,
@@ -208,6 +214,10 @@ class PluginConfig(PreTrainedConfig):
             raise ValueError(f"`copy_word_pieces` must be 1, 2 or 3, got {copy_word_pieces!r}.")
         if copy_word_pieces > 1 and not copy_word_starts:
             raise ValueError("`copy_word_pieces` above 1 needs `copy_word_starts`.")
+        if not isinstance(copy_pointer, int) or isinstance(copy_pointer, bool) or not 0 <= copy_pointer <= 16:
+            raise ValueError(f"`copy_pointer` must be an integer from 0 to 16, got {copy_pointer!r}.")
+        if copy_pointer and copy_mode is None:
+            raise ValueError("`copy_pointer` needs a `copy_mode`.")
         if copy_ignore_uncopied is not None and (
             copy_mode is None or not isinstance(copy_ignore_uncopied, dict)
             or set(copy_ignore_uncopied) != {"min_fraction", "max_copy_rate", "judge_word_starts"}
@@ -249,6 +259,7 @@ class PluginConfig(PreTrainedConfig):
         self.copy_word_starts = bool(copy_word_starts)
         self.copy_word_pieces = copy_word_pieces
         self.copy_ignore_uncopied = dict(copy_ignore_uncopied) if copy_ignore_uncopied is not None else None
+        self.copy_pointer = copy_pointer
         self.copy_source = (copy_source or "prompt") if copy_mode is not None else None
         self.trained_max_length = trained_max_length
         self.head_ids = list(head_ids) if head_ids is not None else None

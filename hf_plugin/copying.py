@@ -35,6 +35,15 @@ the frequency rule (`min_fraction=0.5, max_copy_rate=1, judge_word_starts=True`)
 also leaves `ĠThe`, the first word of many names, to the reweighter; neither it nor the copy-rate rule keeps unseen
 names better than word starts alone (19.8% and 18.6% missed against 10.8%), so both are off unless asked for.
 
+Pointer. A copy set is symmetric: the reweighter says how welcome copying is, not which value goes where (measured
+on ViGGO: copying alone opens with the year as readily as with the name). With `copy_pointer = w` each context id `v`
+also gets `q_t · k_j`, added to `g_t`: `j` is the column of `v`'s first occurrence (of the token that brought it, for
+an alias or a spelling), `q_t` is read from the last hidden state as `g_t` is, and `k_j` from the input embeddings of
+the `w` tokens before column `j` (`preceding_embeddings`; zeros before a row's first token). In a `key[value]` format
+those tokens name the slot (`name`, `[`), so the reweighter can point at the slot it wants next — a value it never
+saw included — while the base still chooses among the slot's tokens. Keys are computed from the ids at every call, so
+a KV cache holds nothing new. The query starts at zero: an untrained pointer changes nothing.
+
 This module imports nothing else of ours: the remote-code copy of a saved reweighter carries it.
 """
 
@@ -358,3 +367,53 @@ def apply_copy_mode(mode: str, logits: torch.Tensor, gate: torch.Tensor, present
     if mode == "floor":
         return torch.where(present, torch.maximum(logits, gate), logits)
     raise ValueError(f"Unknown copy mode {mode!r}; expected one of {', '.join(COPY_MODES)}.")
+
+
+def preceding_embeddings(embedded: torch.Tensor, context_mask: torch.Tensor | None, width: int) -> torch.Tensor:
+    """For each column, the embeddings of the `width` columns before it side by side, nearest first; padding and
+    columns before a row's start are zeros, so a left-padded row gives what the same row unpadded gives.
+
+    Args:
+        embedded (`torch.Tensor` of shape `(batch_size, length, dim)`): the context's input embeddings.
+        context_mask (`torch.Tensor` of shape `(batch_size, length)`, *optional*): 1 for real tokens, 0 for padding.
+        width (`int`): how many columns before each one.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, length, width * dim)`.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_plugin.copying import preceding_embeddings
+    >>> embedded = torch.tensor([[[1.0], [2.0], [3.0]]])
+    >>> preceding_embeddings(embedded, torch.tensor([[0, 1, 1]]), 2)[0]
+    tensor([[0., 0.],
+            [0., 0.],
+            [2., 0.]])
+
+    ```
+    """
+    if context_mask is not None:
+        embedded = embedded * context_mask.to(device=embedded.device, dtype=embedded.dtype)[..., None]
+    length = embedded.shape[1]
+    padded = torch.nn.functional.pad(embedded, (0, 0, width, 0))
+    return torch.cat([padded[:, width - offset : width - offset + length] for offset in range(1, width + 1)], dim=-1)
+
+
+def pointer_scores(query: torch.Tensor, keys: torch.Tensor, first: torch.LongTensor) -> torch.Tensor:
+    """Each id's pointer score `q · k_j` at the column `j` of its first occurrence, 0 for ids absent; a new tensor.
+
+    Args:
+        query (`torch.Tensor` of shape `(batch_size, steps, key_size)`): one query per scored position.
+        keys (`torch.Tensor` of shape `(batch_size, columns, key_size)`): one key per context column; columns at or
+            past `keys.shape[1]` count as absent.
+        first (`torch.LongTensor` of shape `(batch_size, vocab_size)`): from `copy_set_first_occurrences`.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, steps, vocab_size)`.
+    """
+    columns = keys.shape[1]
+    scores = torch.nn.functional.pad(query @ keys.transpose(1, 2), (0, 1))  # the last column: absent ids score 0
+    index = first.clamp(max=columns).to(scores.device)[:, None, :].expand(-1, scores.shape[1], -1)
+    return scores.gather(2, index)

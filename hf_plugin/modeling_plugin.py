@@ -23,8 +23,8 @@ from .combine import align_vocab, check_alpha, combine_logits
 from .compatibility import check_base_model, check_vocab_width, renamed_keyword
 from .configuration_plugin import PluginConfig
 from .compact_head import CompactHead
-from .copying import (apply_copy_mode, copy_set_first_occurrences, uncopied_ids, whole_context, word_start_aliases,
-                      word_start_spellings)
+from .copying import (apply_copy_mode, copy_set_first_occurrences, pointer_scores, preceding_embeddings, uncopied_ids,
+                      whole_context, word_start_aliases, word_start_spellings)
 from .initialization import first_layers
 from .hub import (CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, WEIGHTS_SHARD, card_sections, push_folder,
                   render_model_card, ships_custom_generate, write_remote_code)
@@ -139,6 +139,14 @@ class PluginModel(PluginPreTrainedModel):
             self.backbone.set_output_embeddings(CompactHead(config.hidden_size, config.vocab_size, config.head_ids))
         # One scalar per step for the ids already in the context (see `hf_plugin.copying`); zero at the start.
         self.copy_head = torch.nn.Linear(config.hidden_size, 1) if config.copy_mode is not None else None
+        # The pointer (see `hf_plugin.copying`): a query read from the hidden state, keys from the embeddings before
+        # each context column. The query starts at zero, so an untrained pointer changes nothing.
+        self.copy_query = self.copy_keys = None
+        if config.copy_pointer:
+            key_size = max(config.hidden_size // 4, 1)
+            width = self.get_input_embeddings().embedding_dim * config.copy_pointer
+            self.copy_query = torch.nn.Linear(config.hidden_size, key_size, bias=False)
+            self.copy_keys = torch.nn.Linear(width, key_size, bias=False)
         if config.copy_word_starts:  # saved with the weights: the table belongs to the tokenizer it was trained with
             self.register_buffer("copy_aliases", torch.full((config.vocab_size,), -1, dtype=torch.long))
         if config.copy_word_pieces > 1:
@@ -150,9 +158,10 @@ class PluginModel(PluginPreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        if module is self.copy_head:
+        if module is self.copy_head or module is self.copy_query:
             torch.nn.init.zeros_(module.weight)
-            torch.nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
         else:
             super()._init_weights(module)
 
@@ -396,7 +405,9 @@ class PluginModel(PluginPreTrainedModel):
             first = self._first_occurrences(context_ids, logits.shape[-1], attention_mask, prompt_lengths)
             positions = torch.arange(context_ids.shape[1] - kept, context_ids.shape[1], device=first.device)
             present = first[:, None, :] <= positions[None, :, None]
-            logits = self._copy(logits, outputs.hidden_states[-1][:, -kept:], present)
+            pointer = self._pointer(context_ids, attention_mask, prompt_lengths, first,
+                                    outputs.hidden_states[-1][:, -kept:])
+            logits = self._copy(logits, outputs.hidden_states[-1][:, -kept:], present, pointer)
         if base_logits is not None:
             if base_logits.shape[:2] != input_ids.shape:
                 raise ValueError(
@@ -463,7 +474,11 @@ class PluginModel(PluginPreTrainedModel):
         # The prompt of a row ends where its first scored position predicts the first completion token.
         prompt_lengths = mask.long().argmax(dim=1) + 1
         first = self._first_occurrences(input_ids, logits.shape[-1], attention_mask, prompt_lengths)
-        return self._copy(logits, hidden, first[rows] <= positions[:, None])
+        pointer = None
+        if self.config.copy_pointer:  # each selected position's query against its own row's keys
+            keys = self._pointer_keys(input_ids, attention_mask, prompt_lengths)
+            pointer = pointer_scores(self.copy_query(hidden.to(keys.dtype))[:, None], keys[rows], first[rows])[:, 0]
+        return self._copy(logits, hidden, first[rows] <= positions[:, None], pointer)
 
     def set_copy_aliases(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Fills the word-start tables of a `copy_word_starts` reweighter from the base's tokenizer (see
@@ -524,8 +539,28 @@ class PluginModel(PluginPreTrainedModel):
             spellings=self.copy_word_spellings if self.config.copy_word_pieces > 1 else None,
         )
 
-    def _copy(self, logits: torch.Tensor, hidden: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def _pointer_keys(self, context_ids, context_mask, prompt_lengths) -> torch.Tensor:
+        """One pointer key per context column; with `copy_source="prompt"` only the prompt's columns (no later
+        column is any id's first occurrence)."""
+        if self.config.copy_source == "prompt":
+            columns = int(torch.as_tensor(prompt_lengths).max())
+            context_ids = context_ids[:, :columns]
+            context_mask = context_mask[:, :columns] if context_mask is not None else None
+        embeddings = self.get_input_embeddings()
+        embedded = embeddings(context_ids.clamp(0, embeddings.num_embeddings - 1).to(embeddings.weight.device))
+        return self.copy_keys(preceding_embeddings(embedded, context_mask, self.config.copy_pointer))
+
+    def _pointer(self, context_ids, context_mask, prompt_lengths, first, hidden) -> torch.Tensor | None:
+        if not self.config.copy_pointer:
+            return None
+        keys = self._pointer_keys(context_ids, context_mask, prompt_lengths)
+        return pointer_scores(self.copy_query(hidden.to(keys.dtype)), keys, first)
+
+    def _copy(self, logits: torch.Tensor, hidden: torch.Tensor, present: torch.Tensor,
+              pointer: torch.Tensor | None = None) -> torch.Tensor:
         gate = self.copy_head(hidden.to(self.copy_head.weight.dtype))
+        if pointer is not None:  # one value per id instead of one per step
+            gate = gate + pointer.to(gate.device)
         return apply_copy_mode(self.config.copy_mode, logits, gate, present.to(logits.device))
 
     def _check_positions(self, input_ids, attention_mask, position_ids, past_key_values) -> None:

@@ -35,6 +35,9 @@ def copy_plugin(arch: str, mode: str, source: str = "context", **kwargs) -> Plug
     with torch.no_grad():
         plugin.copy_head.weight.normal_(std=2.0)
         plugin.copy_head.bias.fill_(1.5)
+        if plugin.copy_query is not None:  # a pointer whose scores differ visibly between ids
+            plugin.copy_query.weight.normal_(std=0.5)
+            plugin.copy_keys.weight.normal_(std=2.0)
     return plugin
 
 
@@ -61,13 +64,19 @@ def test_config_refuses_bad_options_and_old_configs_load_without_a_copy_mode(tmp
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
-def test_save_and_load_keep_the_mode_and_the_head(arch, mode, tmp_path):
-    plugin = copy_plugin(arch, mode)
+@pytest.mark.parametrize("pointer", [0, 2])
+def test_save_and_load_keep_the_mode_and_the_head(arch, mode, pointer, tmp_path):
+    plugin = copy_plugin(arch, mode, copy_pointer=pointer)
     plugin.save_pretrained(tmp_path / "r")
     loaded = PluginModel.from_pretrained(tmp_path / "r")
     assert (loaded.config.copy_mode, loaded.config.copy_ignore_ids) == (mode, [BOS, EOS])
     torch.testing.assert_close(loaded.copy_head.weight, plugin.copy_head.weight)
-    assert f"Copy mode `{mode}` on the ids of the whole sequence so far" in (tmp_path / "r/README.md").read_text()
+    card = (tmp_path / "r/README.md").read_text()
+    assert f"Copy mode `{mode}` on the ids of the whole sequence so far" in card
+    assert ("a pointer reads each id's slot from the 2 tokens before it" in card) == bool(pointer)
+    if pointer:
+        assert loaded.config.copy_pointer == pointer
+        torch.testing.assert_close(loaded.copy_keys.weight, plugin.copy_keys.weight)
     ids = torch.tensor([[5, 6, 7, 6, 9]])
     torch.testing.assert_close(loaded(ids).logits, plugin(ids).logits)
 
@@ -85,8 +94,9 @@ def test_an_untrained_gate_changes_nothing(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
 @pytest.mark.parametrize("source", SOURCES)
-def test_forward_changes_exactly_the_ids_already_in_the_context(arch, mode, source):
-    plugin = copy_plugin(arch, mode, source)
+@pytest.mark.parametrize("pointer", [0, 2])
+def test_forward_changes_exactly_the_ids_already_in_the_context(arch, mode, source, pointer):
+    plugin = copy_plugin(arch, mode, source, copy_pointer=pointer)
     plain = make_plugin(arch)  # same seed: the same backbone without a copy head
     ids = torch.tensor([[PAD, PAD, BOS, 5, 6, 5, 7], [BOS, 8, 9, 10, 11, 12, 13]])
     mask = (torch.arange(7) >= 2).long().expand(2, 7).clone()
@@ -105,9 +115,11 @@ def test_forward_changes_exactly_the_ids_already_in_the_context(arch, mode, sour
             where = set(changed[row, t].nonzero().flatten().tolist())
             # floor leaves a context id alone where its own logit is already above the gate
             assert where <= seen if mode == "floor" else where == seen, (row, t, where, seen)
-    if mode == "shared":  # every context id at one value: the reweighter cannot rank them
+    if mode == "shared" and not pointer:  # every context id at one value: the reweighter cannot rank them
         assert out[1, -1, 8] == out[1, -1, 9]
         assert (out[1, -1, 8] == out[1, -1, 13]) == (source == "context")  # 13 was generated, not prompted
+    if mode == "shared" and pointer:  # the pointer ranks them by the tokens before their first occurrence
+        assert out[1, -1, 8] != out[1, -1, 9]
     if source == "prompt":
         with pytest.raises(ValueError, match="needs `prompt_lengths` \\(or `labels`\\)"):
             plugin(ids)
@@ -116,8 +128,9 @@ def test_forward_changes_exactly_the_ids_already_in_the_context(arch, mode, sour
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
 @pytest.mark.parametrize("source", SOURCES)
-def test_completion_logits_equal_the_forward(arch, mode, source):
-    plugin = copy_plugin(arch, mode, source)
+@pytest.mark.parametrize("pointer", [0, 3])
+def test_completion_logits_equal_the_forward(arch, mode, source, pointer):
+    plugin = copy_plugin(arch, mode, source, copy_pointer=pointer)
     ids = torch.tensor([[PAD, PAD, 5, 6, 5, 7, 8], [4, 8, 9, 10, 11, 12, 9]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
     selected = torch.zeros_like(ids, dtype=torch.bool)
@@ -134,8 +147,9 @@ def test_completion_logits_equal_the_forward(arch, mode, source):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_cached_forward_needs_the_whole_sequence():
-    plugin = copy_plugin("llama", "shared")
+@pytest.mark.parametrize("pointer", [0, 2])
+def test_a_cached_forward_needs_the_whole_sequence(pointer):
+    plugin = copy_plugin("llama", "shared", copy_pointer=pointer)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         first = plugin(ids[:, :3], use_cache=True)
@@ -145,15 +159,17 @@ def test_a_cached_forward_needs_the_whole_sequence():
             plugin(ids[:, 3:], past_key_values=first.past_key_values, context_ids=ids[:, 1:])
         step = plugin(ids[:, 3:], past_key_values=first.past_key_values, context_ids=ids).logits[:, -1]
         whole = plugin(ids).logits[:, -1]
-    torch.testing.assert_close(step, whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(step, whole, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("mode, source", [("shared", "prompt"), ("shared", "context"), ("gate", "context"),
-                                          ("floor", "prompt")])
+@pytest.mark.parametrize("mode, source, pointer", [("shared", "prompt", 0), ("shared", "context", 0),
+                                                   ("gate", "context", 0), ("floor", "prompt", 0),
+                                                   ("shared", "prompt", 2), ("gate", "context", 3)])
 @pytest.mark.parametrize("decoding", ["greedy", "sampling_multiple_returns", "beam_multiple_returns"])
-def test_processor_matches_offline_forward(arch, mode, source, decoding, tokenizer):
-    generate_left_padded_and_check(make_base("llama"), copy_plugin(arch, mode, source), tokenizer, decoding)
+def test_processor_matches_offline_forward(arch, mode, source, pointer, decoding, tokenizer):
+    plugin = copy_plugin(arch, mode, source, copy_pointer=pointer)
+    generate_left_padded_and_check(make_base("llama"), plugin, tokenizer, decoding)
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -179,13 +195,14 @@ def test_two_generate_calls_in_a_row_each_read_their_own_context(source, tokeniz
     assert_every_call_exact(plugin, recorder.calls, follow_mask)
 
 
-@pytest.mark.parametrize("mode", COPY_MODES)
-@pytest.mark.parametrize("source", SOURCES)
-def test_loss_from_a_whole_vocabulary_cache_equals_the_live_loss_and_trains_the_head(mode, source, tokenizer, tmp_path):
+@pytest.mark.parametrize("mode, source, pointer", [(mode, source, 0) for mode in COPY_MODES for source in SOURCES]
+                         + [("shared", "prompt", 2), ("floor", "context", 2)])
+def test_loss_from_a_whole_vocabulary_cache_equals_the_live_loss_and_trains_the_head(mode, source, pointer, tokenizer,
+                                                                                    tmp_path):
     rows = [(f"w{i} w{i + 1} w{i + 2}", f"w{i + 1} w40 w{i}") for i in range(4, 28)]
     examples, _ = read_examples(write_csv(tmp_path / "d.csv", rows), prompt_column="mr", completion_column="ref")
     encoded = encode_examples(tokenizer, examples, max_length=32)
-    base, plugin = make_base("llama"), copy_plugin("llama", mode, source)
+    base, plugin = make_base("llama"), copy_plugin("llama", mode, source, copy_pointer=pointer)
     cache_dir = write_base_cache(base, encoded, tmp_path / "cache", k=96, pad_token_id=PAD, progress=False)
     batch = collate(encoded[:8], PAD)
     logits = plugin.completion_logits(batch["input_ids"], batch["attention_mask"], loss_positions(batch["labels"]))
@@ -196,6 +213,8 @@ def test_loss_from_a_whole_vocabulary_cache_equals_the_live_loss_and_trains_the_
     assert (CachedBaseLogits(small, encoded).nll(logits, batch, 1.0) >= live - 5e-3).all()
     live.mean().backward()
     assert plugin.copy_head.weight.grad.abs().sum() > 0
+    if pointer:
+        assert plugin.copy_query.weight.grad.abs().sum() > 0 and plugin.copy_keys.weight.grad.abs().sum() > 0
 
 
 def test_train_command_records_the_mode_and_the_special_tokens(tmp_path):
@@ -350,9 +369,10 @@ def test_spelled_words_join_the_context_exactly_and_survive_save_and_load(arch, 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("decoding", ["greedy", "sampling_multiple_returns", "beam_multiple_returns"])
-def test_processor_with_spelled_words_and_frequent_ids_matches_offline_forward(arch, decoding):
+@pytest.mark.parametrize("pointer", [0, 2])
+def test_processor_with_spelled_words_and_frequent_ids_matches_offline_forward(arch, decoding, pointer):
     tokenizer = marked_tokenizer()
-    plugin, vocab = spelled_plugin(arch)
+    plugin, vocab = spelled_plugin(arch, copy_pointer=pointer)
     input_ids, mask = prompts(tokenizer, ["w1 w2 w3 w4 w5 w9", "w6 w1 w2", "w3 w4 w5 w9 w9 w9 w9"])
     plugin.ignore_uncopied_ids([(row[m.bool()].tolist(), []) for row, m in zip(input_ids, mask)], min_fraction=0.6)
     base = make_base("llama")
@@ -447,3 +467,44 @@ def test_train_command_records_spellings_and_uncopied_ids(tmp_path, capsys):
     vocab = marked_tokenizer().get_vocab()
     assert vocab["w1"] in plugin.config.copy_ignore_ids and vocab["w0"] not in plugin.config.copy_ignore_ids
     assert vocab["Ġw1"] not in plugin.config.copy_ignore_ids and vocab["w20"] not in plugin.config.copy_ignore_ids
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_untrained_pointer_changes_nothing_and_a_trained_one_reads_the_slot(arch):
+    shared = copy_plugin(arch, "shared", "prompt")
+    pointed = make_plugin(arch, copy_mode="shared", copy_ignore_ids=[BOS, EOS], copy_pointer=2)
+    pointed.load_state_dict(shared.state_dict(), strict=False)
+    assert not pointed.copy_query.weight.any()
+    ids = torch.tensor([[5, 6, 7, 6, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(pointed(ids, prompt_lengths=torch.tensor([5])).logits,
+                                   shared(ids, prompt_lengths=torch.tensor([5])).logits)
+        # Each prompt id's score is the query against the embeddings of the 2 tokens before it, nearest first.
+        pointed.copy_query.weight.normal_(std=2.0)
+        pointed.copy_keys.weight.normal_(std=2.0)
+        ids = torch.tensor([[11, 12, 7, 13, 14, 8, 15]])
+        logits = pointed(ids, prompt_lengths=torch.tensor([6])).logits[0, -1]
+        hidden = pointed.backbone(ids, output_hidden_states=True).hidden_states[-1][0, -1]
+        query, embed = pointed.copy_query(hidden), pointed.get_input_embeddings()
+        key_7 = pointed.copy_keys(torch.cat([embed.weight[12], embed.weight[11]]))
+        key_8 = pointed.copy_keys(torch.cat([embed.weight[14], embed.weight[13]]))
+    torch.testing.assert_close(logits[7] - logits[8], query @ (key_7 - key_8), atol=1e-4, rtol=1e-4)
+    assert abs(float(logits[7] - logits[8])) > 1e-2
+    assert logits[15] == shared(ids, prompt_lengths=torch.tensor([6])).logits[0, -1, 15]  # not in the prompt
+
+
+def test_pointer_option_is_checked_and_trained_from_the_command_line(tmp_path):
+    for bad in (-1, 17, 1.5, True):
+        with pytest.raises(ValueError, match="`copy_pointer` must be an integer from 0 to 16"):
+            PluginConfig(vocab_size=10, copy_mode="shared", copy_pointer=bad)
+    with pytest.raises(ValueError, match="`copy_pointer` needs a `copy_mode`"):
+        PluginConfig(vocab_size=10, copy_pointer=2)
+    setup = task_folder(tmp_path, 16, 4)
+    command = ["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--prompt-column", "mr",
+               "--completion-column", "ref", "--hidden-size", "32", "--intermediate-size", "64", "--num-heads", "2",
+               "--max-length", "32", "--epochs", "1", "--cpu"]
+    with pytest.raises(SystemExit, match="--copy-pointer needs --copy-mode"):
+        main(command + ["--output-dir", str(tmp_path / "x"), "--copy-pointer", "2"])
+    main(command + ["--output-dir", str(tmp_path / "run"), "--copy-mode", "shared", "--copy-pointer", "2"])
+    plugin = PluginModel.from_pretrained(tmp_path / "run")
+    assert plugin.config.copy_pointer == 2 and plugin.copy_query.weight.abs().sum() > 0  # trained

@@ -265,6 +265,10 @@ def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--copy-word-pieces", type=int, choices=(1, 2, 3), default=1,
                         help="with --copy-word-starts: also a marked word whose unmarked spelling takes up to this "
                              "many pieces in a row ('D', 'irt' in 'name[Dirt]' bring 'ĠDirt')")
+    parser.add_argument("--copy-pointer", type=int, default=0, metavar="TOKENS",
+                        help="with --copy-mode: a pointer that scores each context id by the TOKENS tokens before "
+                             "it (its slot in 'name[Giraffe]'), so the reweighter can say which value comes next "
+                             "(1 to 16; see hf_plugin.copying)")
 
 
 def architecture_options(args: argparse.Namespace) -> dict:
@@ -276,21 +280,23 @@ def architecture_options(args: argparse.Namespace) -> dict:
 def copy_arguments(args: argparse.Namespace) -> dict:
     """The copy flags as `check_copy_arguments` and `copy_options` keyword arguments."""
     return {"copy_mode": args.copy_mode, "copy_source": args.copy_source, "copy_word_starts": args.copy_word_starts,
-            "copy_word_pieces": args.copy_word_pieces}
+            "copy_word_pieces": args.copy_word_pieces, "copy_pointer": args.copy_pointer}
 
 
 def check_copy_arguments(*, copy_mode: str | None, copy_source: str | None, copy_word_starts: bool,
-                         copy_word_pieces: int, ignore_uncopied: float | None = None,
+                         copy_word_pieces: int, copy_pointer: int = 0, ignore_uncopied: float | None = None,
                          ignore_min_fraction: float | None = None) -> None:
     """The copy flags hang together: each needs --copy-mode, --copy-word-pieces needs --copy-word-starts, and
     train's --copy-ignore-uncopied (a rate) and --copy-ignore-min-fraction are in range."""
     for given, name in ((copy_word_starts, "--copy-word-starts"), (copy_source, "--copy-source"),
-                        (copy_word_pieces != 1, "--copy-word-pieces"),
+                        (copy_word_pieces != 1, "--copy-word-pieces"), (copy_pointer != 0, "--copy-pointer"),
                         (ignore_uncopied is not None, "--copy-ignore-uncopied")):
         if given and copy_mode is None:
             raise SystemExit(f"error: {name} needs --copy-mode")
     if copy_word_pieces != 1 and not copy_word_starts:
         raise SystemExit("error: --copy-word-pieces needs --copy-word-starts")
+    if not 0 <= copy_pointer <= 16:
+        raise SystemExit(f"error: --copy-pointer must be 0 (none) to 16 tokens, got {copy_pointer}")
     if ignore_uncopied is not None and not 0 <= ignore_uncopied <= 1:
         raise SystemExit(f"error: --copy-ignore-uncopied must be a rate in [0, 1], got {ignore_uncopied}")
     if ignore_min_fraction is not None and (ignore_uncopied is None or not 0 < ignore_min_fraction <= 1):
@@ -299,10 +305,12 @@ def check_copy_arguments(*, copy_mode: str | None, copy_source: str | None, copy
 
 
 def copy_options(tokenizer, *, copy_mode: str | None, copy_source: str | None, copy_word_starts: bool,
-                 copy_word_pieces: int) -> dict:
-    """The `PluginConfig` arguments of --copy-mode, --copy-source, --copy-word-starts and --copy-word-pieces."""
+                 copy_word_pieces: int, copy_pointer: int = 0) -> dict:
+    """The `PluginConfig` arguments of --copy-mode, --copy-source, --copy-word-starts, --copy-word-pieces and
+    --copy-pointer."""
     if copy_mode is None:
         return {}
     # Special tokens (BOS, EOS, chat markers) are structure, not content to copy.
     return {"copy_mode": copy_mode, "copy_ignore_ids": sorted(set(tokenizer.all_special_ids)),
-            "copy_source": copy_source, "copy_word_starts": copy_word_starts, "copy_word_pieces": copy_word_pieces}
+            "copy_source": copy_source, "copy_word_starts": copy_word_starts, "copy_word_pieces": copy_word_pieces,
+            "copy_pointer": copy_pointer}
