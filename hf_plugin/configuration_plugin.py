@@ -109,9 +109,9 @@ class PluginConfig(PreTrainedConfig):
             With `copy_word_starts`, also count a marked word whose unmarked spelling takes up to this many pieces
             when they occur in a row (`D`, `irt` → `ĠDirt`); 1, 2 or 3. Above 1 a second table is a buffer.
         copy_pointer (`int`, *optional*, defaults to 0):
-            With a `copy_mode`, a pointer over the context's columns (see `hf_plugin.copying`): each context id also
-            gets a score from the reweighter's state and the input embeddings of the `copy_pointer` tokens before
-            the id's first occurrence, so it can say which slot's value comes next. 0 leaves it out; otherwise 1 to
+            With a `copy_mode` on the prompt, a pointer over the prompt's columns (see `hf_plugin.copying`): each
+            prompt id also gets a score from the reweighter's state and the input embeddings of the `copy_pointer`
+            tokens before the id's last occurrence, so it can say which slot's value comes next. 0 leaves it out; otherwise 1 to
             16. Adds `hidden_size * key_size * (copy_pointer + 1)` parameters, `key_size = hidden_size // 4`.
         copy_ignore_uncopied (`dict`, *optional*):
             Recorded by `PluginModel.ignore_uncopied_ids`: its arguments (`min_fraction`, `max_copy_rate`,
@@ -216,8 +216,8 @@ class PluginConfig(PreTrainedConfig):
             raise ValueError("`copy_word_pieces` above 1 needs `copy_word_starts`.")
         if not isinstance(copy_pointer, int) or isinstance(copy_pointer, bool) or not 0 <= copy_pointer <= 16:
             raise ValueError(f"`copy_pointer` must be an integer from 0 to 16, got {copy_pointer!r}.")
-        if copy_pointer and copy_mode is None:
-            raise ValueError("`copy_pointer` needs a `copy_mode`.")
+        if copy_pointer and (copy_mode is None or copy_source not in (None, "prompt")):
+            raise ValueError("`copy_pointer` needs a `copy_mode` with the prompt as its source.")
         if copy_ignore_uncopied is not None and (
             copy_mode is None or not isinstance(copy_ignore_uncopied, dict)
             or set(copy_ignore_uncopied) != {"min_fraction", "max_copy_rate", "judge_word_starts"}

@@ -37,8 +37,9 @@ names better than word starts alone (19.8% and 18.6% missed against 10.8%), so b
 
 Pointer. A copy set is symmetric: the reweighter says how welcome copying is, not which value goes where (measured
 on ViGGO: copying alone opens with the year as readily as with the name). With `copy_pointer = w` each context id `v`
-also gets `q_t · k_j`, added to `g_t`: `j` is the column of `v`'s first occurrence (of the token that brought it, for
-an alias or a spelling), `q_t` is read from the last hidden state as `g_t` is, and `k_j` from the input embeddings of
+also gets `q_t · k_j`, added to `g_t`: `j` is the column of `v`'s last occurrence in the prompt (of the token that
+brought it for an alias, of its first piece for a spelling; the last, so that under a few-shot prompt the value of the
+query, not of a demonstration, is pointed at), `q_t` is read from the last hidden state as `g_t` is, and `k_j` from the input embeddings of
 the `w` tokens before column `j` (`preceding_embeddings`; zeros before a row's first token). In a `key[value]` format
 those tokens name the slot (`name`, `[`), so the reweighter can point at the slot it wants next — a value it never
 saw included — while the base still chooses among the slot's tokens. Keys are computed from the ids at every call, so
@@ -223,6 +224,7 @@ def copy_set_first_occurrences(
     prompt_lengths: torch.LongTensor | None = None,
     aliases: torch.LongTensor | None = None,
     spellings: torch.LongTensor | None = None,
+    last: bool = False,
 ) -> torch.LongTensor:
     """`first_occurrences` of a reweighter's copy set: the ids of its source, with their word-start forms when it has
     the tables, less its ignored ids.
@@ -234,6 +236,8 @@ def copy_set_first_occurrences(
             (padding included) are its prompt; needed for `copy_source="prompt"`.
         aliases (`torch.LongTensor`, *optional*): from `word_start_aliases` (the reweighter's `copy_aliases`).
         spellings (`torch.LongTensor`, *optional*): from `word_start_spellings` (its `copy_word_spellings`).
+        last (`bool`, *optional*, defaults to `False`): the position of each id's last occurrence instead (for a
+            spelled word, of its first piece there): where the pointer reads an id's slot.
 
     Returns:
         `torch.LongTensor` of shape `(batch_size, vocab_size)`: as `first_occurrences`.
@@ -245,6 +249,11 @@ def copy_set_first_occurrences(
         columns = torch.arange(context_ids.shape[1], device=context_ids.device)
         in_prompt = columns[None, :] < torch.as_tensor(prompt_lengths, device=context_ids.device).view(-1, 1)
         context_mask = in_prompt if context_mask is None else in_prompt & context_mask.to(in_prompt.device).bool()
+    length = context_ids.shape[1]
+    if last:  # the first occurrences in the reversed rows, spellings reversed too
+        context_ids = context_ids.flip(1)
+        context_mask = context_mask.flip(1) if context_mask is not None else None
+        spellings = reversed_spellings(spellings) if spellings is not None else None
     first = first_occurrences(context_ids, vocab_size, context_mask)
     if aliases is not None:
         first = add_aliases(first, aliases)
@@ -254,8 +263,18 @@ def copy_set_first_occurrences(
     # Ignored ids leave the set last, so an alias or a spelling cannot bring them back.
     if config.copy_ignore_ids:
         ignored = torch.tensor([i for i in config.copy_ignore_ids if i < vocab_size], device=first.device)
-        first = first.index_fill(1, ignored, context_ids.shape[1])
-    return first
+        first = first.index_fill(1, ignored, length)
+    return torch.where(first < length, length - 1 - first, length) if last else first
+
+
+def reversed_spellings(spellings: torch.LongTensor) -> torch.LongTensor:
+    """A `word_start_spellings` table with each spelling's pieces in reverse order (a new tensor)."""
+    result = spellings.clone()
+    pieces = (spellings >= 0).sum(dim=1)
+    for n in range(2, spellings.shape[1] + 1):
+        rows = pieces == n
+        result[rows, :n] = spellings[rows, :n].flip(1)
+    return result
 
 
 def whole_context(

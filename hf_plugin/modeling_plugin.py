@@ -405,8 +405,7 @@ class PluginModel(PluginPreTrainedModel):
             first = self._first_occurrences(context_ids, logits.shape[-1], attention_mask, prompt_lengths)
             positions = torch.arange(context_ids.shape[1] - kept, context_ids.shape[1], device=first.device)
             present = first[:, None, :] <= positions[None, :, None]
-            pointer = self._pointer(context_ids, attention_mask, prompt_lengths, first,
-                                    outputs.hidden_states[-1][:, -kept:])
+            pointer = self._pointer(context_ids, attention_mask, prompt_lengths, outputs.hidden_states[-1][:, -kept:])
             logits = self._copy(logits, outputs.hidden_states[-1][:, -kept:], present, pointer)
         if base_logits is not None:
             if base_logits.shape[:2] != input_ids.shape:
@@ -476,8 +475,8 @@ class PluginModel(PluginPreTrainedModel):
         first = self._first_occurrences(input_ids, logits.shape[-1], attention_mask, prompt_lengths)
         pointer = None
         if self.config.copy_pointer:  # each selected position's query against its own row's keys
-            keys = self._pointer_keys(input_ids, attention_mask, prompt_lengths)
-            pointer = pointer_scores(self.copy_query(hidden.to(keys.dtype))[:, None], keys[rows], first[rows])[:, 0]
+            keys, where = self._pointer_keys(input_ids, attention_mask, prompt_lengths)
+            pointer = pointer_scores(self.copy_query(hidden.to(keys.dtype))[:, None], keys[rows], where[rows])[:, 0]
         return self._copy(logits, hidden, first[rows] <= positions[:, None], pointer)
 
     def set_copy_aliases(self, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -532,29 +531,28 @@ class PluginModel(PluginPreTrainedModel):
         whole sequence as `context_ids`."""
         return self.config.copy_mode is not None
 
-    def _first_occurrences(self, context_ids, vocab_size, context_mask, prompt_lengths) -> torch.LongTensor:
+    def _first_occurrences(self, context_ids, vocab_size, context_mask, prompt_lengths, last=False) -> torch.LongTensor:
         return copy_set_first_occurrences(
             self.config, context_ids, vocab_size, context_mask, prompt_lengths,
             aliases=self.copy_aliases if self.config.copy_word_starts else None,
-            spellings=self.copy_word_spellings if self.config.copy_word_pieces > 1 else None,
+            spellings=self.copy_word_spellings if self.config.copy_word_pieces > 1 else None, last=last,
         )
 
-    def _pointer_keys(self, context_ids, context_mask, prompt_lengths) -> torch.Tensor:
-        """One pointer key per context column; with `copy_source="prompt"` only the prompt's columns (no later
-        column is any id's first occurrence)."""
-        if self.config.copy_source == "prompt":
-            columns = int(torch.as_tensor(prompt_lengths).max())
-            context_ids = context_ids[:, :columns]
-            context_mask = context_mask[:, :columns] if context_mask is not None else None
+    def _pointer_keys(self, context_ids, context_mask, prompt_lengths) -> tuple[torch.Tensor, torch.LongTensor]:
+        """One pointer key per prompt column, and the column each id's score is read at (its last occurrence)."""
+        columns = int(torch.as_tensor(prompt_lengths).max())
+        context_ids = context_ids[:, :columns]
+        context_mask = context_mask[:, :columns] if context_mask is not None else None
+        where = self._first_occurrences(context_ids, self.config.vocab_size, context_mask, prompt_lengths, last=True)
         embeddings = self.get_input_embeddings()
         embedded = embeddings(context_ids.clamp(0, embeddings.num_embeddings - 1).to(embeddings.weight.device))
-        return self.copy_keys(preceding_embeddings(embedded, context_mask, self.config.copy_pointer))
+        return self.copy_keys(preceding_embeddings(embedded, context_mask, self.config.copy_pointer)), where
 
-    def _pointer(self, context_ids, context_mask, prompt_lengths, first, hidden) -> torch.Tensor | None:
+    def _pointer(self, context_ids, context_mask, prompt_lengths, hidden) -> torch.Tensor | None:
         if not self.config.copy_pointer:
             return None
-        keys = self._pointer_keys(context_ids, context_mask, prompt_lengths)
-        return pointer_scores(self.copy_query(hidden.to(keys.dtype)), keys, first)
+        keys, where = self._pointer_keys(context_ids, context_mask, prompt_lengths)
+        return pointer_scores(self.copy_query(hidden.to(keys.dtype)), keys, where)
 
     def _copy(self, logits: torch.Tensor, hidden: torch.Tensor, present: torch.Tensor,
               pointer: torch.Tensor | None = None) -> torch.Tensor:

@@ -66,19 +66,20 @@ def test_config_refuses_bad_options_and_old_configs_load_without_a_copy_mode(tmp
 @pytest.mark.parametrize("mode", COPY_MODES)
 @pytest.mark.parametrize("pointer", [0, 2])
 def test_save_and_load_keep_the_mode_and_the_head(arch, mode, pointer, tmp_path):
-    plugin = copy_plugin(arch, mode, copy_pointer=pointer)
+    source = "prompt" if pointer else "context"
+    plugin = copy_plugin(arch, mode, source, copy_pointer=pointer)
     plugin.save_pretrained(tmp_path / "r")
     loaded = PluginModel.from_pretrained(tmp_path / "r")
     assert (loaded.config.copy_mode, loaded.config.copy_ignore_ids) == (mode, [BOS, EOS])
     torch.testing.assert_close(loaded.copy_head.weight, plugin.copy_head.weight)
     card = (tmp_path / "r/README.md").read_text()
-    assert f"Copy mode `{mode}` on the ids of the whole sequence so far" in card
+    assert f"Copy mode `{mode}` on the ids of the {'prompt' if pointer else 'whole sequence so far'}" in card
     assert ("a pointer reads each id's slot from the 2 tokens before it" in card) == bool(pointer)
     if pointer:
         assert loaded.config.copy_pointer == pointer
         torch.testing.assert_close(loaded.copy_keys.weight, plugin.copy_keys.weight)
-    ids = torch.tensor([[5, 6, 7, 6, 9]])
-    torch.testing.assert_close(loaded(ids).logits, plugin(ids).logits)
+    ids, lengths = torch.tensor([[5, 6, 7, 6, 9]]), torch.tensor([3])
+    torch.testing.assert_close(loaded(ids, prompt_lengths=lengths).logits, plugin(ids, prompt_lengths=lengths).logits)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -93,8 +94,7 @@ def test_an_untrained_gate_changes_nothing(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
-@pytest.mark.parametrize("source", SOURCES)
-@pytest.mark.parametrize("pointer", [0, 2])
+@pytest.mark.parametrize("source, pointer", [("prompt", 0), ("context", 0), ("prompt", 2)])  # pointers read prompts
 def test_forward_changes_exactly_the_ids_already_in_the_context(arch, mode, source, pointer):
     plugin = copy_plugin(arch, mode, source, copy_pointer=pointer)
     plain = make_plugin(arch)  # same seed: the same backbone without a copy head
@@ -127,8 +127,7 @@ def test_forward_changes_exactly_the_ids_already_in_the_context(arch, mode, sour
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
-@pytest.mark.parametrize("source", SOURCES)
-@pytest.mark.parametrize("pointer", [0, 3])
+@pytest.mark.parametrize("source, pointer", [("prompt", 0), ("context", 0), ("prompt", 3)])  # pointers read prompts
 def test_completion_logits_equal_the_forward(arch, mode, source, pointer):
     plugin = copy_plugin(arch, mode, source, copy_pointer=pointer)
     ids = torch.tensor([[PAD, PAD, 5, 6, 5, 7, 8], [4, 8, 9, 10, 11, 12, 9]])
@@ -149,23 +148,23 @@ def test_completion_logits_equal_the_forward(arch, mode, source, pointer):
 
 @pytest.mark.parametrize("pointer", [0, 2])
 def test_a_cached_forward_needs_the_whole_sequence(pointer):
-    plugin = copy_plugin("llama", "shared", copy_pointer=pointer)
-    ids = torch.tensor([[5, 6, 7, 8]])
+    plugin = copy_plugin("llama", "shared", "prompt" if pointer else "context", copy_pointer=pointer)
+    ids, lengths = torch.tensor([[5, 6, 7, 8]]), {"prompt_lengths": torch.tensor([3])}
     with torch.no_grad():
-        first = plugin(ids[:, :3], use_cache=True)
+        first = plugin(ids[:, :3], use_cache=True, **lengths)
         with pytest.raises(ValueError, match="needs `context_ids`: the whole sequences so far"):
-            plugin(ids[:, 3:], past_key_values=first.past_key_values)
+            plugin(ids[:, 3:], past_key_values=first.past_key_values, **lengths)
         with pytest.raises(ValueError, match=r"3 cached \+ 1 new tokens per row"):
-            plugin(ids[:, 3:], past_key_values=first.past_key_values, context_ids=ids[:, 1:])
-        step = plugin(ids[:, 3:], past_key_values=first.past_key_values, context_ids=ids).logits[:, -1]
-        whole = plugin(ids).logits[:, -1]
+            plugin(ids[:, 3:], past_key_values=first.past_key_values, context_ids=ids[:, 1:], **lengths)
+        step = plugin(ids[:, 3:], past_key_values=first.past_key_values, context_ids=ids, **lengths).logits[:, -1]
+        whole = plugin(ids, **lengths).logits[:, -1]
     torch.testing.assert_close(step, whole, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode, source, pointer", [("shared", "prompt", 0), ("shared", "context", 0),
                                                    ("gate", "context", 0), ("floor", "prompt", 0),
-                                                   ("shared", "prompt", 2), ("gate", "context", 3)])
+                                                   ("shared", "prompt", 2), ("gate", "prompt", 3)])
 @pytest.mark.parametrize("decoding", ["greedy", "sampling_multiple_returns", "beam_multiple_returns"])
 def test_processor_matches_offline_forward(arch, mode, source, pointer, decoding, tokenizer):
     plugin = copy_plugin(arch, mode, source, copy_pointer=pointer)
@@ -196,7 +195,7 @@ def test_two_generate_calls_in_a_row_each_read_their_own_context(source, tokeniz
 
 
 @pytest.mark.parametrize("mode, source, pointer", [(mode, source, 0) for mode in COPY_MODES for source in SOURCES]
-                         + [("shared", "prompt", 2), ("floor", "context", 2)])
+                         + [("shared", "prompt", 2), ("floor", "prompt", 2)])
 def test_loss_from_a_whole_vocabulary_cache_equals_the_live_loss_and_trains_the_head(mode, source, pointer, tokenizer,
                                                                                     tmp_path):
     rows = [(f"w{i} w{i + 1} w{i + 2}", f"w{i + 1} w40 w{i}") for i in range(4, 28)]
@@ -491,14 +490,25 @@ def test_an_untrained_pointer_changes_nothing_and_a_trained_one_reads_the_slot(a
     torch.testing.assert_close(logits[7] - logits[8], query @ (key_7 - key_8), atol=1e-4, rtol=1e-4)
     assert abs(float(logits[7] - logits[8])) > 1e-2
     assert logits[15] == shared(ids, prompt_lengths=torch.tensor([6])).logits[0, -1, 15]  # not in the prompt
+    # An id written twice is read at its last occurrence: under a few-shot prompt, the query's value.
+    twice = torch.tensor([[11, 12, 7, 13, 14, 7, 15]])
+    with torch.no_grad():
+        logits = pointed(twice, prompt_lengths=torch.tensor([6])).logits[0, -1]
+        hidden = pointed.backbone(twice, output_hidden_states=True).hidden_states[-1][0, -1]
+        own = pointed.backbone(twice).logits[0, -1]
+        gate = pointed.copy_head(hidden)
+        key_7 = pointed.copy_keys(torch.cat([embed.weight[14], embed.weight[13]]))
+    torch.testing.assert_close(logits[7], (gate + pointed.copy_query(hidden) @ key_7)[0], atol=1e-4, rtol=1e-4)
+    assert logits[7] != own[7]
 
 
 def test_pointer_option_is_checked_and_trained_from_the_command_line(tmp_path):
     for bad in (-1, 17, 1.5, True):
         with pytest.raises(ValueError, match="`copy_pointer` must be an integer from 0 to 16"):
             PluginConfig(vocab_size=10, copy_mode="shared", copy_pointer=bad)
-    with pytest.raises(ValueError, match="`copy_pointer` needs a `copy_mode`"):
-        PluginConfig(vocab_size=10, copy_pointer=2)
+    for bad in ({}, {"copy_mode": "shared", "copy_source": "context"}):
+        with pytest.raises(ValueError, match="`copy_pointer` needs a `copy_mode` with the prompt as its source"):
+            PluginConfig(vocab_size=10, copy_pointer=2, **bad)
     setup = task_folder(tmp_path, 16, 4)
     command = ["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--prompt-column", "mr",
                "--completion-column", "ref", "--hidden-size", "32", "--intermediate-size", "64", "--num-heads", "2",
