@@ -198,6 +198,10 @@ SPELLED_FREQUENT = {**SPELLED_UNCOPIED,
                     "ignore_uncopied": dict(min_fraction=0.5, max_copy_rate=1.0, judge_word_starts=True)}
 
 
+# The copy pointer (`hf_plugin.copying`): keys from the 4 tokens before a value (`,`, ` eat`, `Type`, `[`).
+POINTER = dict(copy_mode="shared", copy_word_starts=True, copy_pointer=4)
+
+
 def new_reweighter(binding: dict, **options):
     from hf_plugin import PluginConfig, PluginModel
 
@@ -467,6 +471,7 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
         # writes them after a space (`ĠG`), so without them the first piece of every name is outside the context.
         task_ids = caches["train"].task_ids.tolist()
         rows = [  # name, run folder, PluginConfig options (copy_source: the prompt's ids unless "context")
+            ("copy shared + word starts + pointer", "copy-shared-ws-pointer", POINTER),
             ("copy shared + spelled words, uncopied ids kept", "copy-shared-spelled-uncopied", SPELLED_UNCOPIED),
             ("copy shared + spelled words, frequent ids kept", "copy-shared-spelled-frequent", SPELLED_FREQUENT),
             ("copy floor + word starts", "copy-floor-ws-prompt", dict(copy_mode="floor", copy_word_starts=True)),
@@ -483,6 +488,15 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
             make = functools.partial(copy_reweighter, binding, tokenizer, train_examples, options)
             learned = trained(f"plugin-scratch-{folder}", make, caches["train"], caches["heldout"], 1e-3)
             plugin_row(f"Plugin, from scratch, {name}", learned, plain, alpha_cache, alpha_examples)
+        # The pointer trained on 3-shot prompts: it reads each id at its last occurrence, the query's value.
+        icl_caches, _ = cached_base_sources(lambda: base, tokenizer, {"train": icl_train_examples, "heldout": icl_heldout_examples},
+                                            work / "cache-icl", k=args.top_k, batch_size=8,
+                                            task_vocab_size=args.task_vocab_size)
+        make = functools.partial(copy_reweighter, binding, tokenizer, icl_train_examples, POINTER)
+        learned = trained("plugin-icl-copy-shared-ws-pointer", make, icl_caches["train"], icl_caches["heldout"], 1e-3,
+                          icl_train_examples, icl_heldout_examples)
+        plugin_row("Plugin, copy shared + word starts + pointer, trained with ICL + ICL-3", learned, icl3,
+                   icl_caches["heldout"], icl_heldout_examples)
         return
 
     # Rows in order of importance (cheap baselines early): an interrupted run has the main comparisons first.

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_nlg import (RUN_COLUMNS, SPELLED_FREQUENT, SPELLED_UNCOPIED, AloneNLL, GENERATION, TEMPLATE, MixtureNLL,  # noqa: E402
-                     copy_reweighter, generate, icl_prompt, mixture_processor, new_reweighter, pick_alpha, result_tail,
-                     score, slice_tables, train_one)
+from e2e_nlg import (POINTER, RUN_COLUMNS, SPELLED_FREQUENT, SPELLED_UNCOPIED, AloneNLL, GENERATION,  # noqa: E402
+                     TEMPLATE, MixtureNLL, copy_reweighter, generate, icl_prompt, mixture_processor, new_reweighter,
+                     pick_alpha, result_tail, score, slice_tables, train_one)
 
 
 DATA = Path(__file__).parent / "data" / "viggo"
@@ -171,6 +171,10 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
         return icl_caches["heldout"]
 
     if args.rows in ("all", "copy"):
+        pointer = trained("plugin-copy-shared-ws-pointer", copy_model(POINTER), caches["train"], caches["heldout"])
+        plugin_row("Plugin, copy shared + word starts + pointer", pointer, plain, caches["heldout"], heldout_examples)
+        plugin_row("Plugin, copy shared + word starts + pointer + ICL-3", pointer, icl3, icl_heldout(),
+                   icl_heldout_examples)
         spelled = trained("plugin-copy-shared-spelled-frequent", copy_model(SPELLED_FREQUENT), caches["train"],
                           caches["heldout"])
         plugin_row(SPELLED, spelled, plain, caches["heldout"], heldout_examples)
@@ -186,6 +190,12 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
                            lambda: copy_reweighter(binding, tokenizer, icl_train_examples, SPELLED_UNCOPIED),
                            icl_train_cache["train"], icl_heldout(), icl_train_examples, icl_heldout_examples)
         plugin_row(f"{UNCOPIED}, trained with ICL + ICL-3", with_icl, icl3, icl_heldout(), icl_heldout_examples)
+        with_pointer = trained("plugin-icl-copy-shared-spelled-uncopied-pointer",
+                               lambda: copy_reweighter(binding, tokenizer, icl_train_examples,
+                                                       {**SPELLED_UNCOPIED, "copy_pointer": 4}),
+                               icl_train_cache["train"], icl_heldout(), icl_train_examples, icl_heldout_examples)
+        plugin_row(f"{UNCOPIED} + pointer, trained with ICL + ICL-3", with_pointer, icl3, icl_heldout(),
+                   icl_heldout_examples)
         copying = trained("plugin-copy-shared-ws", copy_model(dict(copy_mode="shared", copy_word_starts=True)),
                           caches["train"], caches["heldout"])
         plugin_row("Plugin, copy shared + word starts", copying, plain, caches["heldout"], heldout_examples)
