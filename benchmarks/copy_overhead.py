@@ -55,6 +55,7 @@ def main() -> None:
     configurations = {
         "plain reweighter": {},
         "copy shared + word starts": copy,
+        "copy shared + word starts + pointer": dict(copy, copy_pointer=4),
         "compact head": dict(head_ids=head_ids),
         "compact head + copy shared + word starts": dict(copy, head_ids=head_ids),
     }

@@ -474,9 +474,11 @@ class PluginModel(PluginPreTrainedModel):
         prompt_lengths = mask.long().argmax(dim=1) + 1
         first = self._first_occurrences(input_ids, logits.shape[-1], attention_mask, prompt_lengths)
         pointer = None
-        if self.config.copy_pointer:  # each selected position's query against its own row's keys
+        if self.config.copy_pointer:  # each row's queries against its own keys (no per-position copy of the index)
             keys, where = self._pointer_keys(input_ids, attention_mask, prompt_lengths)
-            pointer = pointer_scores(self.copy_query(hidden.to(keys.dtype))[:, None], keys[rows], where[rows])[:, 0]
+            queries = self.copy_query(hidden.to(keys.dtype)).split(mask.sum(dim=1).tolist())
+            pointer = torch.cat([pointer_scores(query[None], keys[row : row + 1], where[row : row + 1])[0]
+                                 for row, query in enumerate(queries)])
         return self._copy(logits, hidden, first[rows] <= positions[:, None], pointer)
 
     def set_copy_aliases(self, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -212,12 +212,16 @@ class TopKOnly(LogitsProcessor):
             -1, kept.indices))
 
 
-@pytest.mark.parametrize("copy_mode", [None, "shared"])
-def test_generation_with_a_reweighter_equals_in_process_top_k_and_chunking_saves_requests(tiny, tokenizer, copy_mode):
+@pytest.mark.parametrize("copy_mode, pointer", [(None, 0), ("shared", 0), ("shared", 2)])
+def test_generation_with_a_reweighter_equals_in_process_top_k_and_chunking_saves_requests(tiny, tokenizer, copy_mode,
+                                                                                          pointer):
     model, server = tiny
-    plugin = make_plugin("llama", copy_mode=copy_mode)
+    plugin = make_plugin("llama", copy_mode=copy_mode, copy_pointer=pointer)
     if copy_mode:  # a copy head that matters: the context's ids then depend on what was drafted and kept
         torch.nn.init.normal_(plugin.copy_head.weight, std=2.0)
+    if pointer:
+        torch.nn.init.normal_(plugin.copy_query.weight, std=0.5)
+        torch.nn.init.normal_(plugin.copy_keys.weight, std=2.0)
     prompts = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
     mask = (prompts != 0).long()
     reference = model.generate(prompts, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
