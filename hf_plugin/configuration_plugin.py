@@ -111,8 +111,8 @@ class PluginConfig(PreTrainedConfig):
         copy_pointer (`int`, *optional*, defaults to 0):
             With a `copy_mode` on the prompt, a pointer over the prompt's columns (see `hf_plugin.copying`): each
             prompt id also gets a score from the reweighter's state and the input embeddings of the `copy_pointer`
-            tokens before the id's last occurrence, so it can say which slot's value comes next. 0 leaves it out; otherwise 1 to
-            16. Adds `hidden_size * key_size * (copy_pointer + 1)` parameters, `key_size = hidden_size // 4`.
+            tokens before the id's last occurrence, so it can say which slot's value comes next. 0 leaves it out;
+            otherwise 1 to 16. Adds `hidden_size * key_size * (copy_pointer + 1)` parameters, `key_size = hidden_size // 4`.
         copy_ignore_uncopied (`dict`, *optional*):
             Recorded by `PluginModel.ignore_uncopied_ids`: its arguments (`min_fraction`, `max_copy_rate`,
             `judge_word_starts`), the rule by which

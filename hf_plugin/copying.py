@@ -36,14 +36,15 @@ also leaves `ĠThe`, the first word of many names, to the reweighter; neither it
 names better than word starts alone (19.8% and 18.6% missed against 10.8%), so both are off unless asked for.
 
 Pointer. A copy set is symmetric: the reweighter says how welcome copying is, not which value goes where (measured
-on ViGGO: copying alone opens with the year as readily as with the name). With `copy_pointer = w` each context id `v`
-also gets `q_t · k_j`, added to `g_t`: `j` is the column of `v`'s last occurrence in the prompt (of the token that
-brought it for an alias, of its first piece for a spelling; the last, so that under a few-shot prompt the value of the
-query, not of a demonstration, is pointed at), `q_t` is read from the last hidden state as `g_t` is, and `k_j` from the input embeddings of
-the `w` tokens before column `j` (`preceding_embeddings`; zeros before a row's first token). In a `key[value]` format
-those tokens name the slot (`name`, `[`), so the reweighter can point at the slot it wants next — a value it never
-saw included — while the base still chooses among the slot's tokens. Keys are computed from the ids at every call, so
-a KV cache holds nothing new. The query starts at zero: an untrained pointer changes nothing.
+on ViGGO: copying alone opens with the year as readily as with the name). With `copy_pointer = w` each prompt id `v`
+also gets `q_t · k_j`, added to `g_t`: `q_t` is read from the last hidden state as `g_t` is, `k_j` from the input
+embeddings of the `w` tokens before column `j` (`preceding_embeddings`; zeros before a row's first token), and `j`
+is the column of `v`'s last occurrence in the prompt — of the token that brought it, for an alias; of its first
+piece, for a spelling; the last, so that under a few-shot prompt the query's value is pointed at, not a
+demonstration's. In a `key[value]` format those tokens name the slot (`name`, `[`), so the reweighter can point at
+the slot it wants next, a value it never saw included, while the base still chooses among the slot's tokens. Keys are
+computed from the ids at every call: a KV cache holds nothing new. The query starts at zero, so an untrained pointer
+changes nothing.
 
 This module imports nothing else of ours: the remote-code copy of a saved reweighter carries it.
 """
@@ -420,19 +421,18 @@ def preceding_embeddings(embedded: torch.Tensor, context_mask: torch.Tensor | No
     return torch.cat([padded[:, width - offset : width - offset + length] for offset in range(1, width + 1)], dim=-1)
 
 
-def pointer_scores(query: torch.Tensor, keys: torch.Tensor, first: torch.LongTensor) -> torch.Tensor:
-    """Each id's pointer score `q · k_j` at the column `j` of its first occurrence, 0 for ids absent; a new tensor.
+def pointer_scores(query: torch.Tensor, keys: torch.Tensor, columns: torch.LongTensor) -> torch.Tensor:
+    """Each id's pointer score `q · k_j` at its column `j`, 0 for ids absent; a new tensor.
 
     Args:
         query (`torch.Tensor` of shape `(batch_size, steps, key_size)`): one query per scored position.
-        keys (`torch.Tensor` of shape `(batch_size, columns, key_size)`): one key per context column; columns at or
-            past `keys.shape[1]` count as absent.
-        first (`torch.LongTensor` of shape `(batch_size, vocab_size)`): from `copy_set_first_occurrences`.
+        keys (`torch.Tensor` of shape `(batch_size, length, key_size)`): one key per context column.
+        columns (`torch.LongTensor` of shape `(batch_size, vocab_size)`): each id's column, as
+            `copy_set_first_occurrences(..., last=True)` gives them; `length` or more where an id is absent.
 
     Returns:
         `torch.Tensor` of shape `(batch_size, steps, vocab_size)`.
     """
-    columns = keys.shape[1]
-    scores = torch.nn.functional.pad(query @ keys.transpose(1, 2), (0, 1))  # the last column: absent ids score 0
-    index = first.clamp(max=columns).to(scores.device)[:, None, :].expand(-1, scores.shape[1], -1)
+    scores = torch.nn.functional.pad(query @ keys.transpose(1, 2), (0, 1))  # one more column, where absent ids score 0
+    index = columns.clamp(max=keys.shape[1]).to(scores.device)[:, None, :].expand(-1, scores.shape[1], -1)
     return scores.gather(2, index)

@@ -515,6 +515,12 @@ def test_pointer_option_is_checked_and_trained_from_the_command_line(tmp_path):
                "--max-length", "32", "--epochs", "1", "--cpu"]
     with pytest.raises(SystemExit, match="--copy-pointer needs --copy-mode"):
         main(command + ["--output-dir", str(tmp_path / "x"), "--copy-pointer", "2"])
+    with pytest.raises(SystemExit, match="cannot be used with --copy-source context"):
+        main(command + ["--output-dir", str(tmp_path / "x"), "--copy-mode", "shared", "--copy-source", "context",
+                        "--copy-pointer", "2"])
+    with pytest.raises(SystemExit, match="--copy-pointer must be 0 \\(none\\) to 16 tokens, got 17"):
+        main(command + ["--output-dir", str(tmp_path / "x"), "--copy-mode", "shared", "--copy-pointer", "17"])
+    assert not (tmp_path / "x").exists()  # refused before any work
     main(command + ["--output-dir", str(tmp_path / "run"), "--copy-mode", "shared", "--copy-pointer", "2"])
     plugin = PluginModel.from_pretrained(tmp_path / "run")
     assert plugin.config.copy_pointer == 2 and plugin.copy_query.weight.abs().sum() > 0  # trained

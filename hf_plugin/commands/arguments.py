@@ -297,6 +297,8 @@ def check_copy_arguments(*, copy_mode: str | None, copy_source: str | None, copy
         raise SystemExit("error: --copy-word-pieces needs --copy-word-starts")
     if not 0 <= copy_pointer <= 16:
         raise SystemExit(f"error: --copy-pointer must be 0 (none) to 16 tokens, got {copy_pointer}")
+    if copy_pointer and copy_source == "context":
+        raise SystemExit("error: --copy-pointer reads the prompt: it cannot be used with --copy-source context")
     if ignore_uncopied is not None and not 0 <= ignore_uncopied <= 1:
         raise SystemExit(f"error: --copy-ignore-uncopied must be a rate in [0, 1], got {ignore_uncopied}")
     if ignore_min_fraction is not None and (ignore_uncopied is None or not 0 < ignore_min_fraction <= 1):
