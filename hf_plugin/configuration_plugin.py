@@ -218,6 +218,10 @@ class PluginConfig(PreTrainedConfig):
             raise ValueError(f"`copy_pointer` must be an integer from 0 to 16, got {copy_pointer!r}.")
         if copy_pointer and (copy_mode is None or copy_source not in (None, "prompt")):
             raise ValueError("`copy_pointer` needs a `copy_mode` with the prompt as its source.")
+        if isinstance(copy_ignore_uncopied, dict) and set(copy_ignore_uncopied) == {"min_fraction", "max_copy_rate"}:
+            # A record written before `judge_word_starts` existed; the release that wrote it judged the written ids
+            # only. The ids it chose are in `copy_ignore_ids` either way: this is the record, not the rule.
+            copy_ignore_uncopied = {**copy_ignore_uncopied, "judge_word_starts": False}
         if copy_ignore_uncopied is not None and (
             copy_mode is None or not isinstance(copy_ignore_uncopied, dict)
             or set(copy_ignore_uncopied) != {"min_fraction", "max_copy_rate", "judge_word_starts"}

@@ -425,6 +425,18 @@ def test_uncopied_ids_leave_the_copy_set_after_aliases_and_spellings(tmp_path):
         make_plugin("llama").ignore_uncopied_ids(pairs)
 
 
+def test_a_record_written_before_judge_word_starts_existed_still_loads(tmp_path):
+    plugin, _ = spelled_plugin("llama")
+    plugin.ignore_uncopied_ids([([5, 6], [6, EOS]), ([5, 7], [7, EOS])], min_fraction=0.5)
+    plugin.save_pretrained(tmp_path / "r")
+    config = json.loads((tmp_path / "r/config.json").read_text())
+    del config["copy_ignore_uncopied"]["judge_word_starts"]  # as hf-plugin wrote it then
+    (tmp_path / "r/config.json").write_text(json.dumps(config))
+    loaded = PluginModel.from_pretrained(tmp_path / "r")
+    assert loaded.config.copy_ignore_uncopied == {"min_fraction": 0.5, "max_copy_rate": 0.05, "judge_word_starts": False}
+    assert loaded.config.copy_ignore_ids == plugin.config.copy_ignore_ids
+
+
 def test_spelling_and_frequency_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="`copy_word_pieces` must be 1, 2 or 3, got 4"):
         PluginConfig(vocab_size=10, copy_mode="shared", copy_word_starts=True, copy_word_pieces=4)
