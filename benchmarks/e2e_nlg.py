@@ -482,7 +482,6 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
             ("compact head + copy shared + word starts", "compact-copy-shared-ws-prompt",
              dict(copy_mode="shared", copy_word_starts=True, head_ids=task_ids)),
             ("compact head", "compact", dict(head_ids=task_ids)),
-            ("copy shared", "copy-shared-prompt", dict(copy_mode="shared")),  # without word starts
         ]
         for name, folder, options in rows:
             make = functools.partial(copy_reweighter, binding, tokenizer, train_examples, options)
