@@ -461,16 +461,20 @@ def test_every_eos_of_the_base_ends_a_choice():
         server.stop()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-copy"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-copy", "llama-pointer"])
 def test_waiting_greedy_requests_share_a_batch_and_get_their_unbatched_answers(arch):
     """Requests queued behind a running one run as one left-padded generate() per model: each row ends at its own
     max_tokens, stop sequence or EOS, and every answer (text and log-probs) is the one it gets alone; a client that
     leaves ends its row only."""
     tokenizer = tokenizer_with_chat()
     arch, _, copy = arch.partition("-")
-    base, plugin = make_base(arch), make_plugin(arch, copy_mode="shared" if copy else None)
+    base = make_base(arch)
+    plugin = make_plugin(arch, copy_mode="shared" if copy else None, copy_pointer=2 if copy == "pointer" else 0)
     if copy:
         torch.nn.init.normal_(plugin.copy_head.weight, std=2.0)
+    if copy == "pointer":  # each row's prompt read at its own columns, left padding included
+        torch.nn.init.normal_(plugin.copy_query.weight, std=0.5)
+        torch.nn.init.normal_(plugin.copy_keys.weight, std=2.0)
     gate = threading.Event()
     base.register_forward_hook(lambda module, args, output: gate.wait(30) and None)
     server = Server(create_app(base, tokenizer, {"rw": plugin}, base_name=BASE,
