@@ -291,6 +291,12 @@ def test_word_starts_need_a_mode_and_a_filled_table(tmp_path):
     with pytest.raises(SystemExit, match="--copy-word-starts needs --copy-mode"):
         main(["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--output-dir",
               str(tmp_path / "x"), "--copy-word-starts"])
+    # a tokenizer without word-start forms (the tiny word-level one): refused before a cache pass or any training
+    with pytest.raises(SystemExit, match="the base's tokenizer has no word-start forms"):
+        main(["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--prompt-column", "mr",
+              "--completion-column", "ref", "--output-dir", str(tmp_path / "x"), "--cache", str(tmp_path / "cache"),
+              "--copy-mode", "shared", "--copy-word-starts"])
+    assert not (tmp_path / "cache").exists()
 
 
 def byte_level_tokenizer():

@@ -16,7 +16,7 @@ import types
 import typing
 
 from ..completions import DEFAULT_TASK_VOCAB_SIZE
-from ..copying import COPY_MODES, COPY_SOURCES
+from ..copying import COPY_MODES, COPY_SOURCES, word_start_aliases
 from ..loading import offline_smollm2
 
 
@@ -304,6 +304,13 @@ def check_copy_arguments(*, copy_mode: str | None, copy_source: str | None, copy
     if ignore_min_fraction is not None and (ignore_uncopied is None or not 0 < ignore_min_fraction <= 1):
         raise SystemExit(f"error: --copy-ignore-min-fraction needs --copy-ignore-uncopied and a fraction in (0, 1], "
                          f"got {ignore_min_fraction}")
+
+
+def check_word_starts(tokenizer, copy_word_starts: bool) -> None:
+    """--copy-word-starts needs a tokenizer with word-start forms; without them the table would stay empty."""
+    if copy_word_starts and not bool((word_start_aliases(tokenizer) >= 0).any()):
+        raise SystemExit("error: --copy-word-starts: the base's tokenizer has no word-start forms ('Ġ' or '▁' "
+                         "tokens) to bring in; leave it out")
 
 
 def copy_options(tokenizer, *, copy_mode: str | None, copy_source: str | None, copy_word_starts: bool,

@@ -10,7 +10,7 @@ from ..compatibility import binding_kwargs
 from ..configuration_plugin import PluginConfig
 from ..modeling_plugin import PluginModel
 from .arguments import (add_architecture_arguments, add_base_arguments, architecture_options, check_copy_arguments,
-                        copy_arguments, copy_options)
+                        check_word_starts, copy_arguments, copy_options)
 from .common import load_base
 
 
@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> None:
     copying = copy_arguments(args)
     check_copy_arguments(**copying)
     base, tokenizer = load_base(args.base, args.base_revision)
+    check_word_starts(tokenizer, args.copy_word_starts)
     binding = binding_kwargs(base, tokenizer, revision=args.base_revision, base_model_id=args.base_id)
     torch.manual_seed(args.seed)
     config = PluginConfig(vocab_size=binding["base_vocab_size"], alpha=args.alpha, **architecture_options(args),

@@ -19,7 +19,8 @@ from ..run_folder import check_resume, latest_checkpoint
 from ..training import PluginTrainingArguments, train
 from .arguments import (add_architecture_arguments, add_base_arguments, add_cache_arguments, add_data_arguments,
                         add_dataclass_arguments, architecture_options, cache_options, check_copy_arguments,
-                        check_positive, copy_arguments, copy_options, data_options, dataclass_options, option)
+                        check_positive, check_word_starts, copy_arguments, copy_options, data_options,
+                        dataclass_options, option)
 from .common import cached_sources, check_output_folders, load_base, load_base_tokenizer, read_splits
 
 # The fields of PluginTrainingArguments that are flags of their own name; the others have CLI-only behaviour
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> None:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.log_with, cpu=args.cpu,
                               project_dir=args.output_dir)
     tokenizer = load_base_tokenizer(args.base, args.base_revision, top_k=args.top_k)
+    check_word_starts(tokenizer, args.copy_word_starts)
     train_examples, validation_examples = read_splits(tokenizer, demonstrations=args.demonstrations,
                                                       **data_options(args))
     if args.resume:  # the arguments and data the checkpoint belongs to, before the base model is loaded
