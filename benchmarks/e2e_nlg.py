@@ -200,6 +200,7 @@ SPELLED_FREQUENT = {**SPELLED_UNCOPIED,
 
 # The copy pointer (`hf_plugin.copying`): keys from the 4 tokens before a value (`,`, ` eat`, `Type`, `[`).
 POINTER = dict(copy_mode="shared", copy_word_starts=True, copy_pointer=4)
+SPELLED_POINTER = dict(POINTER, copy_word_pieces=3)
 
 
 def new_reweighter(binding: dict, **options):
@@ -472,6 +473,7 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
         task_ids = caches["train"].task_ids.tolist()
         rows = [  # name, run folder, PluginConfig options (copy_source: the prompt's ids unless "context")
             ("copy shared + word starts + pointer", "copy-shared-ws-pointer", POINTER),
+            ("copy shared + spelled words + pointer", "copy-shared-spelled-pointer", SPELLED_POINTER),
             ("copy shared + spelled words, uncopied ids kept", "copy-shared-spelled-uncopied", SPELLED_UNCOPIED),
             ("copy shared + spelled words, frequent ids kept", "copy-shared-spelled-frequent", SPELLED_FREQUENT),
             ("copy floor + word starts", "copy-floor-ws-prompt", dict(copy_mode="floor", copy_word_starts=True)),

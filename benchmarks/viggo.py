@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_nlg import (POINTER, RUN_COLUMNS, SPELLED_FREQUENT, SPELLED_UNCOPIED, AloneNLL, GENERATION,  # noqa: E402
+from e2e_nlg import (POINTER, RUN_COLUMNS, SPELLED_FREQUENT, SPELLED_POINTER, SPELLED_UNCOPIED, AloneNLL, GENERATION,  # noqa: E402
                      TEMPLATE, MixtureNLL, copy_reweighter, generate, icl_prompt, mixture_processor, new_reweighter,
                      pick_alpha, result_tail, score, slice_tables, train_one)
 
@@ -175,6 +175,10 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
         plugin_row("Plugin, copy shared + word starts + pointer", pointer, plain, caches["heldout"], heldout_examples)
         plugin_row("Plugin, copy shared + word starts + pointer + ICL-3", pointer, icl3, icl_heldout(),
                    icl_heldout_examples)
+        spelled_pointer = trained("plugin-copy-shared-spelled-pointer", copy_model(SPELLED_POINTER), caches["train"],
+                                  caches["heldout"])
+        plugin_row("Plugin, copy shared + spelled words + pointer", spelled_pointer, plain, caches["heldout"],
+                   heldout_examples)
         spelled = trained("plugin-copy-shared-spelled-frequent", copy_model(SPELLED_FREQUENT), caches["train"],
                           caches["heldout"])
         plugin_row(SPELLED, spelled, plain, caches["heldout"], heldout_examples)
