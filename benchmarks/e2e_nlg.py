@@ -202,6 +202,8 @@ SPELLED_FREQUENT = {**SPELLED_UNCOPIED,
 # The copy pointer (`hf_plugin.copying`): keys from the 4 tokens before a value (`,`, ` eat`, `Type`, `[`).
 POINTER = dict(copy_mode="shared", copy_word_starts=True, copy_pointer=4)
 SPELLED_POINTER = dict(POINTER, copy_word_pieces=3)
+# Each occurrence of an id read, not only its last: a name's `:` or `Ġof` also occurs outside the name.
+EVERY = dict(copy_pointer_occurrences="every")
 
 
 def new_reweighter(binding: dict, **options):
@@ -473,6 +475,8 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
         # writes them after a space (`ĠG`), so without them the first piece of every name is outside the context.
         task_ids = caches["train"].task_ids.tolist()
         rows = [  # name, run folder, PluginConfig options (copy_source: the prompt's ids unless "context")
+            ("copy shared + spelled words + pointer, every occurrence", "copy-shared-spelled-pointer-every",
+             dict(SPELLED_POINTER, **EVERY)),
             ("copy shared + word starts + pointer", "copy-shared-ws-pointer", POINTER),
             ("copy shared + spelled words + pointer", "copy-shared-spelled-pointer", SPELLED_POINTER),
             ("copy shared + spelled words, uncopied ids kept", "copy-shared-spelled-uncopied", SPELLED_UNCOPIED),

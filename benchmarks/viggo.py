@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_nlg import (POINTER, RUN_COLUMNS, SPELLED_FREQUENT, SPELLED_POINTER, SPELLED_UNCOPIED, AloneNLL, GENERATION,  # noqa: E402
+from e2e_nlg import (EVERY, POINTER, RUN_COLUMNS, SPELLED_FREQUENT, SPELLED_POINTER, SPELLED_UNCOPIED, AloneNLL, GENERATION,  # noqa: E402
                      TEMPLATE, MixtureNLL, copy_reweighter, generate, icl_prompt, mixture_processor, new_reweighter,
                      pick_alpha, result_tail, score, slice_tables, train_one)
 
@@ -171,6 +171,12 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
         return icl_caches["heldout"]
 
     if args.rows in ("all", "copy"):
+        every = trained("plugin-copy-shared-ws-pointer-every", copy_model(dict(POINTER, **EVERY)), caches["train"],
+                        caches["heldout"])
+        plugin_row("Plugin, copy shared + word starts + pointer, every occurrence", every, plain, caches["heldout"],
+                   heldout_examples)
+        plugin_row("Plugin, copy shared + word starts + pointer, every occurrence + ICL-3", every, icl3, icl_heldout(),
+                   icl_heldout_examples)
         pointer = trained("plugin-copy-shared-ws-pointer", copy_model(POINTER), caches["train"], caches["heldout"])
         plugin_row("Plugin, copy shared + word starts + pointer", pointer, plain, caches["heldout"], heldout_examples)
         plugin_row("Plugin, copy shared + word starts + pointer + ICL-3", pointer, icl3, icl_heldout(),

@@ -10,7 +10,7 @@ from transformers.utils import logging
 
 from ._version import __version__
 from .combine import check_alpha
-from .copying import COPY_MODES, COPY_SOURCES
+from .copying import COPY_MODES, COPY_SOURCES, POINTER_OCCURRENCES
 
 
 logger = logging.get_logger(__name__)
@@ -113,6 +113,10 @@ class PluginConfig(PreTrainedConfig):
             prompt id also gets a score from the reweighter's state and the input embeddings of the `copy_pointer`
             tokens before the id's last occurrence, so it can say which slot's value comes next. 0 leaves it out;
             otherwise 1 to 16. Adds `hidden_size * key_size * (copy_pointer + 1)` parameters, `key_size = hidden_size // 4`.
+        copy_pointer_occurrences (`str`, *optional*, defaults to `"last"`):
+            Which columns of an id the pointer reads: `"last"`, its last occurrence in the prompt; `"every"`, each
+            occurrence, keeping the best score (a piece shared by a name and the template, `:` in `Dirt: Showdown`,
+            can then be pointed at inside the name).
         copy_ignore_uncopied (`dict`, *optional*):
             Recorded by `PluginModel.ignore_uncopied_ids`: its arguments (`min_fraction`, `max_copy_rate`,
             `judge_word_starts`), the rule by which
@@ -159,6 +163,7 @@ class PluginConfig(PreTrainedConfig):
         copy_word_pieces: int = 1,
         copy_ignore_uncopied: dict[str, float] | None = None,
         copy_pointer: int = 0,
+        copy_pointer_occurrences: str = "last",
         trained_max_length: int | None = None,
         head_ids: list[int] | None = None,
         hf_plugin_version: str = __version__,
@@ -218,6 +223,11 @@ class PluginConfig(PreTrainedConfig):
             raise ValueError(f"`copy_pointer` must be an integer from 0 to 16, got {copy_pointer!r}.")
         if copy_pointer and (copy_mode is None or copy_source not in (None, "prompt")):
             raise ValueError("`copy_pointer` needs a `copy_mode` with the prompt as its source.")
+        if copy_pointer_occurrences not in POINTER_OCCURRENCES:
+            raise ValueError(f"`copy_pointer_occurrences` must be one of {', '.join(POINTER_OCCURRENCES)}, got "
+                             f"{copy_pointer_occurrences!r}.")
+        if copy_pointer_occurrences != "last" and not copy_pointer:
+            raise ValueError("`copy_pointer_occurrences` needs a `copy_pointer`.")
         if isinstance(copy_ignore_uncopied, dict) and set(copy_ignore_uncopied) == {"min_fraction", "max_copy_rate"}:
             # A record written before `judge_word_starts` existed; the release that wrote it judged the written ids
             # only. The ids it chose are in `copy_ignore_ids` either way: this is the record, not the rule.
@@ -264,6 +274,7 @@ class PluginConfig(PreTrainedConfig):
         self.copy_word_pieces = copy_word_pieces
         self.copy_ignore_uncopied = dict(copy_ignore_uncopied) if copy_ignore_uncopied is not None else None
         self.copy_pointer = copy_pointer
+        self.copy_pointer_occurrences = copy_pointer_occurrences
         self.copy_source = (copy_source or "prompt") if copy_mode is not None else None
         self.trained_max_length = trained_max_length
         self.head_ids = list(head_ids) if head_ids is not None else None

@@ -59,6 +59,7 @@ import torch
 
 COPY_MODES = ("gate", "shared", "floor")
 COPY_SOURCES = ("prompt", "context")
+POINTER_OCCURRENCES = ("last", "every")
 
 
 def first_occurrences(
@@ -186,25 +187,34 @@ def add_spelled_words(
     ```
     """
     rows, length = context_ids.shape
-    vocab_size = first.shape[1]
-    spellings = spellings[:vocab_size].to(first.device)
+    for n, hit, words in spelled_word_hits(context_ids, counted, spellings, first.shape[1]):
+        ends = torch.arange(n - 1, length, device=first.device).expand(rows, -1)
+        first = first.scatter_reduce(1, torch.where(hit, words, 0), torch.where(hit, ends, length), reduce="amin")
+    return first
+
+
+def spelled_word_hits(context_ids: torch.LongTensor, counted: torch.Tensor, spellings: torch.LongTensor,
+                      vocab_size: int):
+    """For each spelling length `n` the table holds, where a row spells a marked word: yields `(n, hit, words)`, both
+    of shape `(batch_size, length - n + 1)`, column `i` for the n-gram that begins at column `i`."""
+    length = context_ids.shape[1]
+    device = context_ids.device
+    spellings = spellings[:vocab_size].to(device)
     pieces = (spellings >= 0).sum(dim=1)
-    counted = counted.to(first.device).bool() & (context_ids >= 0) & (context_ids < vocab_size)
+    counted = counted.to(device).bool() & (context_ids >= 0) & (context_ids < vocab_size)
     ids = context_ids.clamp(0, vocab_size - 1)
     for n in range(2, spellings.shape[1] + 1):
         targets = (pieces == n).nonzero().squeeze(1)
         if not len(targets) or length < n:
             continue
         # One integer per n-gram (exact: vocab_size ** 3 fits in int64 for any vocabulary below 2 million).
-        scale = vocab_size ** torch.arange(n, device=first.device)
+        scale = vocab_size ** torch.arange(n, device=device)
         keys, order = (spellings[targets, :n] * scale).sum(dim=1).sort()
         targets = targets[order]
         windows = (ids.unfold(1, n, 1) * scale).sum(dim=-1)
         slot = torch.searchsorted(keys, windows).clamp(max=len(keys) - 1)
         hit = counted.unfold(1, n, 1).all(dim=-1) & (keys[slot] == windows)
-        ends = torch.arange(n - 1, length, device=first.device).expand(rows, -1)
-        first = first.scatter_reduce(1, torch.where(hit, targets[slot], 0), torch.where(hit, ends, length), reduce="amin")
-    return first
+        yield n, hit, targets[slot]
 
 
 def add_aliases(first: torch.LongTensor, aliases: torch.LongTensor) -> torch.LongTensor:
@@ -244,13 +254,7 @@ def copy_set_first_occurrences(
     Returns:
         `torch.LongTensor` of shape `(batch_size, vocab_size)`: as `first_occurrences`.
     """
-    if config.copy_source == "prompt":
-        if prompt_lengths is None:
-            raise ValueError("A reweighter with copy_source='prompt' needs `prompt_lengths` (or `labels`): where "
-                             "each row's prompt ends.")
-        columns = torch.arange(context_ids.shape[1], device=context_ids.device)
-        in_prompt = columns[None, :] < torch.as_tensor(prompt_lengths, device=context_ids.device).view(-1, 1)
-        context_mask = in_prompt if context_mask is None else in_prompt & context_mask.to(in_prompt.device).bool()
+    context_mask = _source_mask(config, context_ids, context_mask, prompt_lengths)
     length = context_ids.shape[1]
     if last:  # the first occurrences in the reversed rows, spellings reversed too
         context_ids = context_ids.flip(1)
@@ -267,6 +271,68 @@ def copy_set_first_occurrences(
         ignored = torch.tensor([i for i in config.copy_ignore_ids if i < vocab_size], device=first.device)
         first = first.index_fill(1, ignored, length)
     return torch.where(first < length, length - 1 - first, length) if last else first
+
+
+def _source_mask(config, context_ids, context_mask, prompt_lengths) -> torch.Tensor | None:
+    """`context_mask` less the columns outside the reweighter's copy source."""
+    if config.copy_source != "prompt":
+        return context_mask
+    if prompt_lengths is None:
+        raise ValueError("A reweighter with copy_source='prompt' needs `prompt_lengths` (or `labels`): where "
+                         "each row's prompt ends.")
+    columns = torch.arange(context_ids.shape[1], device=context_ids.device)
+    in_prompt = columns[None, :] < torch.as_tensor(prompt_lengths, device=context_ids.device).view(-1, 1)
+    return in_prompt if context_mask is None else in_prompt & context_mask.to(in_prompt.device).bool()
+
+
+def copy_set_columns(
+    config,
+    context_ids: torch.LongTensor,
+    vocab_size: int,
+    context_mask: torch.Tensor | None = None,
+    prompt_lengths: torch.LongTensor | None = None,
+    aliases: torch.LongTensor | None = None,
+    spellings: torch.LongTensor | None = None,
+) -> torch.LongTensor:
+    """For each column, the ids its token brings into the reweighter's copy set, as `copy_set_first_occurrences`
+    counts them: the token's own id, its word-start alias, each marked word whose unmarked spelling begins there;
+    -1 for none. Where a pointer with `copy_pointer_occurrences="every"` reads an id's slots.
+
+    Args: as `copy_set_first_occurrences`.
+
+    Returns:
+        `torch.LongTensor` of shape `(batch_size, length, slots)`, `slots` = 1, + 1 with `aliases`, + one per
+        spelling length of `spellings`.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_plugin import PluginConfig
+    >>> from hf_plugin.copying import copy_set_columns
+    >>> config = PluginConfig(vocab_size=6, copy_mode="shared", copy_ignore_ids=[0])
+    >>> copy_set_columns(config, torch.tensor([[0, 3, 3, 5]]), 6, prompt_lengths=torch.tensor([3]))[..., 0]
+    tensor([[-1,  3,  3, -1]])
+
+    ```
+    """
+    counted = _source_mask(config, context_ids, context_mask, prompt_lengths)
+    counted = (context_ids >= 0) & (context_ids < vocab_size) & (True if counted is None else counted.bool())
+    own = torch.where(counted, context_ids, -1)
+    slots = [own]
+    if aliases is not None:
+        aliases = aliases[:vocab_size].to(own.device)
+        alias = torch.where(counted, aliases[own.clamp(min=0)], -1)
+        slots.append(torch.where(alias < vocab_size, alias, -1))
+    if spellings is not None:
+        for n, hit, words in spelled_word_hits(context_ids, counted, spellings, vocab_size):
+            slots.append(torch.nn.functional.pad(torch.where(hit, words, -1), (0, n - 1), value=-1))
+    brought = torch.stack(slots, dim=-1)
+    # Ignored ids leave the set last, so an alias or a spelling cannot bring them back.
+    if config.copy_ignore_ids:
+        ignored = torch.tensor(config.copy_ignore_ids, device=brought.device)
+        brought = brought.masked_fill(torch.isin(brought, ignored), -1)
+    return brought
 
 
 def reversed_spellings(spellings: torch.LongTensor) -> torch.LongTensor:
@@ -437,3 +503,36 @@ def pointer_scores(query: torch.Tensor, keys: torch.Tensor, columns: torch.LongT
     scores = torch.nn.functional.pad(query @ keys.transpose(1, 2), (0, 1))  # one more column, where absent ids score 0
     index = columns.clamp(max=keys.shape[1]).to(scores.device)[:, None, :].expand(-1, scores.shape[1], -1)
     return scores.gather(2, index)
+
+
+def pointer_scores_every(query: torch.Tensor, keys: torch.Tensor, brought: torch.LongTensor, vocab_size: int) -> torch.Tensor:
+    """Each id's pointer score: the largest `q · k_j` over the columns `j` that bring it, 0 for ids absent; a new
+    tensor.
+
+    Args:
+        query, keys: as `pointer_scores`.
+        brought (`torch.LongTensor` of shape `(batch_size, length, slots)`): from `copy_set_columns`.
+        vocab_size (`int`): width of the result.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, steps, vocab_size)`.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_plugin.copying import pointer_scores_every
+    >>> query, keys = torch.tensor([[[1.0]]]), torch.tensor([[[2.0], [-1.0], [5.0]]])
+    >>> pointer_scores_every(query, keys, torch.tensor([[[1], [2], [1]]]), 4)  # id 1 at columns 0 and 2, id 2 at 1
+    tensor([[[ 0.,  5., -1.,  0.]]])
+
+    ```
+    """
+    scores = query @ keys.transpose(1, 2)
+    rows, steps, length = scores.shape
+    slots = brought.shape[-1]
+    index = torch.where(brought >= 0, brought, vocab_size).to(scores.device).view(rows, 1, length * slots)
+    source = scores[..., None].expand(-1, -1, -1, slots).reshape(rows, steps, length * slots)
+    best = scores.new_full((rows, steps, vocab_size + 1), float("-inf")).scatter_reduce(
+        2, index.expand(-1, steps, -1), source, reduce="amax")[..., :vocab_size]
+    return best.masked_fill(best.isneginf(), 0.0)

@@ -23,8 +23,8 @@ from .combine import align_vocab, check_alpha, combine_logits
 from .compatibility import check_base_model, check_vocab_width, renamed_keyword
 from .configuration_plugin import PluginConfig
 from .compact_head import CompactHead
-from .copying import (apply_copy_mode, copy_set_first_occurrences, pointer_scores, preceding_embeddings, uncopied_ids,
-                      whole_context, word_start_aliases, word_start_spellings)
+from .copying import (apply_copy_mode, copy_set_columns, copy_set_first_occurrences, pointer_scores, pointer_scores_every,
+                      preceding_embeddings, uncopied_ids, whole_context, word_start_aliases, word_start_spellings)
 from .initialization import first_layers
 from .hub import (CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, WEIGHTS_SHARD, card_sections, push_folder,
                   render_model_card, ships_custom_generate, write_remote_code)
@@ -476,9 +476,8 @@ class PluginModel(PluginPreTrainedModel):
         pointer = None
         if self.config.copy_pointer:  # each row's queries against its own keys (no per-position copy of the index)
             keys, where = self._pointer_keys(input_ids, attention_mask, prompt_lengths)
-            queries = self.copy_query(hidden.to(keys.dtype)).split(mask.sum(dim=1).tolist())
-            pointer = torch.cat([pointer_scores(query[None], keys[row : row + 1], where[row : row + 1])[0]
-                                 for row, query in enumerate(queries)])
+            pointer = torch.cat([self._pointer_scores(states[None], keys[row : row + 1], where[row : row + 1])[0]
+                                 for row, states in enumerate(hidden.split(mask.sum(dim=1).tolist()))])
         return self._copy(logits, hidden, first[rows] <= positions[:, None], pointer)
 
     def set_copy_aliases(self, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -533,28 +532,39 @@ class PluginModel(PluginPreTrainedModel):
         whole sequence as `context_ids`."""
         return self.config.copy_mode is not None
 
+    def _copy_tables(self) -> dict:
+        return {"aliases": self.copy_aliases if self.config.copy_word_starts else None,
+                "spellings": self.copy_word_spellings if self.config.copy_word_pieces > 1 else None}
+
     def _first_occurrences(self, context_ids, vocab_size, context_mask, prompt_lengths, last=False) -> torch.LongTensor:
-        return copy_set_first_occurrences(
-            self.config, context_ids, vocab_size, context_mask, prompt_lengths,
-            aliases=self.copy_aliases if self.config.copy_word_starts else None,
-            spellings=self.copy_word_spellings if self.config.copy_word_pieces > 1 else None, last=last,
-        )
+        return copy_set_first_occurrences(self.config, context_ids, vocab_size, context_mask, prompt_lengths,
+                                          last=last, **self._copy_tables())
 
     def _pointer_keys(self, context_ids, context_mask, prompt_lengths) -> tuple[torch.Tensor, torch.LongTensor]:
-        """One pointer key per prompt column, and the column each id's score is read at (its last occurrence)."""
+        """One pointer key per prompt column, and where each id's score is read: the column of its last occurrence,
+        or with `copy_pointer_occurrences="every"` the ids each column brings (see `hf_plugin.copying`)."""
         columns = int(torch.as_tensor(prompt_lengths).max())
         context_ids = context_ids[:, :columns]
         context_mask = context_mask[:, :columns] if context_mask is not None else None
-        where = self._first_occurrences(context_ids, self.config.vocab_size, context_mask, prompt_lengths, last=True)
+        if self.config.copy_pointer_occurrences == "every":
+            where = copy_set_columns(self.config, context_ids, self.config.vocab_size, context_mask, prompt_lengths,
+                                     **self._copy_tables())
+        else:
+            where = self._first_occurrences(context_ids, self.config.vocab_size, context_mask, prompt_lengths, last=True)
         embeddings = self.get_input_embeddings()
         embedded = embeddings(context_ids.clamp(0, embeddings.num_embeddings - 1).to(embeddings.weight.device))
         return self.copy_keys(preceding_embeddings(embedded, context_mask, self.config.copy_pointer)), where
 
+    def _pointer_scores(self, hidden: torch.Tensor, keys: torch.Tensor, where: torch.LongTensor) -> torch.Tensor:
+        query = self.copy_query(hidden.to(keys.dtype))
+        if self.config.copy_pointer_occurrences == "every":
+            return pointer_scores_every(query, keys, where, self.config.vocab_size)
+        return pointer_scores(query, keys, where)
+
     def _pointer(self, context_ids, context_mask, prompt_lengths, hidden) -> torch.Tensor | None:
         if not self.config.copy_pointer:
             return None
-        keys, where = self._pointer_keys(context_ids, context_mask, prompt_lengths)
-        return pointer_scores(self.copy_query(hidden.to(keys.dtype)), keys, where)
+        return self._pointer_scores(hidden, *self._pointer_keys(context_ids, context_mask, prompt_lengths))
 
     def _copy(self, logits: torch.Tensor, hidden: torch.Tensor, present: torch.Tensor,
               pointer: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,6 +28,13 @@ ARCHS = ["llama", "gpt2"]
 SOURCES = ["prompt", "context"]
 
 
+def pointing(pointer) -> dict:
+    """The pointer's config arguments: 0 (none), a width, or "every" (width 2, every occurrence of an id read)."""
+    if pointer == "every":
+        return {"copy_pointer": 2, "copy_pointer_occurrences": "every"}
+    return {"copy_pointer": pointer}
+
+
 def copy_plugin(arch: str, mode: str, source: str = "context", **kwargs) -> PluginModel:
     """A tiny reweighter with a copy mode and a copy head that visibly matters (trained ones are not zero)."""
     plugin = make_plugin(arch, copy_mode=mode, copy_source=source, copy_ignore_ids=[BOS, EOS], **kwargs)
@@ -64,19 +71,21 @@ def test_config_refuses_bad_options_and_old_configs_load_without_a_copy_mode(tmp
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
-@pytest.mark.parametrize("pointer", [0, 2])
+@pytest.mark.parametrize("pointer", [0, 2, "every"])
 def test_save_and_load_keep_the_mode_and_the_head(arch, mode, pointer, tmp_path):
     source = "prompt" if pointer else "context"
-    plugin = copy_plugin(arch, mode, source, copy_pointer=pointer)
+    plugin = copy_plugin(arch, mode, source, **pointing(pointer))
     plugin.save_pretrained(tmp_path / "r")
     loaded = PluginModel.from_pretrained(tmp_path / "r")
     assert (loaded.config.copy_mode, loaded.config.copy_ignore_ids) == (mode, [BOS, EOS])
     torch.testing.assert_close(loaded.copy_head.weight, plugin.copy_head.weight)
     card = (tmp_path / "r/README.md").read_text()
     assert f"Copy mode `{mode}` on the ids of the {'prompt' if pointer else 'whole sequence so far'}" in card
-    assert ("a pointer reads each id's slot from the 2 tokens before it" in card) == bool(pointer)
+    assert ("a pointer reads each id's slot from the 2 tokens before its last occurrence" in card) == (pointer == 2)
+    assert ("a pointer reads each id's slot from the 2 tokens before each of its occurrences" in card) == (
+        pointer == "every")
     if pointer:
-        assert loaded.config.copy_pointer == pointer
+        assert {key: getattr(loaded.config, key) for key in pointing(pointer)} == pointing(pointer)
         torch.testing.assert_close(loaded.copy_keys.weight, plugin.copy_keys.weight)
     ids, lengths = torch.tensor([[5, 6, 7, 6, 9]]), torch.tensor([3])
     torch.testing.assert_close(loaded(ids, prompt_lengths=lengths).logits, plugin(ids, prompt_lengths=lengths).logits)
@@ -94,9 +103,9 @@ def test_an_untrained_gate_changes_nothing(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
-@pytest.mark.parametrize("source, pointer", [("prompt", 0), ("context", 0), ("prompt", 2)])  # pointers read prompts
+@pytest.mark.parametrize("source, pointer", [("prompt", 0), ("context", 0), ("prompt", 2), ("prompt", "every")])
 def test_forward_changes_exactly_the_ids_already_in_the_context(arch, mode, source, pointer):
-    plugin = copy_plugin(arch, mode, source, copy_pointer=pointer)
+    plugin = copy_plugin(arch, mode, source, **pointing(pointer))
     plain = make_plugin(arch)  # same seed: the same backbone without a copy head
     ids = torch.tensor([[PAD, PAD, BOS, 5, 6, 5, 7], [BOS, 8, 9, 10, 11, 12, 13]])
     mask = (torch.arange(7) >= 2).long().expand(2, 7).clone()
@@ -127,9 +136,9 @@ def test_forward_changes_exactly_the_ids_already_in_the_context(arch, mode, sour
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
-@pytest.mark.parametrize("source, pointer", [("prompt", 0), ("context", 0), ("prompt", 3)])  # pointers read prompts
+@pytest.mark.parametrize("source, pointer", [("prompt", 0), ("context", 0), ("prompt", 3), ("prompt", "every")])
 def test_completion_logits_equal_the_forward(arch, mode, source, pointer):
-    plugin = copy_plugin(arch, mode, source, copy_pointer=pointer)
+    plugin = copy_plugin(arch, mode, source, **pointing(pointer))
     ids = torch.tensor([[PAD, PAD, 5, 6, 5, 7, 8], [4, 8, 9, 10, 11, 12, 9]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
     selected = torch.zeros_like(ids, dtype=torch.bool)
@@ -146,9 +155,9 @@ def test_completion_logits_equal_the_forward(arch, mode, source, pointer):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pointer", [0, 2])
+@pytest.mark.parametrize("pointer", [0, 2, "every"])
 def test_a_cached_forward_needs_the_whole_sequence(pointer):
-    plugin = copy_plugin("llama", "shared", "prompt" if pointer else "context", copy_pointer=pointer)
+    plugin = copy_plugin("llama", "shared", "prompt" if pointer else "context", **pointing(pointer))
     ids, lengths = torch.tensor([[5, 6, 7, 8]]), {"prompt_lengths": torch.tensor([3])}
     with torch.no_grad():
         first = plugin(ids[:, :3], use_cache=True, **lengths)
@@ -164,10 +173,11 @@ def test_a_cached_forward_needs_the_whole_sequence(pointer):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode, source, pointer", [("shared", "prompt", 0), ("shared", "context", 0),
                                                    ("gate", "context", 0), ("floor", "prompt", 0),
-                                                   ("shared", "prompt", 2), ("gate", "prompt", 3)])
+                                                   ("shared", "prompt", 2), ("gate", "prompt", 3),
+                                                   ("shared", "prompt", "every")])
 @pytest.mark.parametrize("decoding", ["greedy", "sampling_multiple_returns", "beam_multiple_returns"])
 def test_processor_matches_offline_forward(arch, mode, source, pointer, decoding, tokenizer):
-    plugin = copy_plugin(arch, mode, source, copy_pointer=pointer)
+    plugin = copy_plugin(arch, mode, source, **pointing(pointer))
     generate_left_padded_and_check(make_base("llama"), plugin, tokenizer, decoding)
 
 
@@ -195,13 +205,13 @@ def test_two_generate_calls_in_a_row_each_read_their_own_context(source, tokeniz
 
 
 @pytest.mark.parametrize("mode, source, pointer", [(mode, source, 0) for mode in COPY_MODES for source in SOURCES]
-                         + [("shared", "prompt", 2), ("floor", "prompt", 2)])
+                         + [("shared", "prompt", 2), ("floor", "prompt", 2), ("shared", "prompt", "every")])
 def test_loss_from_a_whole_vocabulary_cache_equals_the_live_loss_and_trains_the_head(mode, source, pointer, tokenizer,
                                                                                     tmp_path):
     rows = [(f"w{i} w{i + 1} w{i + 2}", f"w{i + 1} w40 w{i}") for i in range(4, 28)]
     examples, _ = read_examples(write_csv(tmp_path / "d.csv", rows), prompt_column="mr", completion_column="ref")
     encoded = encode_examples(tokenizer, examples, max_length=32)
-    base, plugin = make_base("llama"), copy_plugin("llama", mode, source, copy_pointer=pointer)
+    base, plugin = make_base("llama"), copy_plugin("llama", mode, source, **pointing(pointer))
     cache_dir = write_base_cache(base, encoded, tmp_path / "cache", k=96, pad_token_id=PAD, progress=False)
     batch = collate(encoded[:8], PAD)
     logits = plugin.completion_logits(batch["input_ids"], batch["attention_mask"], loss_positions(batch["labels"]))
@@ -374,10 +384,10 @@ def test_spelled_words_join_the_context_exactly_and_survive_save_and_load(arch, 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("decoding", ["greedy", "sampling_multiple_returns", "beam_multiple_returns"])
-@pytest.mark.parametrize("pointer", [0, 2])
+@pytest.mark.parametrize("pointer", [0, 2, "every"])
 def test_processor_with_spelled_words_and_frequent_ids_matches_offline_forward(arch, decoding, pointer):
     tokenizer = marked_tokenizer()
-    plugin, vocab = spelled_plugin(arch, copy_pointer=pointer)
+    plugin, vocab = spelled_plugin(arch, **pointing(pointer))
     input_ids, mask = prompts(tokenizer, ["w1 w2 w3 w4 w5 w9", "w6 w1 w2", "w3 w4 w5 w9 w9 w9 w9"])
     plugin.ignore_uncopied_ids([(row[m.bool()].tolist(), []) for row, m in zip(input_ids, mask)], min_fraction=0.6)
     base = make_base("llama")
@@ -520,6 +530,30 @@ def test_an_untrained_pointer_changes_nothing_and_a_trained_one_reads_the_slot(a
     assert logits[7] != own[7]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_pointer_on_every_occurrence_reads_each_one_and_keeps_the_best(arch):
+    last = copy_plugin(arch, "shared", "prompt", copy_pointer=2)
+    every = copy_plugin(arch, "shared", "prompt", copy_pointer=2, copy_pointer_occurrences="every")
+    every.load_state_dict(last.state_dict())
+    ids, lengths = torch.tensor([[11, 12, 7, 13, 14, 7, 15, 16]]), torch.tensor([7])
+    with torch.no_grad():
+        hidden = every.backbone(ids, output_hidden_states=True).hidden_states[-1][0, -1]
+        query, gate, embed = every.copy_query(hidden), every.copy_head(hidden)[0], every.get_input_embeddings()
+        key = lambda a, b: every.copy_keys(torch.cat([embed.weight[a], embed.weight[b]]))  # noqa: E731
+        scores = {"first": query @ key(12, 11), "last": query @ key(14, 13)}  # 7 after 11 12, then after 13 14
+        got = {name: model(ids, prompt_lengths=lengths).logits[0, -1] for name, model in (("last", last), ("every", every))}
+    torch.testing.assert_close(got["last"][7], gate + scores["last"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got["every"][7], gate + max(scores.values()), atol=1e-4, rtol=1e-4)
+    assert abs(float(scores["first"] - scores["last"])) > 1e-2
+    # ids written once score alike; 16 comes after the prompt and is not pointed at
+    for token in (11, 12, 13, 14, 15, 16):
+        assert got["every"][token] == got["last"][token]
+    # A token that brings an ignored id brings nothing: BOS is in the prompt, but not in the copy set.
+    with_bos = torch.tensor([[BOS, 12, 7, 13, 14, 7, 15, 16]])
+    assert not every(with_bos, prompt_lengths=lengths).logits[0, -1, BOS].ne(
+        every.backbone(with_bos).logits[0, -1, BOS]).any()
+
+
 def test_pointer_option_is_checked_and_trained_from_the_command_line(tmp_path):
     for bad in (-1, 17, 1.5, True):
         with pytest.raises(ValueError, match="`copy_pointer` must be an integer from 0 to 16"):
@@ -527,6 +561,10 @@ def test_pointer_option_is_checked_and_trained_from_the_command_line(tmp_path):
     for bad in ({}, {"copy_mode": "shared", "copy_source": "context"}):
         with pytest.raises(ValueError, match="`copy_pointer` needs a `copy_mode` with the prompt as its source"):
             PluginConfig(vocab_size=10, copy_pointer=2, **bad)
+    with pytest.raises(ValueError, match="`copy_pointer_occurrences` must be one of last, every, got 'first'"):
+        PluginConfig(vocab_size=10, copy_mode="shared", copy_pointer=2, copy_pointer_occurrences="first")
+    with pytest.raises(ValueError, match="`copy_pointer_occurrences` needs a `copy_pointer`"):
+        PluginConfig(vocab_size=10, copy_mode="shared", copy_pointer_occurrences="every")
     setup = task_folder(tmp_path, 16, 4)
     command = ["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--prompt-column", "mr",
                "--completion-column", "ref", "--hidden-size", "32", "--intermediate-size", "64", "--num-heads", "2",
@@ -538,7 +576,12 @@ def test_pointer_option_is_checked_and_trained_from_the_command_line(tmp_path):
                         "--copy-pointer", "2"])
     with pytest.raises(SystemExit, match="--copy-pointer must be 0 \\(none\\) to 16 tokens, got 17"):
         main(command + ["--output-dir", str(tmp_path / "x"), "--copy-mode", "shared", "--copy-pointer", "17"])
+    with pytest.raises(SystemExit, match="--copy-pointer-occurrences needs --copy-pointer"):
+        main(command + ["--output-dir", str(tmp_path / "x"), "--copy-mode", "shared", "--copy-pointer-occurrences",
+                        "every"])
     assert not (tmp_path / "x").exists()  # refused before any work
-    main(command + ["--output-dir", str(tmp_path / "run"), "--copy-mode", "shared", "--copy-pointer", "2"])
+    main(command + ["--output-dir", str(tmp_path / "run"), "--copy-mode", "shared", "--copy-pointer", "2",
+                    "--copy-pointer-occurrences", "every"])
     plugin = PluginModel.from_pretrained(tmp_path / "run")
     assert plugin.config.copy_pointer == 2 and plugin.copy_query.weight.abs().sum() > 0  # trained
+    assert plugin.config.copy_pointer_occurrences == "every"

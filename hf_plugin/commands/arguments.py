@@ -16,7 +16,7 @@ import types
 import typing
 
 from ..completions import DEFAULT_TASK_VOCAB_SIZE
-from ..copying import COPY_MODES, COPY_SOURCES, word_start_aliases
+from ..copying import COPY_MODES, COPY_SOURCES, POINTER_OCCURRENCES, word_start_aliases
 from ..loading import offline_smollm2
 
 
@@ -269,6 +269,10 @@ def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --copy-mode: a pointer that scores each context id by the TOKENS tokens before "
                              "it (its slot in 'name[Giraffe]'), so the reweighter can say which value comes next "
                              "(1 to 16; see hf_plugin.copying)")
+    parser.add_argument("--copy-pointer-occurrences", choices=POINTER_OCCURRENCES, default="last",
+                        help="with --copy-pointer: read an id's slot at its last occurrence in the prompt, or at every "
+                             "one, keeping the best (a piece a name shares with the template, ':' in 'Dirt: Showdown', "
+                             "can then be pointed at inside the name)")
 
 
 def architecture_options(args: argparse.Namespace) -> dict:
@@ -280,11 +284,13 @@ def architecture_options(args: argparse.Namespace) -> dict:
 def copy_arguments(args: argparse.Namespace) -> dict:
     """The copy flags as `check_copy_arguments` and `copy_options` keyword arguments."""
     return {"copy_mode": args.copy_mode, "copy_source": args.copy_source, "copy_word_starts": args.copy_word_starts,
-            "copy_word_pieces": args.copy_word_pieces, "copy_pointer": args.copy_pointer}
+            "copy_word_pieces": args.copy_word_pieces, "copy_pointer": args.copy_pointer,
+            "copy_pointer_occurrences": args.copy_pointer_occurrences}
 
 
 def check_copy_arguments(*, copy_mode: str | None, copy_source: str | None, copy_word_starts: bool,
-                         copy_word_pieces: int, copy_pointer: int = 0, ignore_uncopied: float | None = None,
+                         copy_word_pieces: int, copy_pointer: int = 0, copy_pointer_occurrences: str = "last",
+                         ignore_uncopied: float | None = None,
                          ignore_min_fraction: float | None = None) -> None:
     """The copy flags hang together: each needs --copy-mode, --copy-word-pieces needs --copy-word-starts, and
     train's --copy-ignore-uncopied (a rate) and --copy-ignore-min-fraction are in range."""
@@ -299,6 +305,8 @@ def check_copy_arguments(*, copy_mode: str | None, copy_source: str | None, copy
         raise SystemExit(f"error: --copy-pointer must be 0 (none) to 16 tokens, got {copy_pointer}")
     if copy_pointer and copy_source == "context":
         raise SystemExit("error: --copy-pointer reads the prompt: it cannot be used with --copy-source context")
+    if copy_pointer_occurrences != "last" and not copy_pointer:
+        raise SystemExit("error: --copy-pointer-occurrences needs --copy-pointer")
     if ignore_uncopied is not None and not 0 <= ignore_uncopied <= 1:
         raise SystemExit(f"error: --copy-ignore-uncopied must be a rate in [0, 1], got {ignore_uncopied}")
     if ignore_min_fraction is not None and (ignore_uncopied is None or not 0 < ignore_min_fraction <= 1):
@@ -314,12 +322,12 @@ def check_word_starts(tokenizer, copy_word_starts: bool) -> None:
 
 
 def copy_options(tokenizer, *, copy_mode: str | None, copy_source: str | None, copy_word_starts: bool,
-                 copy_word_pieces: int, copy_pointer: int = 0) -> dict:
-    """The `PluginConfig` arguments of --copy-mode, --copy-source, --copy-word-starts, --copy-word-pieces and
-    --copy-pointer."""
+                 copy_word_pieces: int, copy_pointer: int = 0, copy_pointer_occurrences: str = "last") -> dict:
+    """The `PluginConfig` arguments of --copy-mode, --copy-source, --copy-word-starts, --copy-word-pieces,
+    --copy-pointer and --copy-pointer-occurrences."""
     if copy_mode is None:
         return {}
     # Special tokens (BOS, EOS, chat markers) are structure, not content to copy.
     return {"copy_mode": copy_mode, "copy_ignore_ids": sorted(set(tokenizer.all_special_ids)),
             "copy_source": copy_source, "copy_word_starts": copy_word_starts, "copy_word_pieces": copy_word_pieces,
-            "copy_pointer": copy_pointer}
+            "copy_pointer": copy_pointer, "copy_pointer_occurrences": copy_pointer_occurrences}
