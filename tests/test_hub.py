@@ -247,10 +247,11 @@ def test_the_card_of_a_hub_snapshot_is_read_and_a_missing_one_is_none(tokenizer,
     assert load("someone/no-card").card_sections == {}  # not in the cache, and the Hub not asked: no card, no error
 
 
-@pytest.mark.parametrize("copy_mode, pointer", [(None, 0), ("shared", 0), ("shared", 3)])
+@pytest.mark.parametrize("copy_mode, pointer", [(None, 0), ("shared", 0), ("shared", 3), ("shared", "every")])
 def test_with_code_loads_without_hf_plugin(tokenizer, tmp_path, copy_mode, pointer):
     source = ("prompt" if pointer else "context") if copy_mode else None
-    plugin = bound_plugin(tokenizer, copy_mode=copy_mode, copy_source=source, copy_pointer=pointer)
+    pointing = {"copy_pointer": 3, "copy_pointer_occurrences": "every"} if pointer == "every" else {"copy_pointer": pointer}
+    plugin = bound_plugin(tokenizer, copy_mode=copy_mode, copy_source=source, **pointing)
     if copy_mode:
         torch.nn.init.normal_(plugin.copy_head.weight)
     if pointer:

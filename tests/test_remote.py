@@ -212,11 +212,12 @@ class TopKOnly(LogitsProcessor):
             -1, kept.indices))
 
 
-@pytest.mark.parametrize("copy_mode, pointer", [(None, 0), ("shared", 0), ("shared", 2)])
+@pytest.mark.parametrize("copy_mode, pointer", [(None, 0), ("shared", 0), ("shared", 2), ("shared", "every")])
 def test_generation_with_a_reweighter_equals_in_process_top_k_and_chunking_saves_requests(tiny, tokenizer, copy_mode,
                                                                                           pointer):
     model, server = tiny
-    plugin = make_plugin("llama", copy_mode=copy_mode, copy_pointer=pointer)
+    pointing = {"copy_pointer": 2, "copy_pointer_occurrences": "every"} if pointer == "every" else {"copy_pointer": pointer}
+    plugin = make_plugin("llama", copy_mode=copy_mode, **pointing)
     if copy_mode:  # a copy head that matters: the context's ids then depend on what was drafted and kept
         torch.nn.init.normal_(plugin.copy_head.weight, std=2.0)
     if pointer:
