@@ -44,7 +44,10 @@ piece, for a spelling; the last, so that under a few-shot prompt the query's val
 demonstration's. In a `key[value]` format those tokens name the slot (`name`, `[`), so the reweighter can point at
 the slot it wants next, a value it never saw included, while the base still chooses among the slot's tokens. Keys are
 computed from the ids at every call: a KV cache holds nothing new. The query starts at zero, so an untrained pointer
-changes nothing. Measured on E2E (benchmarks/README, `copy_pointer=4` with `"shared"` and word starts): unseen names
+changes nothing. With `copy_pointer_occurrences="every"` an id is read at each of its occurrences and keeps its best
+score (`copy_set_columns`, `pointer_scores_every`): a piece a name shares with the rest of the prompt (`:` of
+`Dirt: Showdown`, which recurs in `Sentence:`) can then be pointed at inside the name, where its last occurrence
+lies outside it. Measured on E2E (benchmarks/README, `copy_pointer=4` with `"shared"` and word starts): unseen names
 missed 10.8% → 3.6% on a random 500 test MRs, BLEU / ROUGE-L 23.1 / 39.6 → 25.4 / 41.3, for 82k parameters.
 
 This module imports nothing else of ours: the remote-code copy of a saved reweighter carries it.

@@ -1,0 +1,90 @@
+"""Which ViGGO names each row misses, by where the name's pieces occur in the prompt.
+
+Reads the outputs saved in `results/viggo.json` (no generation) and tokenises each test prompt with the base's
+tokenizer (the offline SmolLM2). A test game's name falls in one class:
+
+- one piece: the name is a single token of the prompt;
+- shared piece: a piece after the first also occurs later in the prompt, outside the name (`:` of `Dirt: Showdown`
+  recurs in `Sentence:`), so a pointer that reads each id at its last occurrence reads it there, not in the name;
+- own pieces: every later piece's last occurrence is inside the name.
+
+A missed name is also split by what the output holds instead: the name with other spacing or punctuation, its first
+word only, or nothing of it.
+
+Usage:
+    python benchmarks/name_misses.py
+Results: benchmarks/results/name_misses.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+RESULTS = Path(__file__).parent / "results"
+DATA = Path(__file__).parent / "data" / "viggo"
+CLASSES = ("one piece", "shared piece", "own pieces")
+
+
+def name_class(tokenizer, prompt: str, start: int, end: int) -> str:
+    """The class of the name at characters `start:end` of `prompt` (see the module's docstring)."""
+    encoded = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    span = [i for i, (a, b) in enumerate(offsets) if a >= start and b <= end]
+    if len(span) == 1:
+        return "one piece"
+    last = {token: i for i, token in enumerate(ids)}
+    return "shared piece" if any(last[ids[i]] not in span for i in span[1:]) else "own pieces"
+
+
+def instead(name: str, output: str) -> str:
+    """What a missed name's output holds: the name respaced, its first word only, or nothing of it."""
+    squeeze = lambda text: re.sub(r"[^a-z0-9]", "", text.lower())  # noqa: E731
+    if squeeze(name) in squeeze(output):
+        return "respaced"
+    return "first word only" if name.split()[0].lower() in output.lower() else "none of it"
+
+
+def main() -> None:
+    from hf_plugin.loading import load_tokenizer, offline_smollm2
+
+    result = json.loads((RESULTS / "viggo.json").read_text())
+    template, test_mrs = result["meta"]["template"], result["meta"]["test_mrs"]
+    with open(DATA / "test.csv", newline="", encoding="utf-8") as handle:
+        assert list(dict.fromkeys(row["mr"] for row in csv.DictReader(handle))) == test_mrs
+    tokenizer = load_tokenizer(offline_smollm2())
+    names = []
+    for mr in test_mrs:
+        found = re.search(r"name\[([^\]]*)\]", mr)
+        if found is None:
+            names.append(None)
+            continue
+        prompt = template.format(mr=mr)
+        at = prompt.index(mr)
+        names.append((found.group(1), name_class(tokenizer, prompt, at + found.start(1), at + found.end(1))))
+    sizes = Counter(kind for entry in names if entry for _, kind in [entry])
+    rows = {}
+    for method, row in result["methods"].items():
+        missed, kinds = Counter(), Counter()
+        for entry, output in zip(names, row["outputs"]):
+            if entry is None or entry[0].lower() in output.lower():
+                continue
+            missed[entry[1]] += 1
+            kinds[instead(entry[0], output)] += 1
+        rows[method] = {"missed % by class": {k: round(100 * missed[k] / sizes[k], 1) for k in CLASSES},
+                        "missed by class": dict(missed), "missed names hold": dict(kinds)}
+    out = {"command": "python benchmarks/name_misses.py", "names by class": dict(sizes), "rows": rows}
+    (RESULTS / "name_misses.json").write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    print(f"names by class: {dict(sizes)}")
+    for method, row in rows.items():
+        print(f"{method}: {row['missed % by class']} | {row['missed names hold']}")
+
+
+if __name__ == "__main__":
+    main()
