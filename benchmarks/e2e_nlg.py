@@ -204,6 +204,8 @@ POINTER = dict(copy_mode="shared", copy_word_starts=True, copy_pointer=4)
 SPELLED_POINTER = dict(POINTER, copy_word_pieces=3)
 # Each occurrence of an id read, not only its last: a name's `:` or `Ġof` also occurs outside the name.
 EVERY = dict(copy_pointer_occurrences="every")
+# Coverage: the prompt ids already written get their own value (loops on a short value repeat prompt ids).
+COVERAGE = dict(EVERY, copy_coverage=True)
 
 
 def new_reweighter(binding: dict, **options):
@@ -477,6 +479,8 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
         rows = [  # name, run folder, PluginConfig options (copy_source: the prompt's ids unless "context")
             ("copy shared + spelled words + pointer, every occurrence", "copy-shared-spelled-pointer-every",
              dict(SPELLED_POINTER, **EVERY)),
+            ("copy shared + spelled words + pointer, every occurrence, coverage",
+             "copy-shared-spelled-pointer-every-coverage", dict(SPELLED_POINTER, **COVERAGE)),
             ("copy shared + word starts + pointer", "copy-shared-ws-pointer", POINTER),
             ("copy shared + spelled words + pointer", "copy-shared-spelled-pointer", SPELLED_POINTER),
             ("copy shared + spelled words, uncopied ids kept", "copy-shared-spelled-uncopied", SPELLED_UNCOPIED),

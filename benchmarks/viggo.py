@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_nlg import (EVERY, POINTER, RUN_COLUMNS, SPELLED_FREQUENT, SPELLED_POINTER, SPELLED_UNCOPIED, AloneNLL, GENERATION,  # noqa: E402
+from e2e_nlg import (COVERAGE, EVERY, POINTER, RUN_COLUMNS, SPELLED_FREQUENT, SPELLED_POINTER, SPELLED_UNCOPIED, AloneNLL, GENERATION,  # noqa: E402
                      TEMPLATE, MixtureNLL, copy_reweighter, generate, icl_prompt, mixture_processor, new_reweighter,
                      pick_alpha, result_tail, score, slice_tables, train_one)
 
@@ -177,6 +177,12 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
                    heldout_examples)
         plugin_row("Plugin, copy shared + word starts + pointer, every occurrence + ICL-3", every, icl3, icl_heldout(),
                    icl_heldout_examples)
+        covered = trained("plugin-copy-shared-ws-pointer-every-coverage", copy_model(dict(POINTER, **COVERAGE)),
+                          caches["train"], caches["heldout"])
+        plugin_row("Plugin, copy shared + word starts + pointer, every occurrence, coverage", covered, plain,
+                   caches["heldout"], heldout_examples)
+        plugin_row("Plugin, copy shared + word starts + pointer, every occurrence, coverage + ICL-3", covered, icl3,
+                   icl_heldout(), icl_heldout_examples)
         pointer = trained("plugin-copy-shared-ws-pointer", copy_model(POINTER), caches["train"], caches["heldout"])
         plugin_row("Plugin, copy shared + word starts + pointer", pointer, plain, caches["heldout"], heldout_examples)
         plugin_row("Plugin, copy shared + word starts + pointer + ICL-3", pointer, icl3, icl_heldout(),

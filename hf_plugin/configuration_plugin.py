@@ -117,6 +117,10 @@ class PluginConfig(PreTrainedConfig):
             Which columns of an id the pointer reads: `"last"`, its last occurrence in the prompt; `"every"`, each
             occurrence, keeping the best score (a piece shared by a name and the template, `:` in `Dirt: Showdown`,
             can then be pointed at inside the name).
+        copy_coverage (`bool`, *optional*, defaults to `False`):
+            With a `copy_mode` on the prompt, the prompt ids the output has already written get one more learned
+            value per step (see `hf_plugin.copying`), so the reweighter can hold back a value it has written (a loop
+            on a short value) apart from those it has not. Adds `hidden_size + 1` parameters.
         copy_ignore_uncopied (`dict`, *optional*):
             Recorded by `PluginModel.ignore_uncopied_ids`: its arguments (`min_fraction`, `max_copy_rate`,
             `judge_word_starts`), the rule by which
@@ -164,6 +168,7 @@ class PluginConfig(PreTrainedConfig):
         copy_ignore_uncopied: dict[str, float] | None = None,
         copy_pointer: int = 0,
         copy_pointer_occurrences: str = "last",
+        copy_coverage: bool = False,
         trained_max_length: int | None = None,
         head_ids: list[int] | None = None,
         hf_plugin_version: str = __version__,
@@ -228,6 +233,10 @@ class PluginConfig(PreTrainedConfig):
                              f"{copy_pointer_occurrences!r}.")
         if copy_pointer_occurrences != "last" and not copy_pointer:
             raise ValueError("`copy_pointer_occurrences` needs a `copy_pointer`.")
+        if not isinstance(copy_coverage, bool):
+            raise ValueError(f"`copy_coverage` must be True or False, got {copy_coverage!r}.")
+        if copy_coverage and (copy_mode is None or copy_source not in (None, "prompt")):
+            raise ValueError("`copy_coverage` needs a `copy_mode` with the prompt as its source.")
         if isinstance(copy_ignore_uncopied, dict) and set(copy_ignore_uncopied) == {"min_fraction", "max_copy_rate"}:
             # A record written before `judge_word_starts` existed; the release that wrote it judged the written ids
             # only. The ids it chose are in `copy_ignore_ids` either way: this is the record, not the rule.
@@ -275,6 +284,7 @@ class PluginConfig(PreTrainedConfig):
         self.copy_ignore_uncopied = dict(copy_ignore_uncopied) if copy_ignore_uncopied is not None else None
         self.copy_pointer = copy_pointer
         self.copy_pointer_occurrences = copy_pointer_occurrences
+        self.copy_coverage = copy_coverage
         self.copy_source = (copy_source or "prompt") if copy_mode is not None else None
         self.trained_max_length = trained_max_length
         self.head_ids = list(head_ids) if head_ids is not None else None

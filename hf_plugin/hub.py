@@ -214,6 +214,7 @@ def render_model_card(config: PluginConfig, sections: dict[str, Any] | None = No
         copy_ignore_uncopied=config.copy_ignore_uncopied,
         copy_pointer=config.copy_pointer,
         copy_pointer_occurrences=config.copy_pointer_occurrences,
+        copy_coverage=config.copy_coverage,
         head_size=len(config.head_ids) if config.head_ids else None,
         num_parameters=f"{num_parameters:,}" if num_parameters else "an unrecorded number of",
         training_section=_key_value_table(training) if training else "No training information was recorded.",

@@ -23,8 +23,9 @@ from .combine import align_vocab, check_alpha, combine_logits
 from .compatibility import check_base_model, check_vocab_width, renamed_keyword
 from .configuration_plugin import PluginConfig
 from .compact_head import CompactHead
-from .copying import (apply_copy_mode, copy_set_columns, copy_set_first_occurrences, pointer_scores, pointer_scores_every,
-                      preceding_embeddings, uncopied_ids, whole_context, word_start_aliases, word_start_spellings)
+from .copying import (apply_copy_mode, copy_set_columns, copy_set_first_occurrences, first_occurrences, pointer_scores,
+                      pointer_scores_every, preceding_embeddings, uncopied_ids, whole_context, word_start_aliases,
+                      word_start_spellings)
 from .initialization import first_layers
 from .hub import (CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, WEIGHTS_SHARD, card_sections, push_folder,
                   render_model_card, ships_custom_generate, write_remote_code)
@@ -147,6 +148,8 @@ class PluginModel(PluginPreTrainedModel):
             width = self.get_input_embeddings().embedding_dim * config.copy_pointer
             self.copy_query = torch.nn.Linear(config.hidden_size, key_size, bias=False)
             self.copy_keys = torch.nn.Linear(width, key_size, bias=False)
+        # Coverage: one more scalar per step for the prompt ids the output has written; zero at the start.
+        self.copy_written = torch.nn.Linear(config.hidden_size, 1) if config.copy_coverage else None
         if config.copy_word_starts:  # saved with the weights: the table belongs to the tokenizer it was trained with
             self.register_buffer("copy_aliases", torch.full((config.vocab_size,), -1, dtype=torch.long))
         if config.copy_word_pieces > 1:
@@ -158,7 +161,7 @@ class PluginModel(PluginPreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        if module is self.copy_head or module is self.copy_query:
+        if module is self.copy_head or module is self.copy_query or module is self.copy_written:
             torch.nn.init.zeros_(module.weight)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
@@ -406,7 +409,10 @@ class PluginModel(PluginPreTrainedModel):
             positions = torch.arange(context_ids.shape[1] - kept, context_ids.shape[1], device=first.device)
             present = first[:, None, :] <= positions[None, :, None]
             pointer = self._pointer(context_ids, attention_mask, prompt_lengths, outputs.hidden_states[-1][:, -kept:])
-            logits = self._copy(logits, outputs.hidden_states[-1][:, -kept:], present, pointer)
+            written = self._written(context_ids, attention_mask, prompt_lengths, logits.shape[-1])
+            if written is not None:
+                written = written[:, None, :] <= positions[None, :, None]
+            logits = self._copy(logits, outputs.hidden_states[-1][:, -kept:], present, pointer, written)
         if base_logits is not None:
             if base_logits.shape[:2] != input_ids.shape:
                 raise ValueError(
@@ -478,7 +484,10 @@ class PluginModel(PluginPreTrainedModel):
             keys, where = self._pointer_keys(input_ids, attention_mask, prompt_lengths)
             pointer = torch.cat([self._pointer_scores(states[None], keys[row : row + 1], where[row : row + 1])[0]
                                  for row, states in enumerate(hidden.split(mask.sum(dim=1).tolist()))])
-        return self._copy(logits, hidden, first[rows] <= positions[:, None], pointer)
+        written = self._written(input_ids, attention_mask, prompt_lengths, logits.shape[-1])
+        if written is not None:
+            written = written[rows] <= positions[:, None]
+        return self._copy(logits, hidden, first[rows] <= positions[:, None], pointer, written)
 
     def set_copy_aliases(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Fills the word-start tables of a `copy_word_starts` reweighter from the base's tokenizer (see
@@ -566,11 +575,21 @@ class PluginModel(PluginPreTrainedModel):
             return None
         return self._pointer_scores(hidden, *self._pointer_keys(context_ids, context_mask, prompt_lengths))
 
+    def _written(self, context_ids, context_mask, prompt_lengths, vocab_size) -> torch.LongTensor | None:
+        """With coverage, where each id is first written after the prompt (`length` where it is not)."""
+        if not self.config.copy_coverage:
+            return None
+        columns = torch.arange(context_ids.shape[1], device=context_ids.device)
+        after = columns[None, :] >= torch.as_tensor(prompt_lengths, device=context_ids.device).view(-1, 1)
+        return first_occurrences(context_ids, vocab_size, after if context_mask is None else after & context_mask.bool())
+
     def _copy(self, logits: torch.Tensor, hidden: torch.Tensor, present: torch.Tensor,
-              pointer: torch.Tensor | None = None) -> torch.Tensor:
+              pointer: torch.Tensor | None = None, written: torch.Tensor | None = None) -> torch.Tensor:
         gate = self.copy_head(hidden.to(self.copy_head.weight.dtype))
         if pointer is not None:  # one value per id instead of one per step
             gate = gate + pointer.to(gate.device)
+        if written is not None:  # the prompt ids written so far: one more value per step
+            gate = gate + self.copy_written(hidden.to(gate.dtype)) * written.to(gate.device)
         return apply_copy_mode(self.config.copy_mode, logits, gate, present.to(logits.device))
 
     def _check_positions(self, input_ids, attention_mask, position_ids, past_key_values) -> None:

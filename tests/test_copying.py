@@ -29,9 +29,12 @@ SOURCES = ["prompt", "context"]
 
 
 def pointing(pointer) -> dict:
-    """The pointer's config arguments: 0 (none), a width, or "every" (width 2, every occurrence of an id read)."""
+    """The pointer's config arguments: 0 (none), a width, "every" (width 2, every occurrence of an id read) or
+    "coverage" (width 2, and the prompt ids already written get their own value)."""
     if pointer == "every":
         return {"copy_pointer": 2, "copy_pointer_occurrences": "every"}
+    if pointer == "coverage":
+        return {"copy_pointer": 2, "copy_coverage": True}
     return {"copy_pointer": pointer}
 
 
@@ -45,6 +48,9 @@ def copy_plugin(arch: str, mode: str, source: str = "context", **kwargs) -> Plug
         if plugin.copy_query is not None:  # a pointer whose scores differ visibly between ids
             plugin.copy_query.weight.normal_(std=0.5)
             plugin.copy_keys.weight.normal_(std=2.0)
+        if plugin.copy_written is not None:
+            plugin.copy_written.weight.normal_(std=2.0)
+            plugin.copy_written.bias.fill_(-1.0)
     return plugin
 
 
@@ -71,7 +77,7 @@ def test_config_refuses_bad_options_and_old_configs_load_without_a_copy_mode(tmp
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
-@pytest.mark.parametrize("pointer", [0, 2, "every"])
+@pytest.mark.parametrize("pointer", [0, 2, "every", "coverage"])
 def test_save_and_load_keep_the_mode_and_the_head(arch, mode, pointer, tmp_path):
     source = "prompt" if pointer else "context"
     plugin = copy_plugin(arch, mode, source, **pointing(pointer))
@@ -81,7 +87,9 @@ def test_save_and_load_keep_the_mode_and_the_head(arch, mode, pointer, tmp_path)
     torch.testing.assert_close(loaded.copy_head.weight, plugin.copy_head.weight)
     card = (tmp_path / "r/README.md").read_text()
     assert f"Copy mode `{mode}` on the ids of the {'prompt' if pointer else 'whole sequence so far'}" in card
-    assert ("a pointer reads each id's slot from the 2 tokens before its last occurrence" in card) == (pointer == 2)
+    assert ("a pointer reads each id's slot from the 2 tokens before its last occurrence" in card) == (
+        pointer in (2, "coverage"))
+    assert ("one more value for those the output has already written" in card) == (pointer == "coverage")
     assert ("a pointer reads each id's slot from the 2 tokens before each of its occurrences" in card) == (
         pointer == "every")
     if pointer:
@@ -103,7 +111,8 @@ def test_an_untrained_gate_changes_nothing(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
-@pytest.mark.parametrize("source, pointer", [("prompt", 0), ("context", 0), ("prompt", 2), ("prompt", "every")])
+@pytest.mark.parametrize("source, pointer", [("prompt", 0), ("context", 0), ("prompt", 2), ("prompt", "every"),
+                                            ("prompt", "coverage")])
 def test_forward_changes_exactly_the_ids_already_in_the_context(arch, mode, source, pointer):
     plugin = copy_plugin(arch, mode, source, **pointing(pointer))
     plain = make_plugin(arch)  # same seed: the same backbone without a copy head
@@ -136,7 +145,8 @@ def test_forward_changes_exactly_the_ids_already_in_the_context(arch, mode, sour
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
-@pytest.mark.parametrize("source, pointer", [("prompt", 0), ("context", 0), ("prompt", 3), ("prompt", "every")])
+@pytest.mark.parametrize("source, pointer", [("prompt", 0), ("context", 0), ("prompt", 3), ("prompt", "every"),
+                                            ("prompt", "coverage")])
 def test_completion_logits_equal_the_forward(arch, mode, source, pointer):
     plugin = copy_plugin(arch, mode, source, **pointing(pointer))
     ids = torch.tensor([[PAD, PAD, 5, 6, 5, 7, 8], [4, 8, 9, 10, 11, 12, 9]])
@@ -155,7 +165,7 @@ def test_completion_logits_equal_the_forward(arch, mode, source, pointer):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pointer", [0, 2, "every"])
+@pytest.mark.parametrize("pointer", [0, 2, "every", "coverage"])
 def test_a_cached_forward_needs_the_whole_sequence(pointer):
     plugin = copy_plugin("llama", "shared", "prompt" if pointer else "context", **pointing(pointer))
     ids, lengths = torch.tensor([[5, 6, 7, 8]]), {"prompt_lengths": torch.tensor([3])}
@@ -174,7 +184,7 @@ def test_a_cached_forward_needs_the_whole_sequence(pointer):
 @pytest.mark.parametrize("mode, source, pointer", [("shared", "prompt", 0), ("shared", "context", 0),
                                                    ("gate", "context", 0), ("floor", "prompt", 0),
                                                    ("shared", "prompt", 2), ("gate", "prompt", 3),
-                                                   ("shared", "prompt", "every")])
+                                                   ("shared", "prompt", "every"), ("floor", "prompt", "coverage")])
 @pytest.mark.parametrize("decoding", ["greedy", "sampling_multiple_returns", "beam_multiple_returns"])
 def test_processor_matches_offline_forward(arch, mode, source, pointer, decoding, tokenizer):
     plugin = copy_plugin(arch, mode, source, **pointing(pointer))
@@ -205,7 +215,8 @@ def test_two_generate_calls_in_a_row_each_read_their_own_context(source, tokeniz
 
 
 @pytest.mark.parametrize("mode, source, pointer", [(mode, source, 0) for mode in COPY_MODES for source in SOURCES]
-                         + [("shared", "prompt", 2), ("floor", "prompt", 2), ("shared", "prompt", "every")])
+                         + [("shared", "prompt", 2), ("floor", "prompt", 2), ("shared", "prompt", "every"),
+                            ("shared", "prompt", "coverage")])
 def test_loss_from_a_whole_vocabulary_cache_equals_the_live_loss_and_trains_the_head(mode, source, pointer, tokenizer,
                                                                                     tmp_path):
     rows = [(f"w{i} w{i + 1} w{i + 2}", f"w{i + 1} w40 w{i}") for i in range(4, 28)]
@@ -224,6 +235,8 @@ def test_loss_from_a_whole_vocabulary_cache_equals_the_live_loss_and_trains_the_
     assert plugin.copy_head.weight.grad.abs().sum() > 0
     if pointer:
         assert plugin.copy_query.weight.grad.abs().sum() > 0 and plugin.copy_keys.weight.grad.abs().sum() > 0
+    if pointer == "coverage":  # completions repeat prompt ids (`w{i}`), so the written ones train their head
+        assert plugin.copy_written.weight.grad.abs().sum() > 0
 
 
 def test_train_command_records_the_mode_and_the_special_tokens(tmp_path):
@@ -384,7 +397,7 @@ def test_spelled_words_join_the_context_exactly_and_survive_save_and_load(arch, 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("decoding", ["greedy", "sampling_multiple_returns", "beam_multiple_returns"])
-@pytest.mark.parametrize("pointer", [0, 2, "every"])
+@pytest.mark.parametrize("pointer", [0, 2, "every", "coverage"])
 def test_processor_with_spelled_words_and_frequent_ids_matches_offline_forward(arch, decoding, pointer):
     tokenizer = marked_tokenizer()
     plugin, vocab = spelled_plugin(arch, **pointing(pointer))
@@ -554,6 +567,27 @@ def test_a_pointer_on_every_occurrence_reads_each_one_and_keeps_the_best(arch):
         every.backbone(with_bos).logits[0, -1, BOS]).any()
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_coverage_adds_its_value_to_the_prompt_ids_already_written_and_starts_at_zero(arch):
+    plain = copy_plugin(arch, "shared", "prompt", copy_pointer=2)
+    covered = make_plugin(arch, copy_mode="shared", copy_ignore_ids=[BOS, EOS], copy_pointer=2, copy_coverage=True)
+    covered.load_state_dict(plain.state_dict(), strict=False)
+    ids, lengths = torch.tensor([[BOS, 5, 6, 7, 6, 9, 5, 10]]), torch.tensor([4])  # prompt BOS 5 6 7; wrote 6 9 5 10
+    with torch.no_grad():
+        torch.testing.assert_close(covered(ids, prompt_lengths=lengths).logits, plain(ids, prompt_lengths=lengths).logits)
+        covered.copy_written.weight.normal_(std=2.0)
+        out = covered(ids, prompt_lengths=lengths).logits[0]
+        before = plain(ids, prompt_lengths=lengths).logits[0]
+        hidden = covered.backbone(ids, output_hidden_states=True).hidden_states[-1][0]
+        value = covered.copy_written(hidden)[:, 0]
+    for t in range(8):
+        written = {int(v) for v in ids[0, 4 : t + 1]} & {5, 6, 7}  # prompt ids written up to position t
+        for token in range(covered.config.vocab_size):
+            expected = before[t, token] + (value[t] if token in written else 0.0)
+            torch.testing.assert_close(out[t, token], expected, atol=1e-4, rtol=1e-4)
+    assert float(value.abs().min()) > 1e-3  # the value visibly matters
+
+
 def test_pointer_option_is_checked_and_trained_from_the_command_line(tmp_path):
     for bad in (-1, 17, 1.5, True):
         with pytest.raises(ValueError, match="`copy_pointer` must be an integer from 0 to 16"):
@@ -565,6 +599,11 @@ def test_pointer_option_is_checked_and_trained_from_the_command_line(tmp_path):
         PluginConfig(vocab_size=10, copy_mode="shared", copy_pointer=2, copy_pointer_occurrences="first")
     with pytest.raises(ValueError, match="`copy_pointer_occurrences` needs a `copy_pointer`"):
         PluginConfig(vocab_size=10, copy_mode="shared", copy_pointer_occurrences="every")
+    for bad in ({}, {"copy_mode": "shared", "copy_source": "context"}):
+        with pytest.raises(ValueError, match="`copy_coverage` needs a `copy_mode` with the prompt as its source"):
+            PluginConfig(vocab_size=10, copy_coverage=True, **bad)
+    with pytest.raises(ValueError, match="`copy_coverage` must be True or False, got 1"):
+        PluginConfig(vocab_size=10, copy_mode="shared", copy_coverage=1)
     setup = task_folder(tmp_path, 16, 4)
     command = ["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--prompt-column", "mr",
                "--completion-column", "ref", "--hidden-size", "32", "--intermediate-size", "64", "--num-heads", "2",
@@ -576,12 +615,18 @@ def test_pointer_option_is_checked_and_trained_from_the_command_line(tmp_path):
                         "--copy-pointer", "2"])
     with pytest.raises(SystemExit, match="--copy-pointer must be 0 \\(none\\) to 16 tokens, got 17"):
         main(command + ["--output-dir", str(tmp_path / "x"), "--copy-mode", "shared", "--copy-pointer", "17"])
+    with pytest.raises(SystemExit, match="--copy-coverage needs --copy-mode"):
+        main(command + ["--output-dir", str(tmp_path / "x"), "--copy-coverage"])
+    with pytest.raises(SystemExit, match="--copy-coverage tells the prompt's ids from the output's"):
+        main(command + ["--output-dir", str(tmp_path / "x"), "--copy-mode", "shared", "--copy-source", "context",
+                        "--copy-coverage"])
     with pytest.raises(SystemExit, match="--copy-pointer-occurrences needs --copy-pointer"):
         main(command + ["--output-dir", str(tmp_path / "x"), "--copy-mode", "shared", "--copy-pointer-occurrences",
                         "every"])
     assert not (tmp_path / "x").exists()  # refused before any work
     main(command + ["--output-dir", str(tmp_path / "run"), "--copy-mode", "shared", "--copy-pointer", "2",
-                    "--copy-pointer-occurrences", "every"])
+                    "--copy-pointer-occurrences", "every", "--copy-coverage"])
     plugin = PluginModel.from_pretrained(tmp_path / "run")
     assert plugin.config.copy_pointer == 2 and plugin.copy_query.weight.abs().sum() > 0  # trained
-    assert plugin.config.copy_pointer_occurrences == "every"
+    assert plugin.config.copy_pointer_occurrences == "every" and plugin.config.copy_coverage
+    assert plugin.copy_written is not None  # saved and loaded (its training: the cached-loss test)

@@ -250,13 +250,17 @@ def test_the_card_of_a_hub_snapshot_is_read_and_a_missing_one_is_none(tokenizer,
 @pytest.mark.parametrize("copy_mode, pointer", [(None, 0), ("shared", 0), ("shared", 3), ("shared", "every")])
 def test_with_code_loads_without_hf_plugin(tokenizer, tmp_path, copy_mode, pointer):
     source = ("prompt" if pointer else "context") if copy_mode else None
-    pointing = {"copy_pointer": 3, "copy_pointer_occurrences": "every"} if pointer == "every" else {"copy_pointer": pointer}
+    pointing = {"copy_pointer": pointer}
+    if pointer == "every":  # every occurrence read, with coverage
+        pointing = {"copy_pointer": 3, "copy_pointer_occurrences": "every", "copy_coverage": True}
     plugin = bound_plugin(tokenizer, copy_mode=copy_mode, copy_source=source, **pointing)
     if copy_mode:
         torch.nn.init.normal_(plugin.copy_head.weight)
     if pointer:
         torch.nn.init.normal_(plugin.copy_query.weight)
         torch.nn.init.normal_(plugin.copy_keys.weight, std=2.0)
+    if pointer == "every":
+        torch.nn.init.normal_(plugin.copy_written.weight, std=2.0)
     lengths = "prompt_lengths=torch.tensor([4, 3])" if pointer else ""
     plugin.save_pretrained(tmp_path / "r", with_code=True)
     assert json.loads((tmp_path / "r" / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_plugin.PluginModel"

@@ -273,6 +273,9 @@ def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --copy-pointer: read an id's slot at its last occurrence in the prompt, or at every "
                              "one, keeping the best (a piece a name shares with the template, ':' in 'Dirt: Showdown', "
                              "can then be pointed at inside the name)")
+    parser.add_argument("--copy-coverage", action="store_true",
+                        help="with --copy-mode on the prompt: the prompt ids the output has already written get one "
+                             "more learned value, so the reweighter can hold back a value it has written")
 
 
 def architecture_options(args: argparse.Namespace) -> dict:
@@ -285,17 +288,18 @@ def copy_arguments(args: argparse.Namespace) -> dict:
     """The copy flags as `check_copy_arguments` and `copy_options` keyword arguments."""
     return {"copy_mode": args.copy_mode, "copy_source": args.copy_source, "copy_word_starts": args.copy_word_starts,
             "copy_word_pieces": args.copy_word_pieces, "copy_pointer": args.copy_pointer,
-            "copy_pointer_occurrences": args.copy_pointer_occurrences}
+            "copy_pointer_occurrences": args.copy_pointer_occurrences, "copy_coverage": args.copy_coverage}
 
 
 def check_copy_arguments(*, copy_mode: str | None, copy_source: str | None, copy_word_starts: bool,
                          copy_word_pieces: int, copy_pointer: int = 0, copy_pointer_occurrences: str = "last",
-                         ignore_uncopied: float | None = None,
+                         copy_coverage: bool = False, ignore_uncopied: float | None = None,
                          ignore_min_fraction: float | None = None) -> None:
     """The copy flags hang together: each needs --copy-mode, --copy-word-pieces needs --copy-word-starts, and
     train's --copy-ignore-uncopied (a rate) and --copy-ignore-min-fraction are in range."""
     for given, name in ((copy_word_starts, "--copy-word-starts"), (copy_source, "--copy-source"),
                         (copy_word_pieces != 1, "--copy-word-pieces"), (copy_pointer != 0, "--copy-pointer"),
+                        (copy_coverage, "--copy-coverage"),
                         (ignore_uncopied is not None, "--copy-ignore-uncopied")):
         if given and copy_mode is None:
             raise SystemExit(f"error: {name} needs --copy-mode")
@@ -307,6 +311,9 @@ def check_copy_arguments(*, copy_mode: str | None, copy_source: str | None, copy
         raise SystemExit("error: --copy-pointer reads the prompt: it cannot be used with --copy-source context")
     if copy_pointer_occurrences != "last" and not copy_pointer:
         raise SystemExit("error: --copy-pointer-occurrences needs --copy-pointer")
+    if copy_coverage and copy_source == "context":
+        raise SystemExit("error: --copy-coverage tells the prompt's ids from the output's: it cannot be used with "
+                         "--copy-source context")
     if ignore_uncopied is not None and not 0 <= ignore_uncopied <= 1:
         raise SystemExit(f"error: --copy-ignore-uncopied must be a rate in [0, 1], got {ignore_uncopied}")
     if ignore_min_fraction is not None and (ignore_uncopied is None or not 0 < ignore_min_fraction <= 1):
@@ -322,12 +329,14 @@ def check_word_starts(tokenizer, copy_word_starts: bool) -> None:
 
 
 def copy_options(tokenizer, *, copy_mode: str | None, copy_source: str | None, copy_word_starts: bool,
-                 copy_word_pieces: int, copy_pointer: int = 0, copy_pointer_occurrences: str = "last") -> dict:
-    """The `PluginConfig` arguments of --copy-mode, --copy-source, --copy-word-starts, --copy-word-pieces,
-    --copy-pointer and --copy-pointer-occurrences."""
+                 copy_word_pieces: int, copy_pointer: int = 0, copy_pointer_occurrences: str = "last",
+                 copy_coverage: bool = False) -> dict:
+    """The `PluginConfig` arguments of the copy flags (--copy-mode, --copy-source, --copy-word-starts,
+    --copy-word-pieces, --copy-pointer, --copy-pointer-occurrences, --copy-coverage)."""
     if copy_mode is None:
         return {}
     # Special tokens (BOS, EOS, chat markers) are structure, not content to copy.
     return {"copy_mode": copy_mode, "copy_ignore_ids": sorted(set(tokenizer.all_special_ids)),
             "copy_source": copy_source, "copy_word_starts": copy_word_starts, "copy_word_pieces": copy_word_pieces,
-            "copy_pointer": copy_pointer, "copy_pointer_occurrences": copy_pointer_occurrences}
+            "copy_pointer": copy_pointer, "copy_pointer_occurrences": copy_pointer_occurrences,
+            "copy_coverage": copy_coverage}
