@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import platform
 import subprocess
@@ -212,12 +213,15 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
                                icl_train_cache["train"], icl_heldout(), icl_train_examples, icl_heldout_examples)
         plugin_row(f"{UNCOPIED} + pointer, trained with ICL + ICL-3", with_pointer, icl3, icl_heldout(),
                    icl_heldout_examples)
-        every_icl = trained("plugin-icl-copy-shared-spelled-uncopied-pointer-every",
-                            lambda: copy_reweighter(binding, tokenizer, icl_train_examples,
-                                                    {**SPELLED_UNCOPIED, "copy_pointer": 4, **EVERY}),
-                            icl_train_cache["train"], icl_heldout(), icl_train_examples, icl_heldout_examples)
-        plugin_row(f"{UNCOPIED} + pointer, every occurrence, trained with ICL + ICL-3", every_icl, icl3, icl_heldout(),
-                   icl_heldout_examples)
+        # Coverage (the prompt ids written get their own value) against the loops of the ICL-trained pointer row.
+        for suffix, folder, options in ((", coverage", "coverage", {"copy_coverage": True}),
+                                        (" + pointer, every occurrence, coverage", "pointer-every-coverage",
+                                         {"copy_pointer": 4, **COVERAGE})):
+            make = functools.partial(copy_reweighter, binding, tokenizer, icl_train_examples, {**SPELLED_UNCOPIED, **options})
+            learned = trained(f"plugin-icl-copy-shared-spelled-uncopied-{folder}", make, icl_train_cache["train"],
+                              icl_heldout(), icl_train_examples, icl_heldout_examples)
+            plugin_row(f"{UNCOPIED}{suffix}, trained with ICL + ICL-3", learned, icl3, icl_heldout(),
+                       icl_heldout_examples)
         copying = trained("plugin-copy-shared-ws", copy_model(dict(copy_mode="shared", copy_word_starts=True)),
                           caches["train"], caches["heldout"])
         plugin_row("Plugin, copy shared + word starts", copying, plain, caches["heldout"], heldout_examples)
