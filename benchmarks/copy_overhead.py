@@ -56,8 +56,11 @@ def main() -> None:
         "plain reweighter": {},
         "copy shared + word starts": copy,
         "copy shared + word starts + pointer": dict(copy, copy_pointer=4),
+        "copy shared + spelled words + pointer": dict(copy, copy_word_pieces=3, copy_pointer=4),
         "copy shared + spelled words + pointer, every occurrence": dict(copy, copy_word_pieces=3, copy_pointer=4,
                                                                         copy_pointer_occurrences="every"),
+        "copy shared + spelled words + pointer, every occurrence, coverage": dict(
+            copy, copy_word_pieces=3, copy_pointer=4, copy_pointer_occurrences="every", copy_coverage=True),
         "compact head": dict(head_ids=head_ids),
         "compact head + copy shared + word starts": dict(copy, head_ids=head_ids),
     }
