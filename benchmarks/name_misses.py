@@ -1,4 +1,4 @@
-"""Which ViGGO names each row misses, by where the name's pieces occur in the prompt.
+"""Which ViGGO names each row misses, by where the name's pieces occur in the prompt; and what its loops repeat.
 
 Reads the outputs saved in `results/viggo.json` (no generation) and tokenises each test prompt with the base's
 tokenizer (the offline SmolLM2). A test game's name falls in one class:
@@ -9,7 +9,8 @@ tokenizer (the offline SmolLM2). A test game's name falls in one class:
 - own pieces: every later piece's last occurrence is inside the name.
 
 A missed name is also split by what the output holds instead: the name with other spacing or punctuation, its first
-word only, or nothing of it.
+word only, or nothing of it. Of the outputs that repeat a 3-word phrase 3 times or more (the benchmark's "repeats a
+phrase"), the script counts those whose repeated phrase holds a word of the MR.
 
 Usage:
     python benchmarks/name_misses.py
@@ -51,6 +52,12 @@ def instead(name: str, output: str) -> str:
     return "first word only" if name.split()[0].lower() in output.lower() else "none of it"
 
 
+def repeated_phrases(output: str) -> list[tuple[str, ...]]:
+    """The 3-word phrases `output` writes 3 times or more (lower-cased words)."""
+    words = re.findall(r"\w+", output.lower())
+    return [phrase for phrase, n in Counter(zip(words, words[1:], words[2:])).items() if n >= 3]
+
+
 def main() -> None:
     from hf_plugin.loading import load_tokenizer, offline_smollm2
 
@@ -77,13 +84,19 @@ def main() -> None:
                 continue
             missed[entry[1]] += 1
             kinds[instead(entry[0], output)] += 1
+        loops = [(phrases, mr) for output, mr in zip(row["outputs"], test_mrs) for phrases in [repeated_phrases(output)]
+                 if phrases]
+        on_values = sum(any(set(phrase) & set(re.findall(r"\w+", mr.lower())) for phrase in phrases)
+                        for phrases, mr in loops)
         rows[method] = {"missed % by class": {k: round(100 * missed[k] / sizes[k], 1) for k in CLASSES},
-                        "missed by class": dict(missed), "missed names hold": dict(kinds)}
+                        "missed by class": dict(missed), "missed names hold": dict(kinds),
+                        "outputs repeating a phrase": len(loops), "of which the phrase holds an MR word": on_values}
     out = {"command": "python benchmarks/name_misses.py", "names by class": dict(sizes), "rows": rows}
     (RESULTS / "name_misses.json").write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     print(f"names by class: {dict(sizes)}")
     for method, row in rows.items():
-        print(f"{method}: {row['missed % by class']} | {row['missed names hold']}")
+        print(f"{method}: {row['missed % by class']} | {row['missed names hold']} | repeats "
+              f"{row['outputs repeating a phrase']}, on an MR word {row['of which the phrase holds an MR word']}")
 
 
 if __name__ == "__main__":

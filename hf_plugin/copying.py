@@ -50,6 +50,16 @@ score (`copy_set_columns`, `pointer_scores_every`): a piece a name shares with t
 lies outside it. Measured on E2E (benchmarks/README, `copy_pointer=4` with `"shared"` and word starts): unseen names
 missed 10.8% → 3.6% on a random 500 test MRs, BLEU / ROUGE-L 23.1 / 39.6 → 25.4 / 41.3, for 82k parameters.
 
+Coverage. A copy set does not say which of its values were already written, so the copy value that brings a value in
+also brings it back (measured on ViGGO: 53 of the 64 outputs of the word-start pointer row that repeat a phrase
+repeat a word of the MR, "Showdown: Showdown: ...").
+With `copy_coverage=True` the prompt ids the output has written so far get one more value per step, `c_t = w' · h_t
++ b'` from a second head (zero at the start), added to their copy value, so the reweighter can hold back what it has
+written apart from what it has not. It reads the context as the copy set does (the prompt's end, then the ids after
+it), so it is exact wherever the copy modes are. Measured on E2E (benchmarks/README, with spelled words and the
+pointer on every occurrence): outputs repeating a phrase 2.2% → 0.8% on the random 500 and 8.3% → 0% on the first 96,
+BLEU / ROUGE-L there 21.4 / 39.2 → 25.3 / 42.1.
+
 This module imports nothing else of ours: the remote-code copy of a saved reweighter carries it.
 """
 
@@ -508,7 +518,9 @@ def pointer_scores(query: torch.Tensor, keys: torch.Tensor, columns: torch.LongT
     return scores.gather(2, index)
 
 
-def pointer_scores_every(query: torch.Tensor, keys: torch.Tensor, brought: torch.LongTensor, vocab_size: int) -> torch.Tensor:
+def pointer_scores_every(
+    query: torch.Tensor, keys: torch.Tensor, brought: torch.LongTensor, vocab_size: int
+) -> torch.Tensor:
     """Each id's pointer score: the largest `q · k_j` over the columns `j` that bring it, 0 for ids absent; a new
     tensor.
 
