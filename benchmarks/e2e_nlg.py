@@ -32,8 +32,10 @@ Methods (hyper-parameters chosen on the held-out part only; every learned model 
                         prompt's ids, or every id so far with "context source", get one learned value per step:
                         "shared" replaces their own logits, "gate" adds to them, "floor" is their maximum; "word
                         starts" also count `ĠG` for a `G` of the prompt; "pointer" adds a score per prompt id from
-                        the 4 tokens before it), with the compact output layer (`hf_plugin.compact_head`), or both;
-                        and the pointer trained on 3-shot prompts, used with ICL-3.
+                        the 4 tokens before it, at its last occurrence or at "every occurrence"; "coverage" gives
+                        the prompt ids already written their own value), with the compact output layer
+                        (`hf_plugin.compact_head`), or both; and the pointer trained on 3-shot prompts, used with
+                        ICL-3.
 
 Usage:
     python benchmarks/e2e_nlg.py --data-dir ../shared/data/e2e_nlg            # the full run (about 5 hours on 2 cores)

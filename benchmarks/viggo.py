@@ -7,9 +7,11 @@ and α on the held-out pairs (train categories, other MRs); tested on the 445 MR
 
 Rows: zero-shot; ICL-3 (the first 3 distinct train MRs with their first reference); the weighted combination and the
 small model alone (as in `e2e_nlg.py`, w = 0.75); the from-scratch Plugin; the Plugin with copy modes (`shared` with
-word starts; with spelled words and the frequent ids kept by the reweighter; with the copy pointer, see
-`hf_plugin.copying`); these used with the ICL-3 prompt (α picked on 3-shot held-out pairs); and copy-mode Plugins
-trained on 3-shot prompts (with and without the pointer), used with ICL-3. The name-miss columns count outputs that lack the MR's `name[...]` value (every test game is unseen).
+word starts; with spelled words and the frequent ids kept by the reweighter; with the copy pointer, at each id's last
+occurrence or at every occurrence, and with coverage, see `hf_plugin.copying`); these used with the ICL-3 prompt (α
+picked on 3-shot held-out pairs); and copy-mode Plugins trained on 3-shot prompts (with and without the pointer and
+coverage), used with ICL-3. The name-miss columns count outputs that lack the MR's `name[...]` value (every test
+game is unseen).
 
 Usage:
     python benchmarks/viggo.py                 # about 2 hours on 2 cores
