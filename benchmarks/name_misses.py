@@ -8,7 +8,7 @@ tokenizer (the offline SmolLM2). A test game's name falls in one class:
   recurs in `Sentence:`), so a pointer that reads each id at its last occurrence reads it there, not in the name;
 - own pieces: every later piece's last occurrence is inside the name.
 
-A missed name is also split by what the output holds instead: the name with other spacing or punctuation, its first
+A missed name is also counted by the MR's dialogue act, and split by what the output holds instead: the name with other spacing or punctuation, its first
 word only, or nothing of it. Of the outputs that repeat a 3-word phrase 3 times or more (the benchmark's "repeats a
 phrase"), the script counts those whose repeated phrase holds a word of the MR.
 
@@ -78,20 +78,24 @@ def main() -> None:
     sizes = Counter(kind for entry in names if entry for _, kind in [entry])
     rows = {}
     for method, row in result["methods"].items():
-        missed, kinds = Counter(), Counter()
-        for entry, output in zip(names, row["outputs"]):
+        missed, kinds, acts = Counter(), Counter(), Counter()
+        for entry, output, mr in zip(names, row["outputs"], test_mrs):
             if entry is None or entry[0].lower() in output.lower():
                 continue
             missed[entry[1]] += 1
+            acts[mr.split("(")[0]] += 1
             kinds[instead(entry[0], output)] += 1
         loops = [(phrases, mr) for output, mr in zip(row["outputs"], test_mrs) for phrases in [repeated_phrases(output)]
                  if phrases]
         on_values = sum(any(set(phrase) & set(re.findall(r"\w+", mr.lower())) for phrase in phrases)
                         for phrases, mr in loops)
         rows[method] = {"missed % by class": {k: round(100 * missed[k] / sizes[k], 1) for k in CLASSES},
-                        "missed by class": dict(missed), "missed names hold": dict(kinds),
+                        "missed by class": dict(missed), "missed by dialogue act": dict(acts),
+                        "missed names hold": dict(kinds),
                         "outputs repeating a phrase": len(loops), "of which the phrase holds an MR word": on_values}
-    out = {"command": "python benchmarks/name_misses.py", "names by class": dict(sizes), "rows": rows}
+    named_acts = Counter(mr.split("(")[0] for entry, mr in zip(names, test_mrs) if entry)
+    out = {"command": "python benchmarks/name_misses.py", "names by class": dict(sizes),
+           "names by dialogue act": dict(named_acts), "rows": rows}
     (RESULTS / "name_misses.json").write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     print(f"names by class: {dict(sizes)}")
     for method, row in rows.items():
