@@ -208,6 +208,8 @@ SPELLED_POINTER = dict(POINTER, copy_word_pieces=3)
 EVERY = dict(copy_pointer_occurrences="every")
 # Coverage: the prompt ids already written get their own value (loops on a short value repeat prompt ids).
 COVERAGE = dict(EVERY, copy_coverage=True)
+# Continuation: the prompt ids after the last token written get their own value (a name begun is finished).
+CONTINUATION = dict(COVERAGE, copy_continuation=True)
 
 
 def new_reweighter(binding: dict, **options):
@@ -479,6 +481,8 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
         # writes them after a space (`ĠG`), so without them the first piece of every name is outside the context.
         task_ids = caches["train"].task_ids.tolist()
         rows = [  # name, run folder, PluginConfig options (copy_source: the prompt's ids unless "context")
+            ("copy shared + spelled words + pointer, every occurrence, coverage, continuation",
+             "copy-shared-spelled-pointer-every-coverage-continuation", dict(SPELLED_POINTER, **CONTINUATION)),
             ("copy shared + spelled words + pointer, every occurrence", "copy-shared-spelled-pointer-every",
              dict(SPELLED_POINTER, **EVERY)),
             ("copy shared + spelled words + pointer, every occurrence, coverage",

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_nlg import (COVERAGE, EVERY, POINTER, RUN_COLUMNS, SPELLED_FREQUENT, SPELLED_POINTER, SPELLED_UNCOPIED, AloneNLL, GENERATION,  # noqa: E402
+from e2e_nlg import (CONTINUATION, COVERAGE, EVERY, POINTER, RUN_COLUMNS, SPELLED_FREQUENT, SPELLED_POINTER, SPELLED_UNCOPIED, AloneNLL, GENERATION,  # noqa: E402
                      TEMPLATE, MixtureNLL, copy_reweighter, generate, icl_prompt, mixture_processor, new_reweighter,
                      pick_alpha, result_tail, score, slice_tables, train_one)
 
@@ -46,6 +46,7 @@ RESULTS = Path(__file__).parent / "results"
 MAX_LENGTH = 192
 SPELLED = "Plugin, copy shared + spelled words, frequent ids kept"
 UNCOPIED = "Plugin, copy shared + spelled words, uncopied ids kept"
+COVERED = "Plugin, copy shared + word starts + pointer, every occurrence, coverage"
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -174,6 +175,10 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
         return icl_caches["heldout"]
 
     if args.rows in ("all", "copy"):
+        continued = trained("plugin-copy-shared-ws-pointer-every-coverage-continuation",
+                            copy_model(dict(POINTER, **CONTINUATION)), caches["train"], caches["heldout"])
+        plugin_row(f"{COVERED}, continuation", continued, plain, caches["heldout"], heldout_examples)
+        plugin_row(f"{COVERED}, continuation + ICL-3", continued, icl3, icl_heldout(), icl_heldout_examples)
         every = trained("plugin-copy-shared-ws-pointer-every", copy_model(dict(POINTER, **EVERY)), caches["train"],
                         caches["heldout"])
         plugin_row("Plugin, copy shared + word starts + pointer, every occurrence", every, plain, caches["heldout"],
@@ -182,10 +187,8 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
                    icl_heldout_examples)
         covered = trained("plugin-copy-shared-ws-pointer-every-coverage", copy_model(dict(POINTER, **COVERAGE)),
                           caches["train"], caches["heldout"])
-        plugin_row("Plugin, copy shared + word starts + pointer, every occurrence, coverage", covered, plain,
-                   caches["heldout"], heldout_examples)
-        plugin_row("Plugin, copy shared + word starts + pointer, every occurrence, coverage + ICL-3", covered, icl3,
-                   icl_heldout(), icl_heldout_examples)
+        plugin_row(COVERED, covered, plain, caches["heldout"], heldout_examples)
+        plugin_row(f"{COVERED} + ICL-3", covered, icl3, icl_heldout(), icl_heldout_examples)
         pointer = trained("plugin-copy-shared-ws-pointer", copy_model(POINTER), caches["train"], caches["heldout"])
         plugin_row("Plugin, copy shared + word starts + pointer", pointer, plain, caches["heldout"], heldout_examples)
         plugin_row("Plugin, copy shared + word starts + pointer + ICL-3", pointer, icl3, icl_heldout(),

@@ -307,16 +307,21 @@ def copy_set_columns(
     prompt_lengths: torch.LongTensor | None = None,
     aliases: torch.LongTensor | None = None,
     spellings: torch.LongTensor | None = None,
-) -> torch.LongTensor:
+    following: bool = False,
+) -> torch.LongTensor | tuple[torch.LongTensor, torch.LongTensor]:
     """For each column, the ids its token brings into the reweighter's copy set, as `copy_set_first_occurrences`
     counts them: the token's own id, its word-start alias, each marked word whose unmarked spelling begins there;
     -1 for none. Where a pointer with `copy_pointer_occurrences="every"` reads an id's slots.
 
-    Args: as `copy_set_first_occurrences`.
+    Args:
+        config, context_ids, vocab_size, context_mask, prompt_lengths, aliases, spellings: as
+            `copy_set_first_occurrences`.
+        following (`bool`, *optional*, defaults to `False`): also return, for each id brought, the id of the source
+            token right after the pieces that brought it (-1 for none): what continues a value copied from there.
 
     Returns:
         `torch.LongTensor` of shape `(batch_size, length, slots)`, `slots` = 1, + 1 with `aliases`, + one per
-        spelling length of `spellings`.
+        spelling length of `spellings`; with `following`, a pair of them.
 
     Examples:
 
@@ -333,20 +338,62 @@ def copy_set_columns(
     counted = _source_mask(config, context_ids, context_mask, prompt_lengths)
     counted = (context_ids >= 0) & (context_ids < vocab_size) & (True if counted is None else counted.bool())
     own = torch.where(counted, context_ids, -1)
-    slots = [own]
+    slots, pieces = [own], [1]
     if aliases is not None:
         aliases = aliases[:vocab_size].to(own.device)
         alias = torch.where(counted, aliases[own.clamp(min=0)], -1)
         slots.append(torch.where(alias < vocab_size, alias, -1))
+        pieces.append(1)
     if spellings is not None:
         for n, hit, words in spelled_word_hits(context_ids, counted, spellings, vocab_size):
             slots.append(torch.nn.functional.pad(torch.where(hit, words, -1), (0, n - 1), value=-1))
+            pieces.append(n)
     brought = torch.stack(slots, dim=-1)
     # Ignored ids leave the set last, so an alias or a spelling cannot bring them back.
     if config.copy_ignore_ids:
         ignored = torch.tensor(config.copy_ignore_ids, device=brought.device)
         brought = brought.masked_fill(torch.isin(brought, ignored), -1)
-    return brought
+    if not following:
+        return brought
+    after = torch.nn.functional.pad(own, (0, max(pieces)), value=-1)
+    columns = torch.arange(own.shape[1], device=own.device)[:, None] + torch.tensor(pieces, device=own.device)
+    return brought, torch.where(brought >= 0, after[:, columns], -1)
+
+
+def continuations(
+    brought: torch.LongTensor, following: torch.LongTensor, last_ids: torch.LongTensor, vocab_size: int
+) -> torch.Tensor:
+    """Which ids continue, somewhere in the source, the token each position ends with: those right after a column
+    that brings it (`copy_set_columns(..., following=True)`); a new tensor.
+
+    Args:
+        brought, following (`torch.LongTensor` of shape `(batch_size, length, slots)`): from `copy_set_columns`.
+        last_ids (`torch.LongTensor` of shape `(batch_size, steps)`): the token each scored position ends with; -1
+            where none is to be continued.
+        vocab_size (`int`): width of the result.
+
+    Returns:
+        `torch.BoolTensor` of shape `(batch_size, steps, vocab_size)`.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_plugin import PluginConfig
+    >>> from hf_plugin.copying import continuations, copy_set_columns
+    >>> config = PluginConfig(vocab_size=6, copy_mode="shared")
+    >>> brought, following = copy_set_columns(config, torch.tensor([[1, 2, 1, 3]]), 6, prompt_lengths=torch.tensor([4]),
+    ...                                       following=True)
+    >>> continuations(brought, following, torch.tensor([[1, -1]]), 6).long()  # 1 is followed by 2 and by 3
+    tensor([[[0, 0, 1, 1, 0, 0],
+             [0, 0, 0, 0, 0, 0]]])
+
+    ```
+    """
+    match = (brought[:, None] == last_ids[:, :, None, None]) & (last_ids[:, :, None, None] >= 0)
+    index = torch.where(match & (following[:, None] >= 0), following[:, None], vocab_size).flatten(2)
+    result = torch.zeros(*last_ids.shape, vocab_size + 1, dtype=torch.bool, device=last_ids.device)
+    return result.scatter_(2, index.to(last_ids.device), True)[..., :vocab_size]
 
 
 def reversed_spellings(spellings: torch.LongTensor) -> torch.LongTensor:

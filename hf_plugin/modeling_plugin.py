@@ -23,7 +23,7 @@ from .combine import align_vocab, check_alpha, combine_logits
 from .compatibility import check_base_model, check_vocab_width, renamed_keyword
 from .configuration_plugin import PluginConfig
 from .compact_head import CompactHead
-from .copying import (apply_copy_mode, copy_set_columns, copy_set_first_occurrences, first_occurrences, pointer_scores,
+from .copying import (apply_copy_mode, continuations, copy_set_columns, copy_set_first_occurrences, first_occurrences, pointer_scores,
                       pointer_scores_every, preceding_embeddings, uncopied_ids, whole_context, word_start_aliases,
                       word_start_spellings)
 from .initialization import first_layers
@@ -150,6 +150,7 @@ class PluginModel(PluginPreTrainedModel):
             self.copy_keys = torch.nn.Linear(width, key_size, bias=False)
         # Coverage: one more scalar per step for the prompt ids the output has written; zero at the start.
         self.copy_written = torch.nn.Linear(config.hidden_size, 1) if config.copy_coverage else None
+        self.copy_continue = torch.nn.Linear(config.hidden_size, 1) if config.copy_continuation else None
         if config.copy_word_starts:  # saved with the weights: the table belongs to the tokenizer it was trained with
             self.register_buffer("copy_aliases", torch.full((config.vocab_size,), -1, dtype=torch.long))
         if config.copy_word_pieces > 1:
@@ -161,7 +162,7 @@ class PluginModel(PluginPreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        if module is self.copy_head or module is self.copy_query or module is self.copy_written:
+        if any(module is head for head in (self.copy_head, self.copy_query, self.copy_written, self.copy_continue)):
             torch.nn.init.zeros_(module.weight)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
@@ -412,7 +413,8 @@ class PluginModel(PluginPreTrainedModel):
             written = self._written(context_ids, attention_mask, prompt_lengths, logits.shape[-1])
             if written is not None:
                 written = written[:, None, :] <= positions[None, :, None]
-            logits = self._copy(logits, outputs.hidden_states[-1][:, -kept:], present, pointer, written)
+            continuing = self._continuing(context_ids, attention_mask, prompt_lengths, positions)
+            logits = self._copy(logits, outputs.hidden_states[-1][:, -kept:], present, pointer, written, continuing)
         if base_logits is not None:
             if base_logits.shape[:2] != input_ids.shape:
                 raise ValueError(
@@ -487,7 +489,8 @@ class PluginModel(PluginPreTrainedModel):
         written = self._written(input_ids, attention_mask, prompt_lengths, logits.shape[-1])
         if written is not None:
             written = written[rows] <= positions[:, None]
-        return self._copy(logits, hidden, first[rows] <= positions[:, None], pointer, written)
+        continuing = self._continuing(input_ids, attention_mask, prompt_lengths, positions, rows)
+        return self._copy(logits, hidden, first[rows] <= positions[:, None], pointer, written, continuing)
 
     def set_copy_aliases(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Fills the word-start tables of a `copy_word_starts` reweighter from the base's tokenizer (see
@@ -583,13 +586,36 @@ class PluginModel(PluginPreTrainedModel):
         after = columns[None, :] >= torch.as_tensor(prompt_lengths, device=context_ids.device).view(-1, 1)
         return first_occurrences(context_ids, vocab_size, after if context_mask is None else after & context_mask.bool())
 
+    def _continuing(self, context_ids, context_mask, prompt_lengths, positions, rows=None) -> torch.Tensor | None:
+        """With continuation, the prompt ids that follow, somewhere in the prompt, the token a scored position ends
+        with when the output wrote it: `positions` of every row, or with `rows` one position of each given row."""
+        if not self.config.copy_continuation:
+            return None
+        brought, following = copy_set_columns(self.config, context_ids, self.config.vocab_size, context_mask,
+                                              prompt_lengths, following=True, **self._copy_tables())
+        one_each = rows is not None
+        if one_each:
+            brought, following = brought[rows], following[rows]
+            rows, columns = rows[:, None], positions[:, None]
+        else:
+            rows, columns = torch.arange(context_ids.shape[0], device=context_ids.device)[:, None], positions[None, :]
+        written = columns >= torch.as_tensor(prompt_lengths, device=context_ids.device)[rows]
+        if context_mask is not None:
+            written &= context_mask.to(context_ids.device).bool()[rows, columns]
+        last = torch.where(written, context_ids[rows, columns], -1)
+        continuing = continuations(brought, following, last, self.config.vocab_size)
+        return continuing[:, 0] if one_each else continuing
+
     def _copy(self, logits: torch.Tensor, hidden: torch.Tensor, present: torch.Tensor,
-              pointer: torch.Tensor | None = None, written: torch.Tensor | None = None) -> torch.Tensor:
+              pointer: torch.Tensor | None = None, written: torch.Tensor | None = None,
+              continuing: torch.Tensor | None = None) -> torch.Tensor:
         gate = self.copy_head(hidden.to(self.copy_head.weight.dtype))
         if pointer is not None:  # one value per id instead of one per step
             gate = gate + pointer.to(gate.device)
         if written is not None:  # the prompt ids written so far: one more value per step
             gate = gate + self.copy_written(hidden.to(gate.dtype)) * written.to(gate.device)
+        if continuing is not None:  # the prompt ids that continue the last token written: one more
+            gate = gate + self.copy_continue(hidden.to(gate.dtype)) * continuing.to(gate.device)
         return apply_copy_mode(self.config.copy_mode, logits, gate, present.to(logits.device))
 
     def _check_positions(self, input_ids, attention_mask, position_ids, past_key_values) -> None:

@@ -15,7 +15,8 @@ from hf_plugin.base_cache import CachedBaseLogits, write_base_cache
 from hf_plugin.base_logits import LiveBaseModel
 from hf_plugin.cli import main
 from hf_plugin.completions import loss_positions
-from hf_plugin.copying import COPY_MODES, word_start_aliases, word_start_spellings
+from hf_plugin.copying import (COPY_MODES, continuations, copy_set_columns, word_start_aliases,
+                               word_start_spellings)
 from hf_plugin.data import collate, encode_examples, read_examples
 from hf_plugin.training import PluginTrainingArguments, train
 
@@ -30,11 +31,11 @@ SOURCES = ["prompt", "context"]
 
 def pointing(pointer) -> dict:
     """The pointer's config arguments: 0 (none), a width, "every" (width 2, every occurrence of an id read) or
-    "coverage" (width 2, and the prompt ids already written get their own value)."""
+    "written" (width 2, with coverage and continuation: the values that read what the output wrote)."""
     if pointer == "every":
         return {"copy_pointer": 2, "copy_pointer_occurrences": "every"}
-    if pointer == "coverage":
-        return {"copy_pointer": 2, "copy_coverage": True}
+    if pointer == "written":
+        return {"copy_pointer": 2, "copy_coverage": True, "copy_continuation": True}
     return {"copy_pointer": pointer}
 
 
@@ -51,6 +52,9 @@ def copy_plugin(arch: str, mode: str, source: str = "context", **kwargs) -> Plug
         if plugin.copy_written is not None:
             plugin.copy_written.weight.normal_(std=2.0)
             plugin.copy_written.bias.fill_(-1.0)
+        if plugin.copy_continue is not None:
+            plugin.copy_continue.weight.normal_(std=2.0)
+            plugin.copy_continue.bias.fill_(1.0)
     return plugin
 
 
@@ -77,7 +81,7 @@ def test_config_refuses_bad_options_and_old_configs_load_without_a_copy_mode(tmp
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
-@pytest.mark.parametrize("pointer", [0, 2, "every", "coverage"])
+@pytest.mark.parametrize("pointer", [0, 2, "every", "written"])
 def test_save_and_load_keep_the_mode_and_the_head(arch, mode, pointer, tmp_path):
     source = "prompt" if pointer else "context"
     plugin = copy_plugin(arch, mode, source, **pointing(pointer))
@@ -88,8 +92,10 @@ def test_save_and_load_keep_the_mode_and_the_head(arch, mode, pointer, tmp_path)
     card = (tmp_path / "r/README.md").read_text()
     assert f"Copy mode `{mode}` on the ids of the {'prompt' if pointer else 'whole sequence so far'}" in card
     assert ("a pointer reads each id's slot from the 2 tokens before its last occurrence" in card) == (
-        pointer in (2, "coverage"))
-    assert ("one more value for those the output has already written" in card) == (pointer == "coverage")
+        pointer in (2, "written"))
+    assert ("one more value for those the output has already written" in card) == (pointer == "written")
+    assert ("one more for those that follow, in the prompt, the token the output wrote last" in card) == (
+        pointer == "written")
     assert ("a pointer reads each id's slot from the 2 tokens before each of its occurrences" in card) == (
         pointer == "every")
     if pointer:
@@ -112,7 +118,7 @@ def test_an_untrained_gate_changes_nothing(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
 @pytest.mark.parametrize("source, pointer", [("prompt", 0), ("context", 0), ("prompt", 2), ("prompt", "every"),
-                                            ("prompt", "coverage")])
+                                            ("prompt", "written")])
 def test_forward_changes_exactly_the_ids_already_in_the_context(arch, mode, source, pointer):
     plugin = copy_plugin(arch, mode, source, **pointing(pointer))
     plain = make_plugin(arch)  # same seed: the same backbone without a copy head
@@ -146,7 +152,7 @@ def test_forward_changes_exactly_the_ids_already_in_the_context(arch, mode, sour
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COPY_MODES)
 @pytest.mark.parametrize("source, pointer", [("prompt", 0), ("context", 0), ("prompt", 3), ("prompt", "every"),
-                                            ("prompt", "coverage")])
+                                            ("prompt", "written")])
 def test_completion_logits_equal_the_forward(arch, mode, source, pointer):
     plugin = copy_plugin(arch, mode, source, **pointing(pointer))
     ids = torch.tensor([[PAD, PAD, 5, 6, 5, 7, 8], [4, 8, 9, 10, 11, 12, 9]])
@@ -165,7 +171,7 @@ def test_completion_logits_equal_the_forward(arch, mode, source, pointer):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pointer", [0, 2, "every", "coverage"])
+@pytest.mark.parametrize("pointer", [0, 2, "every", "written"])
 def test_a_cached_forward_needs_the_whole_sequence(pointer):
     plugin = copy_plugin("llama", "shared", "prompt" if pointer else "context", **pointing(pointer))
     ids, lengths = torch.tensor([[5, 6, 7, 8]]), {"prompt_lengths": torch.tensor([3])}
@@ -184,7 +190,7 @@ def test_a_cached_forward_needs_the_whole_sequence(pointer):
 @pytest.mark.parametrize("mode, source, pointer", [("shared", "prompt", 0), ("shared", "context", 0),
                                                    ("gate", "context", 0), ("floor", "prompt", 0),
                                                    ("shared", "prompt", 2), ("gate", "prompt", 3),
-                                                   ("shared", "prompt", "every"), ("floor", "prompt", "coverage")])
+                                                   ("shared", "prompt", "every"), ("floor", "prompt", "written")])
 @pytest.mark.parametrize("decoding", ["greedy", "sampling_multiple_returns", "beam_multiple_returns"])
 def test_processor_matches_offline_forward(arch, mode, source, pointer, decoding, tokenizer):
     plugin = copy_plugin(arch, mode, source, **pointing(pointer))
@@ -216,7 +222,7 @@ def test_two_generate_calls_in_a_row_each_read_their_own_context(source, tokeniz
 
 @pytest.mark.parametrize("mode, source, pointer", [(mode, source, 0) for mode in COPY_MODES for source in SOURCES]
                          + [("shared", "prompt", 2), ("floor", "prompt", 2), ("shared", "prompt", "every"),
-                            ("shared", "prompt", "coverage")])
+                            ("shared", "prompt", "written")])
 def test_loss_from_a_whole_vocabulary_cache_equals_the_live_loss_and_trains_the_head(mode, source, pointer, tokenizer,
                                                                                     tmp_path):
     rows = [(f"w{i} w{i + 1} w{i + 2}", f"w{i + 1} w40 w{i}") for i in range(4, 28)]
@@ -235,8 +241,8 @@ def test_loss_from_a_whole_vocabulary_cache_equals_the_live_loss_and_trains_the_
     assert plugin.copy_head.weight.grad.abs().sum() > 0
     if pointer:
         assert plugin.copy_query.weight.grad.abs().sum() > 0 and plugin.copy_keys.weight.grad.abs().sum() > 0
-    if pointer == "coverage":  # completions repeat prompt ids (`w{i}`), so the written ones train their head
-        assert plugin.copy_written.weight.grad.abs().sum() > 0
+    if pointer == "written":  # completions repeat prompt ids (`w{i}`), so the written ones train their heads
+        assert plugin.copy_written.weight.grad.abs().sum() > 0 and plugin.copy_continue.weight.grad.abs().sum() > 0
 
 
 def test_train_command_records_the_mode_and_the_special_tokens(tmp_path):
@@ -397,7 +403,7 @@ def test_spelled_words_join_the_context_exactly_and_survive_save_and_load(arch, 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("decoding", ["greedy", "sampling_multiple_returns", "beam_multiple_returns"])
-@pytest.mark.parametrize("pointer", [0, 2, "every", "coverage"])
+@pytest.mark.parametrize("pointer", [0, 2, "every", "written"])
 def test_processor_with_spelled_words_and_frequent_ids_matches_offline_forward(arch, decoding, pointer):
     tokenizer = marked_tokenizer()
     plugin, vocab = spelled_plugin(arch, **pointing(pointer))
@@ -588,6 +594,41 @@ def test_coverage_adds_its_value_to_the_prompt_ids_already_written_and_starts_at
     assert float(value.abs().min()) > 1e-3  # the value visibly matters
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_continuation_adds_its_value_to_the_prompt_ids_after_the_last_written_token_and_starts_at_zero(arch):
+    plain = copy_plugin(arch, "shared", "prompt", copy_pointer=2)
+    following = make_plugin(arch, copy_mode="shared", copy_ignore_ids=[BOS, EOS], copy_pointer=2,
+                            copy_continuation=True)
+    following.load_state_dict(plain.state_dict(), strict=False)
+    # prompt BOS 5 6 7 5 8; wrote 5 9 6 7: 5 is followed by 6 and 8 in the prompt, 9 by nothing, 6 by 7, 7 by 5
+    ids, lengths = torch.tensor([[BOS, 5, 6, 7, 5, 8, 5, 9, 6, 7]]), torch.tensor([6])
+    expected_ids = {6: {6, 8}, 7: set(), 8: {7}, 9: {5}}  # by position; the prompt's own positions get none
+    with torch.no_grad():
+        torch.testing.assert_close(following(ids, prompt_lengths=lengths).logits, plain(ids, prompt_lengths=lengths).logits)
+        following.copy_continue.weight.normal_(std=2.0)
+        out = following(ids, prompt_lengths=lengths).logits[0]
+        before = plain(ids, prompt_lengths=lengths).logits[0]
+        hidden = following.backbone(ids, output_hidden_states=True).hidden_states[-1][0]
+        value = following.copy_continue(hidden)[:, 0]
+    for t in range(ids.shape[1]):
+        for token in range(following.config.vocab_size):
+            bonus = value[t] if token in expected_ids.get(t, set()) else 0.0
+            torch.testing.assert_close(out[t, token], before[t, token] + bonus, atol=1e-4, rtol=1e-4)
+    assert float(value.abs().min()) > 1e-3  # the value visibly matters
+
+
+def test_continuation_follows_a_word_start_and_a_spelled_word_to_the_piece_after_them():
+    plugin, vocab = spelled_plugin("llama", copy_continuation=True)  # Ġw40 is spelled w1 w2
+    w = {i: vocab[f"w{i}"] for i in range(10)}
+    # prompt w1 w2 w3 w5 w6; the output wrote Ġw40 (the spelled w1 w2), then Ġw5 (the word start of w5)
+    ids = torch.tensor([[w[1], w[2], w[3], w[5], w[6], vocab["Ġw40"], vocab["Ġw5"]]])
+    brought, following = copy_set_columns(plugin.config, ids, plugin.config.vocab_size, prompt_lengths=torch.tensor([5]),
+                                          following=True, **plugin._copy_tables())
+    got = continuations(brought, following, ids[:, 5:], plugin.config.vocab_size)[0]
+    assert got[0].nonzero().flatten().tolist() == [w[3]]  # after the spelling's last piece, not after w1
+    assert got[1].nonzero().flatten().tolist() == [w[6]]
+
+
 def test_pointer_option_is_checked_and_trained_from_the_command_line(tmp_path):
     for bad in (-1, 17, 1.5, True):
         with pytest.raises(ValueError, match="`copy_pointer` must be an integer from 0 to 16"):
@@ -604,6 +645,11 @@ def test_pointer_option_is_checked_and_trained_from_the_command_line(tmp_path):
             PluginConfig(vocab_size=10, copy_coverage=True, **bad)
     with pytest.raises(ValueError, match="`copy_coverage` must be True or False, got 1"):
         PluginConfig(vocab_size=10, copy_mode="shared", copy_coverage=1)
+    for bad in ({}, {"copy_mode": "shared", "copy_source": "context"}):
+        with pytest.raises(ValueError, match="`copy_continuation` needs a `copy_mode` with the prompt as its source"):
+            PluginConfig(vocab_size=10, copy_continuation=True, **bad)
+    with pytest.raises(ValueError, match="`copy_continuation` must be True or False, got 'yes'"):
+        PluginConfig(vocab_size=10, copy_mode="shared", copy_continuation="yes")
     setup = task_folder(tmp_path, 16, 4)
     command = ["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--prompt-column", "mr",
                "--completion-column", "ref", "--hidden-size", "32", "--intermediate-size", "64", "--num-heads", "2",
@@ -620,13 +666,19 @@ def test_pointer_option_is_checked_and_trained_from_the_command_line(tmp_path):
     with pytest.raises(SystemExit, match="--copy-coverage tells the prompt's ids from the output's"):
         main(command + ["--output-dir", str(tmp_path / "x"), "--copy-mode", "shared", "--copy-source", "context",
                         "--copy-coverage"])
+    with pytest.raises(SystemExit, match="--copy-continuation needs --copy-mode"):
+        main(command + ["--output-dir", str(tmp_path / "x"), "--copy-continuation"])
+    with pytest.raises(SystemExit, match="--copy-continuation tells the prompt's ids from the output's"):
+        main(command + ["--output-dir", str(tmp_path / "x"), "--copy-mode", "shared", "--copy-source", "context",
+                        "--copy-continuation"])
     with pytest.raises(SystemExit, match="--copy-pointer-occurrences needs --copy-pointer"):
         main(command + ["--output-dir", str(tmp_path / "x"), "--copy-mode", "shared", "--copy-pointer-occurrences",
                         "every"])
     assert not (tmp_path / "x").exists()  # refused before any work
     main(command + ["--output-dir", str(tmp_path / "run"), "--copy-mode", "shared", "--copy-pointer", "2",
-                    "--copy-pointer-occurrences", "every", "--copy-coverage"])
+                    "--copy-pointer-occurrences", "every", "--copy-coverage", "--copy-continuation"])
     plugin = PluginModel.from_pretrained(tmp_path / "run")
     assert plugin.config.copy_pointer == 2 and plugin.copy_query.weight.abs().sum() > 0  # trained
     assert plugin.config.copy_pointer_occurrences == "every" and plugin.config.copy_coverage
-    assert plugin.copy_written is not None  # saved and loaded (its training: the cached-loss test)
+    assert plugin.config.copy_continuation and plugin.copy_written is not None and plugin.copy_continue is not None
+    # (saved and loaded; their training: the cached-loss test)

@@ -251,8 +251,9 @@ def test_the_card_of_a_hub_snapshot_is_read_and_a_missing_one_is_none(tokenizer,
 def test_with_code_loads_without_hf_plugin(tokenizer, tmp_path, copy_mode, pointer):
     source = ("prompt" if pointer else "context") if copy_mode else None
     pointing = {"copy_pointer": pointer}
-    if pointer == "every":  # every occurrence read, with coverage
-        pointing = {"copy_pointer": 3, "copy_pointer_occurrences": "every", "copy_coverage": True}
+    if pointer == "every":  # every occurrence read, with coverage and continuation
+        pointing = {"copy_pointer": 3, "copy_pointer_occurrences": "every", "copy_coverage": True,
+                    "copy_continuation": True}
     plugin = bound_plugin(tokenizer, copy_mode=copy_mode, copy_source=source, **pointing)
     if copy_mode:
         torch.nn.init.normal_(plugin.copy_head.weight)
@@ -261,26 +262,29 @@ def test_with_code_loads_without_hf_plugin(tokenizer, tmp_path, copy_mode, point
         torch.nn.init.normal_(plugin.copy_keys.weight, std=2.0)
     if pointer == "every":
         torch.nn.init.normal_(plugin.copy_written.weight, std=2.0)
+        torch.nn.init.normal_(plugin.copy_continue.weight, std=2.0)
     lengths = "prompt_lengths=torch.tensor([4, 3])" if pointer else ""
     plugin.save_pretrained(tmp_path / "r", with_code=True)
     assert json.loads((tmp_path / "r" / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_plugin.PluginModel"
     # Some transformers releases copy only the entry module's direct relative imports: each copied module must be one.
     direct = set(re.findall(r"^from \.(\w+) import", (tmp_path / "r" / "modeling_plugin.py").read_text(), re.MULTILINE))
     assert {p.stem for p in (tmp_path / "r").glob("*.py")} - {"modeling_plugin"} == direct
-    torch.save(logits_of(plugin, **({"prompt_lengths": torch.tensor([4, 3])} if pointer else {})),
+    # Outputs that repeat prompt ids, so coverage and continuation have something to read.
+    ids = torch.tensor([[3, 4, 5, 6, 4, 5], [9, 10, 11, 10, 11, 9]])
+    torch.save(logits_of(plugin, ids, **({"prompt_lengths": torch.tensor([4, 3])} if pointer else {})),
                tmp_path / "expected.pt")
     script = (
         "import sys, torch\n"
         "sys.modules['hf_plugin'] = None  # as if hf-plugin were not installed: importing it raises\n"
         "from transformers import AutoModel\n"
         f"m = AutoModel.from_pretrained({str(tmp_path / 'r')!r}, trust_remote_code=True)\n"
-        f"with torch.no_grad(): out = m(torch.arange(3, 15).view(2, 6), {lengths}).logits\n"
+        f"with torch.no_grad(): out = m(torch.tensor({ids.tolist()}), {lengths}).logits\n"
         f"torch.testing.assert_close(out, torch.load({str(tmp_path / 'expected.pt')!r}))\n"
         "print(type(m).__module__)\n"
         # the remote code saves too (its card included), and what it saved loads back identical
         f"m.save_pretrained({str(tmp_path / 'again')!r})\n"
         f"again = AutoModel.from_pretrained({str(tmp_path / 'again')!r}, trust_remote_code=True)\n"
-        f"with torch.no_grad(): torch.testing.assert_close(again(torch.arange(3, 15).view(2, 6), {lengths}).logits, out)\n"
+        f"with torch.no_grad(): torch.testing.assert_close(again(torch.tensor({ids.tolist()}), {lengths}).logits, out)\n"
     )
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)

@@ -223,11 +223,12 @@ def test_generation_with_a_reweighter_equals_in_process_top_k_and_chunking_saves
     if pointer:
         torch.nn.init.normal_(plugin.copy_query.weight, std=0.5)
         torch.nn.init.normal_(plugin.copy_keys.weight, std=2.0)
-    if pointer == "every":  # with coverage too: the same weights and a coverage head
-        covered = make_plugin("llama", copy_mode=copy_mode, copy_coverage=True, **pointing)
+    if pointer == "every":  # with coverage and continuation too: the same weights and their heads
+        covered = make_plugin("llama", copy_mode=copy_mode, copy_coverage=True, copy_continuation=True, **pointing)
         covered.load_state_dict(plugin.state_dict(), strict=False)
         plugin = covered
         torch.nn.init.normal_(plugin.copy_written.weight, std=0.5)
+        torch.nn.init.normal_(plugin.copy_continue.weight, std=0.5)
     prompts = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
     mask = (prompts != 0).long()
     reference = model.generate(prompts, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,

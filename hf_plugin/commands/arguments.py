@@ -276,6 +276,9 @@ def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--copy-coverage", action="store_true",
                         help="with --copy-mode on the prompt: the prompt ids the output has already written get one "
                              "more learned value, so the reweighter can hold back a value it has written")
+    parser.add_argument("--copy-continuation", action="store_true",
+                        help="with --copy-mode on the prompt: the prompt ids that follow the token the output wrote "
+                             "last get one more learned value, so a value begun is finished")
 
 
 def architecture_options(args: argparse.Namespace) -> dict:
@@ -288,18 +291,20 @@ def copy_arguments(args: argparse.Namespace) -> dict:
     """The copy flags as `check_copy_arguments` and `copy_options` keyword arguments."""
     return {"copy_mode": args.copy_mode, "copy_source": args.copy_source, "copy_word_starts": args.copy_word_starts,
             "copy_word_pieces": args.copy_word_pieces, "copy_pointer": args.copy_pointer,
-            "copy_pointer_occurrences": args.copy_pointer_occurrences, "copy_coverage": args.copy_coverage}
+            "copy_pointer_occurrences": args.copy_pointer_occurrences, "copy_coverage": args.copy_coverage,
+            "copy_continuation": args.copy_continuation}
 
 
 def check_copy_arguments(*, copy_mode: str | None, copy_source: str | None, copy_word_starts: bool,
                          copy_word_pieces: int, copy_pointer: int = 0, copy_pointer_occurrences: str = "last",
-                         copy_coverage: bool = False, ignore_uncopied: float | None = None,
+                         copy_coverage: bool = False, copy_continuation: bool = False,
+                         ignore_uncopied: float | None = None,
                          ignore_min_fraction: float | None = None) -> None:
     """The copy flags hang together: each needs --copy-mode, --copy-word-pieces needs --copy-word-starts, and
     train's --copy-ignore-uncopied (a rate) and --copy-ignore-min-fraction are in range."""
     for given, name in ((copy_word_starts, "--copy-word-starts"), (copy_source, "--copy-source"),
                         (copy_word_pieces != 1, "--copy-word-pieces"), (copy_pointer != 0, "--copy-pointer"),
-                        (copy_coverage, "--copy-coverage"),
+                        (copy_coverage, "--copy-coverage"), (copy_continuation, "--copy-continuation"),
                         (ignore_uncopied is not None, "--copy-ignore-uncopied")):
         if given and copy_mode is None:
             raise SystemExit(f"error: {name} needs --copy-mode")
@@ -311,9 +316,10 @@ def check_copy_arguments(*, copy_mode: str | None, copy_source: str | None, copy
         raise SystemExit("error: --copy-pointer reads the prompt: it cannot be used with --copy-source context")
     if copy_pointer_occurrences != "last" and not copy_pointer:
         raise SystemExit("error: --copy-pointer-occurrences needs --copy-pointer")
-    if copy_coverage and copy_source == "context":
-        raise SystemExit("error: --copy-coverage tells the prompt's ids from the output's: it cannot be used with "
-                         "--copy-source context")
+    for given, name in ((copy_coverage, "--copy-coverage"), (copy_continuation, "--copy-continuation")):
+        if given and copy_source == "context":
+            raise SystemExit(f"error: {name} tells the prompt's ids from the output's: it cannot be used with "
+                             "--copy-source context")
     if ignore_uncopied is not None and not 0 <= ignore_uncopied <= 1:
         raise SystemExit(f"error: --copy-ignore-uncopied must be a rate in [0, 1], got {ignore_uncopied}")
     if ignore_min_fraction is not None and (ignore_uncopied is None or not 0 < ignore_min_fraction <= 1):
@@ -330,13 +336,13 @@ def check_word_starts(tokenizer, copy_word_starts: bool) -> None:
 
 def copy_options(tokenizer, *, copy_mode: str | None, copy_source: str | None, copy_word_starts: bool,
                  copy_word_pieces: int, copy_pointer: int = 0, copy_pointer_occurrences: str = "last",
-                 copy_coverage: bool = False) -> dict:
+                 copy_coverage: bool = False, copy_continuation: bool = False) -> dict:
     """The `PluginConfig` arguments of the copy flags (--copy-mode, --copy-source, --copy-word-starts,
-    --copy-word-pieces, --copy-pointer, --copy-pointer-occurrences, --copy-coverage)."""
+    --copy-word-pieces, --copy-pointer, --copy-pointer-occurrences, --copy-coverage, --copy-continuation)."""
     if copy_mode is None:
         return {}
     # Special tokens (BOS, EOS, chat markers) are structure, not content to copy.
     return {"copy_mode": copy_mode, "copy_ignore_ids": sorted(set(tokenizer.all_special_ids)),
             "copy_source": copy_source, "copy_word_starts": copy_word_starts, "copy_word_pieces": copy_word_pieces,
             "copy_pointer": copy_pointer, "copy_pointer_occurrences": copy_pointer_occurrences,
-            "copy_coverage": copy_coverage}
+            "copy_coverage": copy_coverage, "copy_continuation": copy_continuation}
