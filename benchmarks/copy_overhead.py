@@ -61,6 +61,9 @@ def main() -> None:
                                                                         copy_pointer_occurrences="every"),
         "copy shared + spelled words + pointer, every occurrence, coverage": dict(
             copy, copy_word_pieces=3, copy_pointer=4, copy_pointer_occurrences="every", copy_coverage=True),
+        "copy shared + spelled words + pointer, every occurrence, coverage, continuation": dict(
+            copy, copy_word_pieces=3, copy_pointer=4, copy_pointer_occurrences="every", copy_coverage=True,
+            copy_continuation=True),
         "compact head": dict(head_ids=head_ids),
         "compact head + copy shared + word starts": dict(copy, head_ids=head_ids),
     }

@@ -61,6 +61,15 @@ pointer on every occurrence): outputs repeating a phrase 2.2% → 0.8% on the ra
 BLEU / ROUGE-L there 21.4 / 39.2 → 25.3 / 42.1; on ViGGO (word starts, pointer on every occurrence) 11.7% → 2.5%,
 20.2 / 38.0 → 22.1 / 39.9.
 
+Continuation. A value copied piece by piece can stop or stray after its first pieces: of the 270 games the ViGGO
+row with coverage leaves out, 113 are written in part (`Need for Speed` for `Need for Speed: Payback`, `Dirt,
+Showdown`). With `copy_continuation=True` the prompt ids that follow, somewhere in the prompt, the token the output
+wrote last get one more value per step from a third head (zero at the start): the ids right after each column that
+brings that token into the copy set (its own id or its word-start form; after a spelled word, the id after its last
+piece; `copy_set_columns(..., following=True)`, `continuations`). It is an induction head given, not learned: the
+reweighter says how far to trust it, and the base still chooses among the followers (in an MR ` for` is followed by
+` Speed` and by ` Everyone`). What the prompt holds before the output begins is never continued.
+
 This module imports nothing else of ours: the remote-code copy of a saved reweighter carries it.
 """
 
