@@ -218,8 +218,11 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
                                icl_train_cache["train"], icl_heldout(), icl_train_examples, icl_heldout_examples)
         plugin_row(f"{UNCOPIED} + pointer, trained with ICL + ICL-3", with_pointer, icl3, icl_heldout(),
                    icl_heldout_examples)
-        # Coverage (the prompt ids written get their own value) against the loops of the ICL-trained pointer row.
+        # Coverage (the prompt ids written get their own value) against the loops of the ICL-trained pointer row;
+        # continuation (the prompt ids after the last one written get theirs) against names written in part.
         for suffix, folder, options in ((", coverage", "coverage", {"copy_coverage": True}),
+                                        (", coverage, continuation", "coverage-continuation",
+                                         {"copy_coverage": True, "copy_continuation": True}),
                                         (" + pointer, every occurrence, coverage", "pointer-every-coverage",
                                          {"copy_pointer": 4, **COVERAGE})):
             make = functools.partial(copy_reweighter, binding, tokenizer, icl_train_examples, {**SPELLED_UNCOPIED, **options})
