@@ -8,9 +8,10 @@ tokenizer (the offline SmolLM2). A test game's name falls in one class:
   recurs in `Sentence:`), so a pointer that reads each id at its last occurrence reads it there, not in the name;
 - own pieces: every later piece's last occurrence is inside the name.
 
-A missed name is also counted by the MR's dialogue act, and split by what the output holds instead: the name with other spacing or punctuation, its first
-word only, or nothing of it. Of the outputs that repeat a 3-word phrase 3 times or more (the benchmark's "repeats a
-phrase"), the script counts those whose repeated phrase holds a word of the MR.
+A missed name is also counted by the MR's dialogue act, and split by what the output holds instead: the name with
+other spacing or punctuation, its beginning (`Need for Speed` of `Need for Speed: Payback`), a later word of it, or
+nothing of it. Of the outputs that repeat a 3-word phrase 3 times or more (the benchmark's "repeats a phrase"), the
+script counts those whose repeated phrase holds a word of the MR.
 
 Usage:
     python benchmarks/name_misses.py
@@ -45,11 +46,19 @@ def name_class(tokenizer, prompt: str, start: int, end: int) -> str:
 
 
 def instead(name: str, output: str) -> str:
-    """What a missed name's output holds: the name respaced, its first word only, or nothing of it."""
+    """What a missed name's output holds: the name respaced, its beginning (its first words, not all), a later word
+    of it (of 3 characters or more, or a number), or nothing of it. Words are matched whole, case and punctuation
+    aside."""
     squeeze = lambda text: re.sub(r"[^a-z0-9]", "", text.lower())  # noqa: E731
     if squeeze(name) in squeeze(output):
         return "respaced"
-    return "first word only" if name.split()[0].lower() in output.lower() else "none of it"
+    words = re.findall(r"[a-z0-9]+", name.lower())
+    written = " " + " ".join(re.findall(r"[a-z0-9]+", output.lower())) + " "
+    if any(f" {' '.join(words[:n])} " in written for n in range(1, len(words))):
+        return "its beginning"
+    if any(f" {word} " in written for word in words[1:] if len(word) >= 3 or word.isdigit()):
+        return "a later word"
+    return "none of it"
 
 
 def repeated_phrases(output: str) -> list[tuple[str, ...]]:
