@@ -64,6 +64,9 @@ def main() -> None:
         "copy shared + spelled words + pointer, every occurrence, coverage, continuation": dict(
             copy, copy_word_pieces=3, copy_pointer=4, copy_pointer_occurrences="every", copy_coverage=True,
             copy_continuation=True),
+        "copy shared + spelled words + pointer, every occurrence, coverage, continuation, word forms": dict(
+            copy, copy_word_pieces=3, copy_pointer=4, copy_pointer_occurrences="every", copy_coverage=True,
+            copy_continuation=True, copy_word_forms=True),
         "compact head": dict(head_ids=head_ids),
         "compact head + copy shared + word starts": dict(copy, head_ids=head_ids),
     }

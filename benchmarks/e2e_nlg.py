@@ -210,6 +210,8 @@ EVERY = dict(copy_pointer_occurrences="every")
 COVERAGE = dict(EVERY, copy_coverage=True)
 # Continuation: the prompt ids after the last token written get their own value (a name begun is finished).
 CONTINUATION = dict(COVERAGE, copy_continuation=True)
+# Word forms: a word start and a spelled word get a value each (`ĠCoc`, spelled `C oc`, against `ĠC`).
+FORMS = dict(CONTINUATION, copy_word_forms=True)
 
 
 def new_reweighter(binding: dict, **options):
@@ -481,6 +483,8 @@ def run_methods(args, data_dir: Path, union: list[str], result: dict, path: Path
         # writes them after a space (`ĠG`), so without them the first piece of every name is outside the context.
         task_ids = caches["train"].task_ids.tolist()
         rows = [  # name, run folder, PluginConfig options (copy_source: the prompt's ids unless "context")
+            ("copy shared + spelled words + pointer, every occurrence, coverage, continuation, word forms",
+             "copy-shared-spelled-pointer-every-coverage-continuation-forms", dict(SPELLED_POINTER, **FORMS)),
             ("copy shared + spelled words + pointer, every occurrence, coverage, continuation",
              "copy-shared-spelled-pointer-every-coverage-continuation", dict(SPELLED_POINTER, **CONTINUATION)),
             ("copy shared + spelled words + pointer, every occurrence", "copy-shared-spelled-pointer-every",

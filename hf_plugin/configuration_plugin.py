@@ -125,6 +125,12 @@ class PluginConfig(PreTrainedConfig):
             With a `copy_mode` on the prompt, the prompt ids that follow, somewhere in the prompt, the token the
             output wrote last get one more learned value per step (see `hf_plugin.copying`), so a value begun is
             finished (`Need for Speed` → `: Payback`). Adds `hidden_size + 1` parameters.
+        copy_word_forms (`bool`, *optional*, defaults to `False`):
+            With `copy_word_starts`, the ids the prompt brings in as a piece's word-start form, and those it brings as
+            a word spelled in 2, ..., `copy_word_pieces` pieces, get one more learned value per step each (see
+            `hf_plugin.copying.word_form_occurrences`), so the reweighter can prefer the whole word (`ĠCoc`, spelled
+            `C`, `oc` in `name[Cocum]`) to its first piece's word start (`ĠC`). Adds
+            `(hidden_size + 1) * copy_word_pieces` parameters.
         copy_ignore_uncopied (`dict`, *optional*):
             Recorded by `PluginModel.ignore_uncopied_ids`: its arguments (`min_fraction`, `max_copy_rate`,
             `judge_word_starts`), the rule by which
@@ -174,6 +180,7 @@ class PluginConfig(PreTrainedConfig):
         copy_pointer_occurrences: str = "last",
         copy_coverage: bool = False,
         copy_continuation: bool = False,
+        copy_word_forms: bool = False,
         trained_max_length: int | None = None,
         head_ids: list[int] | None = None,
         hf_plugin_version: str = __version__,
@@ -246,6 +253,10 @@ class PluginConfig(PreTrainedConfig):
             raise ValueError(f"`copy_continuation` must be True or False, got {copy_continuation!r}.")
         if copy_continuation and (copy_mode is None or copy_source not in (None, "prompt")):
             raise ValueError("`copy_continuation` needs a `copy_mode` with the prompt as its source.")
+        if not isinstance(copy_word_forms, bool):
+            raise ValueError(f"`copy_word_forms` must be True or False, got {copy_word_forms!r}.")
+        if copy_word_forms and not copy_word_starts:
+            raise ValueError("`copy_word_forms` needs `copy_word_starts`.")
         if isinstance(copy_ignore_uncopied, dict) and set(copy_ignore_uncopied) == {"min_fraction", "max_copy_rate"}:
             # A record written before `judge_word_starts` existed; the release that wrote it judged the written ids
             # only. The ids it chose are in `copy_ignore_ids` either way: this is the record, not the rule.
@@ -295,6 +306,7 @@ class PluginConfig(PreTrainedConfig):
         self.copy_pointer_occurrences = copy_pointer_occurrences
         self.copy_coverage = copy_coverage
         self.copy_continuation = copy_continuation
+        self.copy_word_forms = copy_word_forms
         self.copy_source = (copy_source or "prompt") if copy_mode is not None else None
         self.trained_max_length = trained_max_length
         self.head_ids = list(head_ids) if head_ids is not None else None

@@ -405,6 +405,70 @@ def continuations(
     return result.scatter_(2, index.to(last_ids.device), True)[..., :vocab_size]
 
 
+def word_form_occurrences(
+    config,
+    context_ids: torch.LongTensor,
+    vocab_size: int,
+    context_mask: torch.Tensor | None = None,
+    prompt_lengths: torch.LongTensor | None = None,
+    aliases: torch.LongTensor | None = None,
+    spellings: torch.LongTensor | None = None,
+) -> torch.LongTensor:
+    """Where each id first joins the reweighter's copy set in each word form: as the word-start form of a piece
+    (`aliases`), then as a marked word spelled in 2, ..., `max_pieces` pieces (`spellings`); the column of the form's
+    last piece, `length` where never. What `copy_word_forms` gives its values by.
+
+    Args: as `copy_set_first_occurrences`.
+
+    Returns:
+        `torch.LongTensor` of shape `(batch_size, forms, vocab_size)`, `forms` = 1 + `max_pieces` - 1 with
+        `spellings`, 1 without.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_plugin import PluginConfig
+    >>> from hf_plugin.copying import word_form_occurrences
+    >>> config = PluginConfig(vocab_size=6, copy_mode="shared")
+    >>> aliases, spellings = torch.tensor([-1, 4, -1, -1, -1, -1]), torch.full((6, 2), -1)
+    >>> spellings[5] = torch.tensor([1, 2])  # id 4 is 1's word start; id 5 is spelled 1, 2
+    >>> word_form_occurrences(config, torch.tensor([[0, 1, 2]]), 6, prompt_lengths=torch.tensor([3]),
+    ...                       aliases=aliases, spellings=spellings)
+    tensor([[[3, 3, 3, 3, 1, 3],
+             [3, 3, 3, 3, 3, 2]]])
+
+    ```
+    """
+    counted = _source_mask(config, context_ids, context_mask, prompt_lengths)
+    counted = (context_ids >= 0) & (context_ids < vocab_size) & (True if counted is None else counted.bool())
+    rows, length = context_ids.shape
+    positions = torch.arange(length, device=context_ids.device).expand(rows, length)
+
+    def first_at(ids: torch.LongTensor, ends: torch.LongTensor) -> torch.LongTensor:
+        found = (ids >= 0) & (ids < vocab_size)
+        first = torch.full((rows, vocab_size + 1), length, dtype=torch.long, device=context_ids.device)
+        return first.scatter_reduce(1, torch.where(found, ids, vocab_size), torch.where(found, ends, length),
+                                    reduce="amin")[:, :vocab_size]
+
+    forms = []
+    if aliases is not None:
+        own = torch.where(counted, context_ids, 0)
+        forms.append(first_at(torch.where(counted, aliases[:vocab_size].to(own.device)[own], -1), positions))
+    if spellings is not None:
+        hits = {n: (hit, words) for n, hit, words in spelled_word_hits(context_ids, counted, spellings, vocab_size)}
+        for n in range(2, spellings.shape[1] + 1):
+            hit, words = hits.get(n, (None, None))
+            forms.append(first_at(torch.where(hit, words, -1), positions[:, n - 1 :]) if hit is not None
+                         else torch.full((rows, vocab_size), length, dtype=torch.long, device=context_ids.device))
+    result = torch.stack(forms, dim=1)
+    # Ignored ids leave the set last, so an alias or a spelling cannot bring them back.
+    if config.copy_ignore_ids:
+        ignored = torch.tensor([i for i in config.copy_ignore_ids if i < vocab_size], device=result.device)
+        result = result.index_fill(2, ignored, length)
+    return result
+
+
 def reversed_spellings(spellings: torch.LongTensor) -> torch.LongTensor:
     """A `word_start_spellings` table with each spelling's pieces in reverse order (a new tensor)."""
     result = spellings.clone()

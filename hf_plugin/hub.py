@@ -216,6 +216,7 @@ def render_model_card(config: PluginConfig, sections: dict[str, Any] | None = No
         copy_pointer_occurrences=config.copy_pointer_occurrences,
         copy_coverage=config.copy_coverage,
         copy_continuation=config.copy_continuation,
+        copy_word_forms=config.copy_word_forms,
         head_size=len(config.head_ids) if config.head_ids else None,
         num_parameters=f"{num_parameters:,}" if num_parameters else "an unrecorded number of",
         training_section=_key_value_table(training) if training else "No training information was recorded.",

@@ -23,9 +23,9 @@ from .combine import align_vocab, check_alpha, combine_logits
 from .compatibility import check_base_model, check_vocab_width, renamed_keyword
 from .configuration_plugin import PluginConfig
 from .compact_head import CompactHead
-from .copying import (apply_copy_mode, continuations, copy_set_columns, copy_set_first_occurrences, first_occurrences, pointer_scores,
-                      pointer_scores_every, preceding_embeddings, uncopied_ids, whole_context, word_start_aliases,
-                      word_start_spellings)
+from .copying import (apply_copy_mode, continuations, copy_set_columns, copy_set_first_occurrences, first_occurrences,
+                      pointer_scores, pointer_scores_every, preceding_embeddings, uncopied_ids, whole_context,
+                      word_form_occurrences, word_start_aliases, word_start_spellings)
 from .initialization import first_layers
 from .hub import (CARD_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, WEIGHTS_SHARD, card_sections, push_folder,
                   render_model_card, ships_custom_generate, write_remote_code)
@@ -151,6 +151,8 @@ class PluginModel(PluginPreTrainedModel):
         # Coverage: one more scalar per step for the prompt ids the output has written; zero at the start.
         self.copy_written = torch.nn.Linear(config.hidden_size, 1) if config.copy_coverage else None
         self.copy_continue = torch.nn.Linear(config.hidden_size, 1) if config.copy_continuation else None
+        # One value per word form (a piece's word start, a word spelled in 2, 3 pieces); zero at the start.
+        self.copy_forms = torch.nn.Linear(config.hidden_size, config.copy_word_pieces) if config.copy_word_forms else None
         if config.copy_word_starts:  # saved with the weights: the table belongs to the tokenizer it was trained with
             self.register_buffer("copy_aliases", torch.full((config.vocab_size,), -1, dtype=torch.long))
         if config.copy_word_pieces > 1:
@@ -162,7 +164,8 @@ class PluginModel(PluginPreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        if any(module is head for head in (self.copy_head, self.copy_query, self.copy_written, self.copy_continue)):
+        if any(module is head for head in (self.copy_head, self.copy_query, self.copy_written, self.copy_continue,
+                                           self.copy_forms)):
             torch.nn.init.zeros_(module.weight)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
@@ -414,7 +417,11 @@ class PluginModel(PluginPreTrainedModel):
             if written is not None:
                 written = written[:, None, :] <= positions[None, :, None]
             continuing = self._continuing(context_ids, attention_mask, prompt_lengths, positions)
-            logits = self._copy(logits, outputs.hidden_states[-1][:, -kept:], present, pointer, written, continuing)
+            forms = self._word_forms(context_ids, attention_mask, prompt_lengths)
+            if forms is not None:
+                forms = forms[:, None] <= positions[None, :, None, None]
+            logits = self._copy(logits, outputs.hidden_states[-1][:, -kept:], present, pointer, written, continuing,
+                                forms)
         if base_logits is not None:
             if base_logits.shape[:2] != input_ids.shape:
                 raise ValueError(
@@ -490,7 +497,10 @@ class PluginModel(PluginPreTrainedModel):
         if written is not None:
             written = written[rows] <= positions[:, None]
         continuing = self._continuing(input_ids, attention_mask, prompt_lengths, positions, rows)
-        return self._copy(logits, hidden, first[rows] <= positions[:, None], pointer, written, continuing)
+        forms = self._word_forms(input_ids, attention_mask, prompt_lengths)
+        if forms is not None:
+            forms = forms[rows] <= positions[:, None, None]
+        return self._copy(logits, hidden, first[rows] <= positions[:, None], pointer, written, continuing, forms)
 
     def set_copy_aliases(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Fills the word-start tables of a `copy_word_starts` reweighter from the base's tokenizer (see
@@ -606,9 +616,16 @@ class PluginModel(PluginPreTrainedModel):
         continuing = continuations(brought, following, last, self.config.vocab_size)
         return continuing[:, 0] if one_each else continuing
 
+    def _word_forms(self, context_ids, context_mask, prompt_lengths) -> torch.LongTensor | None:
+        """With word forms, where each id first joins the copy set in each form (`word_form_occurrences`)."""
+        if not self.config.copy_word_forms:
+            return None
+        return word_form_occurrences(self.config, context_ids, self.config.vocab_size, context_mask, prompt_lengths,
+                                     **self._copy_tables())
+
     def _copy(self, logits: torch.Tensor, hidden: torch.Tensor, present: torch.Tensor,
               pointer: torch.Tensor | None = None, written: torch.Tensor | None = None,
-              continuing: torch.Tensor | None = None) -> torch.Tensor:
+              continuing: torch.Tensor | None = None, forms: torch.Tensor | None = None) -> torch.Tensor:
         gate = self.copy_head(hidden.to(self.copy_head.weight.dtype))
         if pointer is not None:  # one value per id instead of one per step
             gate = gate + pointer.to(gate.device)
@@ -616,6 +633,10 @@ class PluginModel(PluginPreTrainedModel):
             gate = gate + self.copy_written(hidden.to(gate.dtype)) * written.to(gate.device)
         if continuing is not None:  # the prompt ids that continue the last token written: one more
             gate = gate + self.copy_continue(hidden.to(gate.dtype)) * continuing.to(gate.device)
+        if forms is not None:  # which form brought each id (shape (..., forms, vocab)): one value per form
+            values = self.copy_forms(hidden.to(gate.dtype))
+            for form in range(values.shape[-1]):
+                gate = gate + values[..., form : form + 1] * forms.select(-2, form).to(gate.device)
         return apply_copy_mode(self.config.copy_mode, logits, gate, present.to(logits.device))
 
     def _check_positions(self, input_ids, attention_mask, position_ids, past_key_values) -> None:

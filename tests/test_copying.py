@@ -55,6 +55,9 @@ def copy_plugin(arch: str, mode: str, source: str = "context", **kwargs) -> Plug
         if plugin.copy_continue is not None:
             plugin.copy_continue.weight.normal_(std=2.0)
             plugin.copy_continue.bias.fill_(1.0)
+        if plugin.copy_forms is not None:
+            plugin.copy_forms.weight.normal_(std=2.0)
+            plugin.copy_forms.bias.normal_(std=1.0)
     return plugin
 
 
@@ -406,7 +409,8 @@ def test_spelled_words_join_the_context_exactly_and_survive_save_and_load(arch, 
 @pytest.mark.parametrize("pointer", [0, 2, "every", "written"])
 def test_processor_with_spelled_words_and_frequent_ids_matches_offline_forward(arch, decoding, pointer):
     tokenizer = marked_tokenizer()
-    plugin, vocab = spelled_plugin(arch, **pointing(pointer))
+    forms = {"copy_word_forms": True} if pointer == "written" else {}  # every value that reads the words, here
+    plugin, vocab = spelled_plugin(arch, **pointing(pointer), **forms)
     input_ids, mask = prompts(tokenizer, ["w1 w2 w3 w4 w5 w9", "w6 w1 w2", "w3 w4 w5 w9 w9 w9 w9"])
     plugin.ignore_uncopied_ids([(row[m.bool()].tolist(), []) for row, m in zip(input_ids, mask)], min_fraction=0.6)
     base = make_base("llama")
@@ -629,6 +633,42 @@ def test_continuation_follows_a_word_start_and_a_spelled_word_to_the_piece_after
     assert got[1].nonzero().flatten().tolist() == [w[6]]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_word_forms_give_each_form_its_value_exactly_and_survive_save_and_load(arch, tmp_path):
+    plain, vocab = spelled_plugin(arch)  # Ġw40 is spelled w1 w2, Ġw41 w3 w4 w5
+    formed, _ = spelled_plugin(arch, copy_word_forms=True)
+    untrained = PluginModel(formed.config)
+    assert not untrained.copy_forms.weight.any() and not untrained.copy_forms.bias.any()
+    formed.load_state_dict({**plain.state_dict(), **{k: v for k, v in formed.state_dict().items() if "forms" in k}})
+    w = {i: vocab[f"w{i}"] for i in range(10)}
+    ids = torch.tensor([[w[1], w[2], w[3], w[4], w[5], w[6], vocab["Ġw1"]]])
+    mask, lengths = torch.ones_like(ids), torch.tensor([6])
+    with torch.no_grad():
+        out = formed(ids, attention_mask=mask, prompt_lengths=lengths).logits[0]
+        before = plain(ids, attention_mask=mask, prompt_lengths=lengths).logits[0]
+        hidden = formed.backbone(ids, output_hidden_states=True).hidden_states[-1][0]
+        values = formed.copy_forms(hidden)  # word start, spelled in 2 pieces, in 3 pieces
+    # each form's ids, from the column of the form's last piece on
+    joins = {(vocab[f"Ġw{i}"], 0): i - 1 for i in range(1, 7)}
+    joins.update({(vocab["Ġw40"], 1): 1, (vocab["Ġw41"], 2): 4})
+    for t in range(7):
+        for token in range(formed.config.vocab_size):
+            bonus = sum(values[t, form] for (tok, form), column in joins.items() if tok == token and column <= t)
+            torch.testing.assert_close(out[t, token], before[t, token] + bonus, atol=1e-4, rtol=1e-4)
+    labels = torch.full_like(ids, -100)
+    labels[0, 6:] = ids[0, 6:]
+    formed.save_pretrained(tmp_path / "r")
+    loaded = PluginModel.from_pretrained(tmp_path / "r")
+    assert "the ids brought in as a word start or as a spelled word get one value per form" in (
+        tmp_path / "r/README.md").read_text()
+    with torch.no_grad():
+        expected = formed(ids, attention_mask=mask, labels=labels).logits
+        torch.testing.assert_close(loaded(ids, attention_mask=mask, labels=labels).logits, expected)
+        selected = loss_positions(labels)
+        torch.testing.assert_close(loaded.completion_logits(ids, mask, selected), expected[selected], atol=1e-5,
+                                   rtol=1e-5)
+
+
 def test_pointer_option_is_checked_and_trained_from_the_command_line(tmp_path):
     for bad in (-1, 17, 1.5, True):
         with pytest.raises(ValueError, match="`copy_pointer` must be an integer from 0 to 16"):
@@ -650,6 +690,10 @@ def test_pointer_option_is_checked_and_trained_from_the_command_line(tmp_path):
             PluginConfig(vocab_size=10, copy_continuation=True, **bad)
     with pytest.raises(ValueError, match="`copy_continuation` must be True or False, got 'yes'"):
         PluginConfig(vocab_size=10, copy_mode="shared", copy_continuation="yes")
+    with pytest.raises(ValueError, match="`copy_word_forms` needs `copy_word_starts`"):
+        PluginConfig(vocab_size=10, copy_mode="shared", copy_word_forms=True)
+    with pytest.raises(ValueError, match="`copy_word_forms` must be True or False, got 0"):
+        PluginConfig(vocab_size=10, copy_mode="shared", copy_word_starts=True, copy_word_forms=0)
     setup = task_folder(tmp_path, 16, 4)
     command = ["train", "--base", str(setup / "base"), "--data", str(setup / "train.csv"), "--prompt-column", "mr",
                "--completion-column", "ref", "--hidden-size", "32", "--intermediate-size", "64", "--num-heads", "2",
@@ -666,6 +710,8 @@ def test_pointer_option_is_checked_and_trained_from_the_command_line(tmp_path):
     with pytest.raises(SystemExit, match="--copy-coverage tells the prompt's ids from the output's"):
         main(command + ["--output-dir", str(tmp_path / "x"), "--copy-mode", "shared", "--copy-source", "context",
                         "--copy-coverage"])
+    with pytest.raises(SystemExit, match="--copy-word-forms needs --copy-word-starts"):
+        main(command + ["--output-dir", str(tmp_path / "x"), "--copy-mode", "shared", "--copy-word-forms"])
     with pytest.raises(SystemExit, match="--copy-continuation needs --copy-mode"):
         main(command + ["--output-dir", str(tmp_path / "x"), "--copy-continuation"])
     with pytest.raises(SystemExit, match="--copy-continuation tells the prompt's ids from the output's"):

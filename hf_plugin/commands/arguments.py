@@ -279,6 +279,10 @@ def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--copy-continuation", action="store_true",
                         help="with --copy-mode on the prompt: the prompt ids that follow the token the output wrote "
                              "last get one more learned value, so a value begun is finished")
+    parser.add_argument("--copy-word-forms", action="store_true",
+                        help="with --copy-word-starts: the ids brought in as a piece's word start, and those brought "
+                             "as a word spelled in 2 or 3 pieces, get a learned value each, so the reweighter can "
+                             "prefer the whole word ('ĠCoc' of 'C', 'oc') to its first piece ('ĠC')")
 
 
 def architecture_options(args: argparse.Namespace) -> dict:
@@ -292,15 +296,16 @@ def copy_arguments(args: argparse.Namespace) -> dict:
     return {"copy_mode": args.copy_mode, "copy_source": args.copy_source, "copy_word_starts": args.copy_word_starts,
             "copy_word_pieces": args.copy_word_pieces, "copy_pointer": args.copy_pointer,
             "copy_pointer_occurrences": args.copy_pointer_occurrences, "copy_coverage": args.copy_coverage,
-            "copy_continuation": args.copy_continuation}
+            "copy_continuation": args.copy_continuation, "copy_word_forms": args.copy_word_forms}
 
 
 def check_copy_arguments(*, copy_mode: str | None, copy_source: str | None, copy_word_starts: bool,
                          copy_word_pieces: int, copy_pointer: int = 0, copy_pointer_occurrences: str = "last",
-                         copy_coverage: bool = False, copy_continuation: bool = False,
+                         copy_coverage: bool = False, copy_continuation: bool = False, copy_word_forms: bool = False,
                          ignore_uncopied: float | None = None,
                          ignore_min_fraction: float | None = None) -> None:
-    """The copy flags hang together: each needs --copy-mode, --copy-word-pieces needs --copy-word-starts, and
+    """The copy flags hang together: each needs --copy-mode, --copy-word-pieces and --copy-word-forms need
+    --copy-word-starts, and
     train's --copy-ignore-uncopied (a rate) and --copy-ignore-min-fraction are in range."""
     for given, name in ((copy_word_starts, "--copy-word-starts"), (copy_source, "--copy-source"),
                         (copy_word_pieces != 1, "--copy-word-pieces"), (copy_pointer != 0, "--copy-pointer"),
@@ -308,8 +313,9 @@ def check_copy_arguments(*, copy_mode: str | None, copy_source: str | None, copy
                         (ignore_uncopied is not None, "--copy-ignore-uncopied")):
         if given and copy_mode is None:
             raise SystemExit(f"error: {name} needs --copy-mode")
-    if copy_word_pieces != 1 and not copy_word_starts:
-        raise SystemExit("error: --copy-word-pieces needs --copy-word-starts")
+    for given, name in ((copy_word_pieces != 1, "--copy-word-pieces"), (copy_word_forms, "--copy-word-forms")):
+        if given and not copy_word_starts:
+            raise SystemExit(f"error: {name} needs --copy-word-starts")
     if not 0 <= copy_pointer <= 16:
         raise SystemExit(f"error: --copy-pointer must be 0 (none) to 16 tokens, got {copy_pointer}")
     if copy_pointer and copy_source == "context":
@@ -336,13 +342,14 @@ def check_word_starts(tokenizer, copy_word_starts: bool) -> None:
 
 def copy_options(tokenizer, *, copy_mode: str | None, copy_source: str | None, copy_word_starts: bool,
                  copy_word_pieces: int, copy_pointer: int = 0, copy_pointer_occurrences: str = "last",
-                 copy_coverage: bool = False, copy_continuation: bool = False) -> dict:
+                 copy_coverage: bool = False, copy_continuation: bool = False, copy_word_forms: bool = False) -> dict:
     """The `PluginConfig` arguments of the copy flags (--copy-mode, --copy-source, --copy-word-starts,
-    --copy-word-pieces, --copy-pointer, --copy-pointer-occurrences, --copy-coverage, --copy-continuation)."""
+    --copy-word-pieces, --copy-pointer, --copy-pointer-occurrences, --copy-coverage, --copy-continuation,
+    --copy-word-forms)."""
     if copy_mode is None:
         return {}
     # Special tokens (BOS, EOS, chat markers) are structure, not content to copy.
     return {"copy_mode": copy_mode, "copy_ignore_ids": sorted(set(tokenizer.all_special_ids)),
             "copy_source": copy_source, "copy_word_starts": copy_word_starts, "copy_word_pieces": copy_word_pieces,
             "copy_pointer": copy_pointer, "copy_pointer_occurrences": copy_pointer_occurrences,
-            "copy_coverage": copy_coverage, "copy_continuation": copy_continuation}
+            "copy_coverage": copy_coverage, "copy_continuation": copy_continuation, "copy_word_forms": copy_word_forms}
