@@ -72,8 +72,8 @@ reweighter says how far to trust it, and the base still chooses among the follow
 
 Word forms. A column can bring a piece's word start and a whole word at once: `C` of `name[Cocum]` brings `ĠC`,
 and `C`, `oc` bring `ĠCoc`, the word the tokenizer writes (` Cocum` is `ĠCoc`, `um`). The copy set gives both one
-value, so the base chooses, and it chose `ĠC` then `.` for all 16 `Cocum` MRs of E2E's first 96 ("C.C., a coffee
-shop ...", with continuation). With `copy_word_forms=True` each form (a word start; a word spelled in 2, ...,
+value, so the base chooses: for all 16 `Cocum` MRs of E2E's first 96 the continuation row writes `C.` (15 times
+"C.C., a coffee shop ..."). With `copy_word_forms=True` each form (a word start; a word spelled in 2, ...,
 `copy_word_pieces` pieces) gets one more learned value per step (`word_form_occurrences`), so the reweighter can
 learn from the training names, written as the tokenizer writes them, which form to prefer.
 
