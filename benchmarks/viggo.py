@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_nlg import (CONTINUATION, COVERAGE, EVERY, FORMS, POINTER, RUN_COLUMNS, SPELLED_FREQUENT, SPELLED_POINTER, SPELLED_UNCOPIED, AloneNLL, GENERATION,  # noqa: E402
+from e2e_nlg import (CONTINUATION, COVERAGE, EVERY, POINTER, RUN_COLUMNS, SPELLED_FREQUENT, SPELLED_POINTER, SPELLED_UNCOPIED, AloneNLL, GENERATION,  # noqa: E402
                      TEMPLATE, MixtureNLL, copy_reweighter, generate, icl_prompt, mixture_processor, new_reweighter,
                      pick_alpha, result_tail, score, slice_tables, train_one)
 
@@ -47,7 +47,6 @@ MAX_LENGTH = 192
 SPELLED = "Plugin, copy shared + spelled words, frequent ids kept"
 UNCOPIED = "Plugin, copy shared + spelled words, uncopied ids kept"
 COVERED = "Plugin, copy shared + word starts + pointer, every occurrence, coverage"
-SPELLED_FORMS = "Plugin, copy shared + spelled words + pointer, every occurrence, coverage, continuation, word forms"
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -176,10 +175,6 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
         return icl_caches["heldout"]
 
     if args.rows in ("all", "copy"):
-        formed = trained("plugin-copy-shared-spelled-pointer-every-coverage-continuation-forms",
-                         copy_model(dict(SPELLED_POINTER, **FORMS)), caches["train"], caches["heldout"])
-        plugin_row(SPELLED_FORMS, formed, plain, caches["heldout"], heldout_examples)
-        plugin_row(f"{SPELLED_FORMS} + ICL-3", formed, icl3, icl_heldout(), icl_heldout_examples)
         continued = trained("plugin-copy-shared-ws-pointer-every-coverage-continuation",
                             copy_model(dict(POINTER, **CONTINUATION)), caches["train"], caches["heldout"])
         plugin_row(f"{COVERED}, continuation", continued, plain, caches["heldout"], heldout_examples)
