@@ -68,7 +68,11 @@ wrote last get one more value per step from a third head (zero at the start): th
 brings that token into the copy set (its own id or its word-start form; after a spelled word, the id after its last
 piece; `copy_set_columns(..., following=True)`, `continuations`). It is an induction head given, not learned: the
 reweighter says how far to trust it, and the base still chooses among the followers (in an MR ` for` is followed by
-` Speed` and by ` Everyone`). What the prompt holds before the output begins is never continued.
+` Speed` and by ` Everyone`). What the prompt holds before the output begins is never continued. Measured
+(benchmarks/README, with spelled words or word starts, the pointer on every occurrence and coverage): on E2E all
+names missed 11.2% → 3.6% on a random 500 test MRs, BLEU / ROUGE-L 26.6 / 42.9 → 27.2 / 44.0; on ViGGO games
+missed 60.7% → 38.2%, 22.1 / 39.9 → 27.1 / 42.2. Under a few-shot prompt one written token is ambiguous (`:` is
+followed by each demonstration's next token): trained with demonstrations, it missed more games (7.4% → 16.4%).
 
 Word forms. A column can bring a piece's word start and a whole word at once: `C` of `name[Cocum]` brings `ĠC`,
 and `C`, `oc` bring `ĠCoc`, the word the tokenizer writes (` Cocum` is `ĠCoc`, `um`). The copy set gives both one
