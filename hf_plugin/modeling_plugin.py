@@ -150,6 +150,7 @@ class PluginModel(PluginPreTrainedModel):
             self.copy_keys = torch.nn.Linear(width, key_size, bias=False)
         # Coverage: one more scalar per step for the prompt ids the output has written; zero at the start.
         self.copy_written = torch.nn.Linear(config.hidden_size, 1) if config.copy_coverage else None
+        # Continuation: one more for the prompt ids after the last token written; zero at the start.
         self.copy_continue = torch.nn.Linear(config.hidden_size, 1) if config.copy_continuation else None
         # One value per word form (a piece's word start, a word spelled in 2, 3 pieces); zero at the start.
         self.copy_forms = torch.nn.Linear(config.hidden_size, config.copy_word_pieces) if config.copy_word_forms else None

@@ -305,8 +305,7 @@ def check_copy_arguments(*, copy_mode: str | None, copy_source: str | None, copy
                          ignore_uncopied: float | None = None,
                          ignore_min_fraction: float | None = None) -> None:
     """The copy flags hang together: each needs --copy-mode, --copy-word-pieces and --copy-word-forms need
-    --copy-word-starts, and
-    train's --copy-ignore-uncopied (a rate) and --copy-ignore-min-fraction are in range."""
+    --copy-word-starts, and train's --copy-ignore-uncopied (a rate) and --copy-ignore-min-fraction are in range."""
     for given, name in ((copy_word_starts, "--copy-word-starts"), (copy_source, "--copy-source"),
                         (copy_word_pieces != 1, "--copy-word-pieces"), (copy_pointer != 0, "--copy-pointer"),
                         (copy_coverage, "--copy-coverage"), (copy_continuation, "--copy-continuation"),
