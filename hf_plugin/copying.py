@@ -62,8 +62,8 @@ BLEU / ROUGE-L there 21.4 / 39.2 → 25.3 / 42.1; on ViGGO (word starts, pointer
 20.2 / 38.0 → 22.1 / 39.9.
 
 Continuation. A value copied piece by piece can stop or stray after its first pieces: of the 270 games the ViGGO
-row with coverage leaves out, 120 are written in part (`Need for Speed` for `Need for Speed: Payback`, `Showdown`
-alone). With `copy_continuation=True` the prompt ids that follow, somewhere in the prompt, the token the output
+row with coverage leaves out, 120 are written in part (`Need for Speed` for `Need for Speed: Payback`, `2` for
+`Small World 2`). With `copy_continuation=True` the prompt ids that follow, somewhere in the prompt, the token the output
 wrote last get one more value per step from a third head (zero at the start): the ids right after each column that
 brings that token into the copy set (its own id or its word-start form; after a spelled word, the id after its last
 piece; `copy_set_columns(..., following=True)`, `continuations`). It is an induction head given, not learned: the
