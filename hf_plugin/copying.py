@@ -61,18 +61,18 @@ pointer on every occurrence): outputs repeating a phrase 2.2% → 0.8% on the ra
 BLEU / ROUGE-L there 21.4 / 39.2 → 25.3 / 42.1; on ViGGO (word starts, pointer on every occurrence) 11.7% → 2.5%,
 20.2 / 38.0 → 22.1 / 39.9.
 
-Continuation. A value copied piece by piece can stop or stray after its first pieces: of the 270 games the ViGGO
-row with coverage leaves out, 120 are written in part (`Need for Speed` for `Need for Speed: Payback`, `2` for
-`Small World 2`). With `copy_continuation=True` the prompt ids that follow, somewhere in the prompt, the token the output
+Continuation. A value copied piece by piece can stop or stray after its first pieces: of the 270 games the ViGGO row
+with coverage leaves out, 120 are written in part (`Need for Speed` for `Need for Speed: Payback`, `2` for `Small
+World 2`). With `copy_continuation=True` the prompt ids that follow, somewhere in the prompt, the token the output
 wrote last get one more value per step from a third head (zero at the start): the ids right after each column that
 brings that token into the copy set (its own id or its word-start form; after a spelled word, the id after its last
 piece; `copy_set_columns(..., following=True)`, `continuations`). It is an induction head given, not learned: the
 reweighter says how far to trust it, and the base still chooses among the followers (in an MR ` for` is followed by
 ` Speed` and by ` Everyone`). What the prompt holds before the output begins is never continued. Measured
 (benchmarks/README, with spelled words or word starts, the pointer on every occurrence and coverage): on E2E all
-names missed 11.2% → 3.6% on a random 500 test MRs, BLEU / ROUGE-L 26.6 / 42.9 → 27.2 / 44.0; on ViGGO games
-missed 60.7% → 38.2%, 22.1 / 39.9 → 27.1 / 42.2. Under a few-shot prompt one written token is ambiguous (`:` is
-followed by each demonstration's next token): trained with demonstrations, it missed more games (7.4% → 16.4%).
+names missed 11.2% → 3.6% on a random 500 test MRs, BLEU / ROUGE-L 26.6 / 42.9 → 27.2 / 44.0; on ViGGO games missed
+60.7% → 38.2%, 22.1 / 39.9 → 27.1 / 42.2. Under a few-shot prompt one written token is ambiguous (`:` is followed by
+each demonstration's next token): trained with demonstrations, it missed more games (7.4% → 16.4%).
 
 Word forms. A column can bring a piece's word start and a whole word at once: `C` of `name[Cocum]` brings `ĠC`,
 and `C`, `oc` bring `ĠCoc`, the word the tokenizer writes (` Cocum` is `ĠCoc`, `um`). The copy set gives both one
