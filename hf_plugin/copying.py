@@ -79,7 +79,10 @@ and `C`, `oc` bring `ĠCoc`, the word the tokenizer writes (` Cocum` is `ĠCoc`,
 value, so the base chooses: for all 16 `Cocum` MRs of E2E's first 96 the continuation row writes `C.` (15 times
 "C.C., a coffee shop ..."). With `copy_word_forms=True` each form (a word start; a word spelled in 2, ...,
 `copy_word_pieces` pieces) gets one more learned value per step (`word_form_occurrences`), so the reweighter can
-learn from the training names, written as the tokenizer writes them, which form to prefer.
+learn from the training names, written as the tokenizer writes them, which form to prefer. Measured on E2E
+(benchmarks/README, with continuation): `Cocum` kept (1 miss of 16), held-out NLL 1.375 → 1.313, but unseen names
+missed 1.2% → 8.4% on a random 500 test MRs and 1.5% → 38.2% on the first 96: a form's value is one per step for
+every slot, so the outputs open with another slot's spelled value ("Near Rainbow Vegetarian Café"). Off by default.
 
 This module imports nothing else of ours: the remote-code copy of a saved reweighter carries it.
 """
