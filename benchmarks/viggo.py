@@ -47,6 +47,7 @@ MAX_LENGTH = 192
 SPELLED = "Plugin, copy shared + spelled words, frequent ids kept"
 UNCOPIED = "Plugin, copy shared + spelled words, uncopied ids kept"
 COVERED = "Plugin, copy shared + word starts + pointer, every occurrence, coverage"
+SPELLED_CONTINUED = "Plugin, copy shared + spelled words + pointer, every occurrence, coverage, continuation"
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -179,6 +180,10 @@ def run_methods(args, path, work, epochs, alphas, train_rows, heldout_rows, test
                             copy_model(dict(POINTER, **CONTINUATION)), caches["train"], caches["heldout"])
         plugin_row(f"{COVERED}, continuation", continued, plain, caches["heldout"], heldout_examples)
         plugin_row(f"{COVERED}, continuation + ICL-3", continued, icl3, icl_heldout(), icl_heldout_examples)
+        spelled_continued = trained("plugin-copy-shared-spelled-pointer-every-coverage-continuation",
+                                    copy_model(dict(SPELLED_POINTER, **CONTINUATION)), caches["train"], caches["heldout"])
+        plugin_row(SPELLED_CONTINUED, spelled_continued, plain, caches["heldout"], heldout_examples)
+        plugin_row(f"{SPELLED_CONTINUED} + ICL-3", spelled_continued, icl3, icl_heldout(), icl_heldout_examples)
         every = trained("plugin-copy-shared-ws-pointer-every", copy_model(dict(POINTER, **EVERY)), caches["train"],
                         caches["heldout"])
         plugin_row("Plugin, copy shared + word starts + pointer, every occurrence", every, plain, caches["heldout"],
