@@ -304,10 +304,7 @@ def copy_set_first_occurrences(
     if spellings is not None:
         counted = torch.ones_like(context_ids) if context_mask is None else context_mask
         first = add_spelled_words(first, context_ids, counted, spellings)
-    # Ignored ids leave the set last, so an alias or a spelling cannot bring them back.
-    if config.copy_ignore_ids:
-        ignored = torch.tensor([i for i in config.copy_ignore_ids if i < vocab_size], device=first.device)
-        first = first.index_fill(1, ignored, length)
+    first = _leave_ignored(config, first, length)
     return torch.where(first < length, length - 1 - first, length) if last else first
 
 
@@ -321,6 +318,21 @@ def _source_mask(config, context_ids, context_mask, prompt_lengths) -> torch.Ten
     columns = torch.arange(context_ids.shape[1], device=context_ids.device)
     in_prompt = columns[None, :] < torch.as_tensor(prompt_lengths, device=context_ids.device).view(-1, 1)
     return in_prompt if context_mask is None else in_prompt & context_mask.to(in_prompt.device).bool()
+
+
+def _counted(config, context_ids, vocab_size, context_mask, prompt_lengths) -> torch.Tensor:
+    """Where a column counts for the copy set: a valid id in the reweighter's source, not padding."""
+    counted = _source_mask(config, context_ids, context_mask, prompt_lengths)
+    return (context_ids >= 0) & (context_ids < vocab_size) & (True if counted is None else counted.bool())
+
+
+def _leave_ignored(config, first: torch.LongTensor, length: int) -> torch.LongTensor:
+    """`first` (ids on its last dimension) with the ignored ids never present. They leave the set last, so an alias
+    or a spelling cannot bring them back."""
+    if not config.copy_ignore_ids:
+        return first
+    ignored = torch.tensor([i for i in config.copy_ignore_ids if i < first.shape[-1]], device=first.device)
+    return first.index_fill(first.dim() - 1, ignored, length)
 
 
 def copy_set_columns(
@@ -359,8 +371,7 @@ def copy_set_columns(
 
     ```
     """
-    counted = _source_mask(config, context_ids, context_mask, prompt_lengths)
-    counted = (context_ids >= 0) & (context_ids < vocab_size) & (True if counted is None else counted.bool())
+    counted = _counted(config, context_ids, vocab_size, context_mask, prompt_lengths)
     own = torch.where(counted, context_ids, -1)
     slots, pieces = [own], [1]
     if aliases is not None:
@@ -455,8 +466,7 @@ def word_form_occurrences(
 
     ```
     """
-    counted = _source_mask(config, context_ids, context_mask, prompt_lengths)
-    counted = (context_ids >= 0) & (context_ids < vocab_size) & (True if counted is None else counted.bool())
+    counted = _counted(config, context_ids, vocab_size, context_mask, prompt_lengths)
     rows, length = context_ids.shape
     positions = torch.arange(length, device=context_ids.device).expand(rows, length)
 
@@ -476,12 +486,7 @@ def word_form_occurrences(
             hit, words = hits.get(n, (None, None))
             forms.append(first_at(torch.where(hit, words, -1), positions[:, n - 1 :]) if hit is not None
                          else torch.full((rows, vocab_size), length, dtype=torch.long, device=context_ids.device))
-    result = torch.stack(forms, dim=1)
-    # Ignored ids leave the set last, so an alias or a spelling cannot bring them back.
-    if config.copy_ignore_ids:
-        ignored = torch.tensor([i for i in config.copy_ignore_ids if i < vocab_size], device=result.device)
-        result = result.index_fill(2, ignored, length)
-    return result
+    return _leave_ignored(config, torch.stack(forms, dim=1), length)
 
 
 def reversed_spellings(spellings: torch.LongTensor) -> torch.LongTensor:

@@ -577,48 +577,41 @@ def test_a_pointer_on_every_occurrence_reads_each_one_and_keeps_the_best(arch):
         every.backbone(with_bos).logits[0, -1, BOS]).any()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_coverage_adds_its_value_to_the_prompt_ids_already_written_and_starts_at_zero(arch):
-    plain = copy_plugin(arch, "shared", "prompt", copy_pointer=2)
-    covered = make_plugin(arch, copy_mode="shared", copy_ignore_ids=[BOS, EOS], copy_pointer=2, copy_coverage=True)
-    covered.load_state_dict(plain.state_dict(), strict=False)
-    ids, lengths = torch.tensor([[BOS, 5, 6, 7, 6, 9, 5, 10]]), torch.tensor([4])  # prompt BOS 5 6 7; wrote 6 9 5 10
+def assert_head_adds_its_value(plain, model, head: str, ids, lengths, receives) -> None:
+    """`model` is `plain` with one more zero-initialised head: at first it changes nothing; trained (here: random),
+    position `t` gives exactly the ids `receives(t)` the head's value on top of `plain`'s logits."""
+    model.load_state_dict(plain.state_dict(), strict=False)
     with torch.no_grad():
-        torch.testing.assert_close(covered(ids, prompt_lengths=lengths).logits, plain(ids, prompt_lengths=lengths).logits)
-        covered.copy_written.weight.normal_(std=2.0)
-        out = covered(ids, prompt_lengths=lengths).logits[0]
+        torch.testing.assert_close(model(ids, prompt_lengths=lengths).logits, plain(ids, prompt_lengths=lengths).logits)
+        getattr(model, head).weight.normal_(std=2.0)
+        out = model(ids, prompt_lengths=lengths).logits[0]
         before = plain(ids, prompt_lengths=lengths).logits[0]
-        hidden = covered.backbone(ids, output_hidden_states=True).hidden_states[-1][0]
-        value = covered.copy_written(hidden)[:, 0]
-    for t in range(8):
-        written = {int(v) for v in ids[0, 4 : t + 1]} & {5, 6, 7}  # prompt ids written up to position t
-        for token in range(covered.config.vocab_size):
-            expected = before[t, token] + (value[t] if token in written else 0.0)
+        value = getattr(model, head)(model.backbone(ids, output_hidden_states=True).hidden_states[-1][0])[:, 0]
+    for t in range(ids.shape[1]):
+        for token in range(model.config.vocab_size):
+            expected = before[t, token] + (value[t] if token in receives(t) else 0.0)
             torch.testing.assert_close(out[t, token], expected, atol=1e-4, rtol=1e-4)
     assert float(value.abs().min()) > 1e-3  # the value visibly matters
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_coverage_adds_its_value_to_the_prompt_ids_already_written_and_starts_at_zero(arch):
+    covered = make_plugin(arch, copy_mode="shared", copy_ignore_ids=[BOS, EOS], copy_pointer=2, copy_coverage=True)
+    ids, lengths = torch.tensor([[BOS, 5, 6, 7, 6, 9, 5, 10]]), torch.tensor([4])  # prompt BOS 5 6 7; wrote 6 9 5 10
+    # the prompt ids written up to position t
+    assert_head_adds_its_value(copy_plugin(arch, "shared", "prompt", copy_pointer=2), covered, "copy_written", ids,
+                               lengths, lambda t: {int(v) for v in ids[0, 4 : t + 1]} & {5, 6, 7})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_continuation_adds_its_value_to_the_prompt_ids_after_the_last_written_token_and_starts_at_zero(arch):
-    plain = copy_plugin(arch, "shared", "prompt", copy_pointer=2)
     following = make_plugin(arch, copy_mode="shared", copy_ignore_ids=[BOS, EOS], copy_pointer=2,
                             copy_continuation=True)
-    following.load_state_dict(plain.state_dict(), strict=False)
     # prompt BOS 5 6 7 5 8; wrote 5 9 6 7: 5 is followed by 6 and 8 in the prompt, 9 by nothing, 6 by 7, 7 by 5
     ids, lengths = torch.tensor([[BOS, 5, 6, 7, 5, 8, 5, 9, 6, 7]]), torch.tensor([6])
     expected_ids = {6: {6, 8}, 7: set(), 8: {7}, 9: {5}}  # by position; the prompt's own positions get none
-    with torch.no_grad():
-        torch.testing.assert_close(following(ids, prompt_lengths=lengths).logits, plain(ids, prompt_lengths=lengths).logits)
-        following.copy_continue.weight.normal_(std=2.0)
-        out = following(ids, prompt_lengths=lengths).logits[0]
-        before = plain(ids, prompt_lengths=lengths).logits[0]
-        hidden = following.backbone(ids, output_hidden_states=True).hidden_states[-1][0]
-        value = following.copy_continue(hidden)[:, 0]
-    for t in range(ids.shape[1]):
-        for token in range(following.config.vocab_size):
-            bonus = value[t] if token in expected_ids.get(t, set()) else 0.0
-            torch.testing.assert_close(out[t, token], before[t, token] + bonus, atol=1e-4, rtol=1e-4)
-    assert float(value.abs().min()) > 1e-3  # the value visibly matters
+    assert_head_adds_its_value(copy_plugin(arch, "shared", "prompt", copy_pointer=2), following, "copy_continue", ids,
+                               lengths, lambda t: expected_ids.get(t, set()))
 
 
 def test_continuation_follows_a_word_start_and_a_spelled_word_to_the_piece_after_them():
